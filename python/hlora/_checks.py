@@ -1,0 +1,80 @@
+"""Argument checks for the plain-PyTorch path, with the messages the native kernels give."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FACTOR_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+OMEGA_DTYPES = (torch.float64, torch.float32)
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(x: object, name: str, dtypes: Sequence[torch.dtype]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(
+            f"{name} must have dtype {_dtype_names(dtypes)}, got {str(x.dtype).replace('torch.', '')}"
+        )
+    return x
+
+
+def matrix(x: torch.Tensor, name: str) -> tuple:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {list(x.shape)}")
+    return tuple(x.shape)
+
+
+def shape(x: torch.Tensor, name: str, rows: int, cols: int, why: str) -> None:
+    got = matrix(x, name)
+    if got != (rows, cols):
+        raise ValueError(f"{name} must have shape ({rows}, {cols}) {why}, got ({got[0]}, {got[1]})")
+
+
+def factors(omega_name: str, omega: torch.Tensor, a_name: str, a: torch.Tensor,
+            b_name: str, b: torch.Tensor) -> tuple:
+    """(out, in, r) for omega (out, in), a (r, in), b (out, r)."""
+    out, inn = matrix(omega, omega_name)
+    rank, a_in = matrix(a, a_name)
+    if a_in != inn or rank == 0:
+        raise ValueError(
+            f"{a_name} must have shape (r, {inn}) with r >= 1 for {omega_name} (out, {inn}), "
+            f"got ({rank}, {a_in})"
+        )
+    shape(b, b_name, out, rank, f"(out, r) for {omega_name} (out, in) and A (r, in)")
+    return out, inn, rank
+
+
+def same_device(named: Sequence[tuple]) -> None:
+    first_name, first = named[0]
+    for name, t in named:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def finite(x: float, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x}")
+    return float(x)
+
+
+def pair(a: Optional[torch.Tensor], b: Optional[torch.Tensor], names: str) -> bool:
+    if (a is None) != (b is None):
+        raise ValueError(f"{names} must be given together (or neither, for a fresh adapter)")
+    return a is not None
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 when any input is float64, else float32 (DESIGN §1)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

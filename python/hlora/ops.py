@@ -1,0 +1,282 @@
+"""The four kernels of DESIGN §2, dispatched to the native Rust backend (or to
+:mod:`hlora.reference` when the backend is ``torch``), with the penalty wrapped in an
+``autograd.Function`` whose forward runs one fused kernel that also returns the analytic
+gradients.
+
+Inputs may be torch tensors (CPU or CUDA) or, on the CPU, NumPy float32/float64 arrays (read and
+written in place, zero-copy); results for NumPy inputs come back as NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from hlora import reference
+from hlora._loader import NATIVE
+
+Array = Union[torch.Tensor, np.ndarray]
+Scalars = Union[float, Sequence[float]]
+
+__all__ = [
+    "accumulate_omega_",
+    "accumulate_omega_many_",
+    "finalize_importance",
+    "layer_coefficients",
+    "importance_penalty",
+    "importance_penalty_many",
+]
+
+
+def _torch_view(x: Any) -> Any:
+    """NumPy arrays as zero-copy tensors, for the plain-PyTorch backend."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _scalars(x: Scalars) -> List[float]:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return [float(x)]
+    if isinstance(x, (list, tuple)):
+        return [float(v) for v in x]
+    raise TypeError(f"expected a number or a list of numbers, got {type(x).__name__}")
+
+
+def _bump_version(t: Any) -> None:
+    # The native kernels write through raw pointers; tell autograd the tensor changed.
+    if isinstance(t, torch.Tensor):
+        torch.autograd.graph.increment_version(t)
+
+
+def accumulate_omega_(
+    omega: Array,
+    a_prev: Array,
+    b_prev: Array,
+    grad_a: Array,
+    grad_b: Array,
+    a_next: Array,
+    b_next: Array,
+    *,
+    lr: float,
+    scaling: float,
+    clamp_negative: bool = False,
+) -> Array:
+    """ω ← ω − g~ ⊙ dθ (Eq. 11–12) for one optimizer step, in place; returns ``omega``.
+
+    ``a_prev, b_prev`` are the factors before the step, ``grad_a, grad_b`` their gradients as
+    the optimizer saw them, ``a_next, b_next`` the factors after it, ``lr`` the step's learning
+    rate and ``scaling`` PEFT's ``s``. ``clamp_negative`` clamps the running ω at 0 (the
+    authors' code).
+    """
+    if NATIVE is None:
+        args = [_torch_view(x) for x in (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next)]
+        reference.accumulate_omega_(*args, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
+        return omega
+    NATIVE.accumulate_omega_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next,
+                             lr=lr, scaling=scaling, clamp_negative=clamp_negative)
+    _bump_version(omega)
+    return omega
+
+
+def accumulate_omega_many_(
+    omega: Sequence[Array],
+    a_prev: Sequence[Array],
+    b_prev: Sequence[Array],
+    grad_a: Sequence[Array],
+    grad_b: Sequence[Array],
+    a_next: Sequence[Array],
+    b_next: Sequence[Array],
+    *,
+    lr: float,
+    scaling: Scalars,
+    clamp_negative: bool = False,
+) -> List[Array]:
+    """:func:`accumulate_omega_` for every adapted matrix of a model in one call.
+
+    Each argument is a list with one entry per matrix; ``scaling`` is one number or one per
+    matrix.
+    """
+    if NATIVE is None:
+        lists = [[_torch_view(x) for x in _as_list(v, n)] for v, n in zip(
+            (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next),
+            ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_next"))]
+        reference.accumulate_omega_many_(*lists, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
+        return list(omega)
+    NATIVE.accumulate_omega_many_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next, lr=lr,
+                                  scaling=_scalars(scaling), clamp_negative=clamp_negative)
+    for t in omega:
+        _bump_version(t)
+    return list(omega)
+
+
+def _as_list(v: Any, name: str) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors")
+    return list(v)
+
+
+def finalize_importance(
+    omega: Array,
+    a: Array,
+    b: Array,
+    *,
+    scaling: float,
+    xi: float,
+    clamp_negative: bool = True,
+    a_start: Optional[Array] = None,
+    b_start: Optional[Array] = None,
+) -> Array:
+    """Ω = ω / (Δ² + ξ) (Eq. 13) as a new tensor of ω's dtype; ω is unchanged.
+
+    Δ = s·B·A − s·B_start·A_start (``a_start``/``b_start``: the adapter at the start of the
+    general task; omit both for a fresh adapter, Δ = s·B·A). Negative entries are clamped to 0
+    unless ``clamp_negative=False``.
+    """
+    if NATIVE is None:
+        result = reference.finalize_importance(
+            _torch_view(omega), _torch_view(a), _torch_view(b), scaling=scaling, xi=xi,
+            clamp_negative=clamp_negative, a_start=_torch_view(a_start), b_start=_torch_view(b_start))
+    else:
+        result = NATIVE.finalize_importance(omega, a, b, scaling=scaling, xi=xi, clamp_negative=clamp_negative,
+                                            a_start=a_start, b_start=b_start)
+    return result.numpy() if isinstance(omega, np.ndarray) else result
+
+
+def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: float = 1.0) -> Array:
+    """Layer coefficients c_l (Eq. 15): ``softmax(norms / temperature)`` computed stably, or
+    ``1/L`` each with ``mode="uniform"``. float64 for float64 norms, else float32."""
+    if NATIVE is None:
+        result = reference.layer_coefficients(_torch_view(norms), mode=mode, temperature=temperature)
+    else:
+        result = NATIVE.layer_coefficients(norms, mode=mode, temperature=temperature)
+    return result.numpy() if isinstance(norms, np.ndarray) else result
+
+
+class _FusedPenalty(torch.autograd.Function):
+    """Forward: one native pass over Ω returning P and (when needed) ∂P/∂A, ∂P/∂B.
+    Backward: scales the saved gradients by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, omega, a, b, a_ref, b_ref, scaling, scaling_ref):  # type: ignore[override]
+        need = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        value, grad_a, grad_b = NATIVE.importance_penalty(
+            omega, a, b, a_ref, b_ref, scaling=scaling, scaling_ref=scaling_ref, compute_grads=need)
+        if need:
+            ctx.save_for_backward(grad_a, grad_b)
+        ctx.factor_dtypes = (a.dtype, b.dtype)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ga, gb = ctx.saved_tensors
+            if ctx.needs_input_grad[1]:
+                grad_a = (grad_out * ga).to(ctx.factor_dtypes[0])
+            if ctx.needs_input_grad[2]:
+                grad_b = (grad_out * gb).to(ctx.factor_dtypes[1])
+        return None, grad_a, grad_b, None, None, None, None
+
+
+def importance_penalty(
+    Omega: Array,
+    a: Array,
+    b: Array,
+    a_ref: Optional[Array] = None,
+    b_ref: Optional[Array] = None,
+    *,
+    scaling: float,
+    scaling_ref: Optional[float] = None,
+) -> Array:
+    """P = Σ Ω ⊙ D² with D = s·B·A − s_ref·B_ref·A_ref (Eq. 14), a 0-d tensor differentiable
+    w.r.t. ``a`` and ``b``. Without reference factors D = s·B·A (a fresh adapter on the merged
+    model). ``scaling_ref`` defaults to ``scaling``."""
+    if NATIVE is None:
+        args = [_torch_view(x) for x in (Omega, a, b, a_ref, b_ref)]
+        result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
+    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or isinstance(Omega, np.ndarray):
+        result, _, _ = NATIVE.importance_penalty(Omega, a, b, a_ref, b_ref, scaling=scaling,
+                                                 scaling_ref=scaling_ref, compute_grads=False)
+    else:
+        result = _FusedPenalty.apply(Omega, a, b, a_ref, b_ref, float(scaling),
+                                     None if scaling_ref is None else float(scaling_ref))
+    return result.detach().numpy() if isinstance(Omega, np.ndarray) else result
+
+
+class _FusedPenaltyMany(torch.autograd.Function):
+    """Σ_l w_l·P_l over all matrices in one native call; inputs flattened as
+    (Omega..., a..., b..., a_ref..., b_ref...)."""
+
+    @staticmethod
+    def forward(ctx, n, has_ref, scaling, scaling_ref, weights, *tensors):  # type: ignore[override]
+        om, a, b = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
+        a_ref, b_ref = (tensors[3 * n:4 * n], tensors[4 * n:5 * n]) if has_ref else (None, None)
+        need = any(ctx.needs_input_grad[5 + n:5 + 3 * n])
+        value, grads_a, grads_b = NATIVE.importance_penalty_many(
+            list(om), list(a), list(b), None if a_ref is None else list(a_ref),
+            None if b_ref is None else list(b_ref), scaling=scaling, scaling_ref=scaling_ref,
+            weights=weights, compute_grads=need)
+        ctx.n = n
+        ctx.n_inputs = len(tensors)
+        ctx.dtypes = [t.dtype for t in tensors[n:3 * n]]
+        if need:
+            ctx.save_for_backward(*grads_a, *grads_b)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        n = ctx.n
+        grads: list = [None] * ctx.n_inputs
+        if ctx.saved_tensors:
+            for i, g in enumerate(ctx.saved_tensors):
+                if ctx.needs_input_grad[5 + n + i]:
+                    grads[n + i] = (grad_out * g).to(ctx.dtypes[i])
+        return (None, None, None, None, None, *grads)
+
+
+def importance_penalty_many(
+    Omega: Sequence[Array],
+    a: Sequence[Array],
+    b: Sequence[Array],
+    a_ref: Optional[Sequence[Array]] = None,
+    b_ref: Optional[Sequence[Array]] = None,
+    *,
+    scaling: Scalars,
+    scaling_ref: Optional[Scalars] = None,
+    weights: Optional[Scalars] = None,
+) -> torch.Tensor:
+    """Σ_l w_l · P_l over every adapted matrix in one call (one entry per matrix in each list;
+    ``scaling``, ``scaling_ref`` and ``weights`` one number or one per matrix; w_l = 1 unless
+    given — the Regularizer passes φ·c_l). Differentiable w.r.t. every ``a[l]`` and ``b[l]``."""
+    if NATIVE is None:
+        conv = [None if v is None else [_torch_view(x) for x in _as_list(v, name)]
+                for v, name in ((Omega, "Omega"), (a, "a"), (b, "b"), (a_ref, "a_ref"), (b_ref, "b_ref"))]
+        return reference.importance_penalty_many(*conv, scaling=scaling, scaling_ref=scaling_ref, weights=weights)
+    om, av, bv = _as_list(Omega, "Omega"), _as_list(a, "a"), _as_list(b, "b")
+    n = len(om)
+    if n == 0:
+        raise ValueError("Omega must hold at least one matrix")
+    for name, v in (("a", av), ("b", bv)):
+        if len(v) != n:
+            raise ValueError(f"{name} has {len(v)} entries, expected {n} (one per matrix)")
+    if (a_ref is None) != (b_ref is None):
+        raise ValueError("a_ref and b_ref must be given together (or neither, for fresh adapters)")
+    refs: list = []
+    if a_ref is not None:
+        refs = _as_list(a_ref, "a_ref") + _as_list(b_ref, "b_ref")
+        if len(refs) != 2 * n:
+            raise ValueError(f"a_ref and b_ref must have {n} entries each (one per matrix)")
+    tensors = [*om, *av, *bv, *refs]
+    if any(isinstance(t, np.ndarray) for t in tensors):
+        value, _, _ = NATIVE.importance_penalty_many(
+            om, av, bv, a_ref, b_ref, scaling=_scalars(scaling),
+            scaling_ref=None if scaling_ref is None else _scalars(scaling_ref),
+            weights=None if weights is None else _scalars(weights), compute_grads=False)
+        return value
+    return _FusedPenaltyMany.apply(
+        n, bool(refs), _scalars(scaling), None if scaling_ref is None else _scalars(scaling_ref),
+        None if weights is None else _scalars(weights), *tensors)

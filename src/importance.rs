@@ -1,0 +1,197 @@
+//! Ω finalization (Eq. 13) and the layer coefficients (Eq. 15).
+
+use crate::dispatch::{path_for, Path};
+use crate::error::{Error, Result};
+use crate::forms::{delta, Anchor};
+use crate::lowrank::{rows_per_task, LowRank, TILE_COLS};
+use crate::pool;
+use crate::scalar::{Real, Storage};
+use crate::view::{dense, finite, same_device, slice, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS};
+use rayon::prelude::*;
+use tch::{Kind, Tensor};
+
+/// Ω = ω / (Δ² + ξ), Δ = s·B·A − s·B_start·A_start (or s·B·A for a fresh adapter).
+pub struct FinalizeJob {
+    omega: Tensor,
+    a: Tensor,
+    b: Tensor,
+    start: Option<(Tensor, Tensor)>,
+    scaling: f64,
+    xi: f64,
+    clamp_negative: bool,
+    f64_math: bool,
+}
+
+impl FinalizeJob {
+    pub fn new(
+        omega: &Arg,
+        a: &Arg,
+        b: &Arg,
+        start: Option<(&Arg, &Arg)>,
+        scaling: f64,
+        xi: f64,
+        clamp_negative: bool,
+    ) -> Result<Self> {
+        let mut kinds = vec![omega.kind(OMEGA_KINDS)?, a.kind(FACTOR_KINDS)?, b.kind(FACTOR_KINDS)?];
+        let (out, inn) = omega.dims2()?;
+        let (rank, a_in) = a.dims2()?;
+        if a_in != inn || rank == 0 {
+            return Err(Error::value(format!(
+                "{} must have shape (r, {inn}) with r >= 1 for omega (out, {inn}), got ({rank}, {a_in})",
+                a.name
+            )));
+        }
+        b.expect_shape(out, rank, "(out, r) for omega (out, in) and A (r, in)")?;
+        let mut all = vec![omega, a, b];
+        if let Some((a_start, b_start)) = start {
+            kinds.push(a_start.kind(FACTOR_KINDS)?);
+            kinds.push(b_start.kind(FACTOR_KINDS)?);
+            a_start.expect_shape(rank, inn, "like a")?;
+            b_start.expect_shape(out, rank, "like b")?;
+            all.push(a_start);
+            all.push(b_start);
+        }
+        same_device(&all)?;
+        let xi = finite(xi, "xi")?;
+        if xi <= 0.0 {
+            return Err(Error::value(format!("xi must be a positive number, got {xi}")));
+        }
+        Ok(FinalizeJob {
+            omega: omega.share(),
+            a: a.share(),
+            b: b.share(),
+            start: start.map(|(a0, b0)| (a0.share(), b0.share())),
+            scaling: finite(scaling, "scaling")?,
+            xi,
+            clamp_negative,
+            f64_math: wants_f64(&kinds),
+        })
+    }
+
+    pub fn run(&self) -> Result<Tensor> {
+        tch::no_grad(|| match path_for(self.omega.device()) {
+            Path::Tch => self.run_tch(),
+            Path::Fused => match (self.omega.f_kind()?, self.f64_math) {
+                (Kind::Double, _) => self.run_fused::<f64, f64>(),
+                (_, true) => self.run_fused::<f32, f64>(),
+                _ => self.run_fused::<f32, f32>(),
+            },
+        })
+    }
+
+    fn run_fused<S: Storage, T: Real>(&self) -> Result<Tensor> {
+        let (a, b) = (dense::<T>(&self.a)?, dense::<T>(&self.b)?);
+        let start = match &self.start {
+            Some((a0, b0)) => Some((dense::<T>(a0)?, dense::<T>(b0)?)),
+            None => None,
+        };
+        let anchor = start.as_ref().map(|(a0, b0)| Anchor { a: a0, b: b0, scaling: self.scaling });
+        let (l, r) = delta(&a, &b, self.scaling, anchor)?;
+        let delta = LowRank::new(l, r);
+        let omega = self.omega.f_contiguous()?;
+        let out = Tensor::f_empty(omega.size(), (omega.f_kind()?, omega.device()))?;
+        // SAFETY: both contiguous CPU tensors of dtype S; `out` is fresh and unshared.
+        let (src, dst) = unsafe { (slice::<S>(&omega), slice_mut::<S>(&out)) };
+        let (xi, clamp) = (T::from_f64_lossy(self.xi), self.clamp_negative);
+        pool::install(|| finalize_rows(src, dst, &delta, xi, clamp))?;
+        Ok(out)
+    }
+
+    fn run_tch(&self) -> Result<Tensor> {
+        let kind = if self.f64_math { Kind::Double } else { Kind::Float };
+        let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
+        let (a, b) = (c(&self.a)?, c(&self.b)?);
+        let start = match &self.start {
+            Some((a0, b0)) => Some((c(a0)?, c(b0)?)),
+            None => None,
+        };
+        let anchor = start.as_ref().map(|(a0, b0)| Anchor { a: a0, b: b0, scaling: self.scaling });
+        let (l, r) = delta(&a, &b, self.scaling, anchor)?;
+        let d = l.f_mm(&r)?;
+        let denom = d.f_square()?.f_add_scalar(self.xi)?;
+        let mut omega = self.omega.f_detach()?.f_to_kind(kind)?.f_div(&denom)?;
+        if self.clamp_negative {
+            omega = omega.f_clamp_min(0.0)?;
+        }
+        Ok(omega.f_to_kind(self.omega.f_kind()?)?.f_contiguous()?)
+    }
+}
+
+fn finalize_rows<S: Storage, T: Real>(src: &[S], dst: &mut [S], delta: &LowRank<T>, xi: T, clamp: bool) {
+    let (rows, cols) = (delta.rows, delta.cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let rpt = rows_per_task(rows, cols);
+    dst.par_chunks_mut(rpt * cols)
+        .zip(src.par_chunks(rpt * cols))
+        .enumerate()
+        .for_each(|(task, (out, inp))| {
+            let mut dbuf = vec![T::zero(); TILE_COLS];
+            let nrows = out.len() / cols;
+            for j0 in (0..cols).step_by(TILE_COLS) {
+                let n = TILE_COLS.min(cols - j0);
+                for li in 0..nrows {
+                    delta.row_tile_into(task * rpt + li, j0, &mut dbuf[..n]);
+                    let span = li * cols + j0..li * cols + j0 + n;
+                    for ((o, &w), &dv) in out[span.clone()].iter_mut().zip(&inp[span]).zip(&dbuf[..n]) {
+                        let v = T::load(w) / (dv * dv + xi);
+                        *o = if clamp && v < T::zero() { T::zero() } else { v }.store();
+                    }
+                }
+            }
+        });
+}
+
+/// c_l = softmax(‖Ω_l‖ / T) or 1/L. Tiny; torch's softmax is already max-shifted (stable).
+pub fn layer_coefficients(norms: &Arg, mode: &str, temperature: f64) -> Result<Tensor> {
+    let kind = norms.kind(&[Kind::Double, Kind::Float, Kind::BFloat16, Kind::Half])?;
+    let size = norms.tensor.size();
+    if size.len() != 1 || size[0] == 0 {
+        return Err(Error::value(format!(
+            "{} must be a non-empty 1-D tensor of per-matrix norms, got shape {:?}",
+            norms.name, size
+        )));
+    }
+    tch::no_grad(|| {
+        let x = norms.tensor.f_detach()?.f_to_kind(Kind::Double)?;
+        let finite_count = x.f_isfinite()?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        if finite_count != size[0] {
+            return Err(Error::value(format!("{} must be finite", norms.name)));
+        }
+        let out = match mode {
+            "softmax" => {
+                let t = finite(temperature, "temperature")?;
+                if t <= 0.0 {
+                    return Err(Error::value(format!("temperature must be positive, got {t}")));
+                }
+                x.f_div_scalar(t)?.f_softmax(0, Kind::Double)?
+            }
+            "uniform" => x.f_ones_like()?.f_div_scalar(size[0] as f64)?,
+            other => {
+                return Err(Error::value(format!(
+                    "mode must be \"softmax\" or \"uniform\", got {other:?}"
+                )))
+            }
+        };
+        let out_kind = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+        Ok(out.f_to_kind(out_kind)?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lowrank::Dense;
+
+    #[test]
+    fn finalize_divides_by_squared_delta_plus_xi() {
+        let delta = LowRank::new(Dense::new(2, 1, vec![1.0f64, 2.0]), Dense::new(1, 3, vec![1.0, -1.0, 0.0]));
+        let src = vec![2.0f32, 4.0, -1.0, 8.0, -5.0, 3.0];
+        let mut dst = vec![0.0f32; 6];
+        pool::install(|| finalize_rows(&src, &mut dst, &delta, 1.0, false)).unwrap();
+        assert_eq!(dst, vec![1.0, 2.0, -1.0, 8.0 / 5.0, -1.0, 3.0]);
+        pool::install(|| finalize_rows(&src, &mut dst, &delta, 1.0, true)).unwrap();
+        assert_eq!(dst, vec![1.0, 2.0, 0.0, 8.0 / 5.0, 0.0, 3.0]);
+    }
+}

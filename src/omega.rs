@@ -1,0 +1,195 @@
+//! ω accumulation (Eq. 12): ω ← ω − g~ ⊙ dθ, once per optimizer step, in place.
+
+use crate::dispatch::{path_for, Path};
+use crate::error::{Error, Result};
+use crate::forms::{d_theta, g_tilde};
+use crate::lowrank::{rows_per_task, LowRank, TILE_COLS};
+use crate::pool;
+use crate::scalar::{Real, Storage};
+use crate::view::{dense, finite, same_device, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS};
+use rayon::prelude::*;
+use tch::{Kind, Tensor};
+
+/// One matrix's update, validated and detached from Python (safe to run without the GIL).
+pub struct OmegaJob {
+    omega: Tensor,
+    a_prev: Tensor,
+    b_prev: Tensor,
+    grad_a: Tensor,
+    grad_b: Tensor,
+    a_next: Tensor,
+    b_next: Tensor,
+    lr: f64,
+    scaling: f64,
+    clamp_negative: bool,
+    f64_math: bool,
+}
+
+pub struct OmegaArgs<'a, 'py> {
+    pub omega: &'a Arg<'py>,
+    pub a_prev: &'a Arg<'py>,
+    pub b_prev: &'a Arg<'py>,
+    pub grad_a: &'a Arg<'py>,
+    pub grad_b: &'a Arg<'py>,
+    pub a_next: &'a Arg<'py>,
+    pub b_next: &'a Arg<'py>,
+}
+
+impl OmegaJob {
+    pub fn new(args: OmegaArgs, lr: f64, scaling: f64, clamp_negative: bool) -> Result<Self> {
+        let omega_kind = args.omega.kind(OMEGA_KINDS)?;
+        let factors = [args.a_prev, args.b_prev, args.grad_a, args.grad_b, args.a_next, args.b_next];
+        let mut kinds = vec![omega_kind];
+        for f in factors {
+            kinds.push(f.kind(FACTOR_KINDS)?);
+        }
+        let (out, inn) = args.omega.dims2()?;
+        let (rank, a_in) = args.a_prev.dims2()?;
+        if a_in != inn {
+            return Err(Error::value(format!(
+                "{} has {a_in} columns but {} has {inn}; A must be (r, in) for omega (out, in)",
+                args.a_prev.name, args.omega.name
+            )));
+        }
+        if rank == 0 {
+            return Err(Error::value(format!("{} must have rank r >= 1 rows", args.a_prev.name)));
+        }
+        let why_a = format!("like {} (r, in)", args.a_prev.name);
+        let why_b = "(out, r) for omega (out, in) and A (r, in)";
+        args.b_prev.expect_shape(out, rank, why_b)?;
+        args.grad_a.expect_shape(rank, inn, &why_a)?;
+        args.a_next.expect_shape(rank, inn, &why_a)?;
+        args.grad_b.expect_shape(out, rank, why_b)?;
+        args.b_next.expect_shape(out, rank, why_b)?;
+        let mut all = vec![args.omega];
+        all.extend(factors);
+        same_device(&all)?;
+        Ok(OmegaJob {
+            omega: args.omega.share(),
+            a_prev: args.a_prev.share(),
+            b_prev: args.b_prev.share(),
+            grad_a: args.grad_a.share(),
+            grad_b: args.grad_b.share(),
+            a_next: args.a_next.share(),
+            b_next: args.b_next.share(),
+            lr: finite(lr, "lr")?,
+            scaling: finite(scaling, "scaling")?,
+            clamp_negative,
+            f64_math: wants_f64(&kinds),
+        })
+    }
+
+    pub fn run(&self) -> Result<()> {
+        tch::no_grad(|| match path_for(self.omega.device()) {
+            Path::Tch => self.run_tch(),
+            Path::Fused => match (self.omega.f_kind()?, self.f64_math) {
+                (Kind::Double, _) => self.run_fused::<f64, f64>(),
+                (_, true) => self.run_fused::<f32, f64>(),
+                _ => self.run_fused::<f32, f32>(),
+            },
+        })
+    }
+
+    fn run_fused<S: Storage, T: Real>(&self) -> Result<()> {
+        let (a0, b0) = (dense::<T>(&self.a_prev)?, dense::<T>(&self.b_prev)?);
+        let (ga, gb) = (dense::<T>(&self.grad_a)?, dense::<T>(&self.grad_b)?);
+        let (a1, b1) = (dense::<T>(&self.a_next)?, dense::<T>(&self.b_next)?);
+        let (gl, gr) = g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?;
+        let (dl, dr) = d_theta(&a0, &b0, &a1, &b1, self.scaling)?;
+        let (g, d) = (LowRank::new(gl, gr), LowRank::new(dl, dr));
+        // A strided ω is updated through a contiguous copy, then written back.
+        let contiguous = self.omega.is_contiguous();
+        let mut target = if contiguous {
+            self.omega.shallow_clone()
+        } else {
+            self.omega.f_contiguous()?
+        };
+        // SAFETY: contiguous CPU tensor of dtype S (checked in `new`), exclusively ours here.
+        let omega = unsafe { slice_mut::<S>(&target) };
+        let clamp = self.clamp_negative;
+        pool::install(|| update_rows(omega, &g, &d, clamp))?;
+        if !contiguous {
+            let mut dst = self.omega.shallow_clone();
+            dst.f_copy_(&target)?;
+            target = dst;
+        }
+        drop(target);
+        Ok(())
+    }
+
+    fn run_tch(&self) -> Result<()> {
+        let kind = if self.f64_math { Kind::Double } else { Kind::Float };
+        let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
+        let (a0, b0, ga, gb) = (c(&self.a_prev)?, c(&self.b_prev)?, c(&self.grad_a)?, c(&self.grad_b)?);
+        let (a1, b1) = (c(&self.a_next)?, c(&self.b_next)?);
+        let (gl, gr) = g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?;
+        let (dl, dr) = d_theta(&a0, &b0, &a1, &b1, self.scaling)?;
+        // ω += (−g~)·dθ: two rank-2r GEMMs and one in-place addcmul.
+        let neg_g = gl.f_neg()?.f_mm(&gr)?;
+        let d = dl.f_mm(&dr)?;
+        let mut omega = self.omega.shallow_clone();
+        if omega.f_kind()? == kind {
+            let _ = omega.f_addcmul_(&neg_g, &d)?;
+        } else {
+            let updated = omega.f_to_kind(kind)?.f_addcmul(&neg_g, &d)?;
+            omega.f_copy_(&updated)?;
+        }
+        if self.clamp_negative {
+            let _ = omega.f_clamp_min_(0.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The fused update: per row tile, g~ and dθ are formed in two L1 buffers from the thin
+/// factors, and ω is read and written once.
+fn update_rows<S: Storage, T: Real>(omega: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool) {
+    let (rows, cols) = (g.rows, g.cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let rpt = rows_per_task(rows, cols);
+    omega.par_chunks_mut(rpt * cols).enumerate().for_each(|(task, chunk)| {
+        let mut gbuf = vec![T::zero(); TILE_COLS];
+        let mut dbuf = vec![T::zero(); TILE_COLS];
+        let nrows = chunk.len() / cols;
+        for j0 in (0..cols).step_by(TILE_COLS) {
+            let n = TILE_COLS.min(cols - j0);
+            for li in 0..nrows {
+                let i = task * rpt + li;
+                g.row_tile_into(i, j0, &mut gbuf[..n]);
+                d.row_tile_into(i, j0, &mut dbuf[..n]);
+                let w = &mut chunk[li * cols + j0..li * cols + j0 + n];
+                for ((w, &gv), &dv) in w.iter_mut().zip(&gbuf[..n]).zip(&dbuf[..n]) {
+                    let v = T::load(*w) - gv * dv;
+                    // `v < 0` is false for NaN, so NaN propagates as in torch.clamp.
+                    *w = if clamp && v < T::zero() { T::zero() } else { v }.store();
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lowrank::Dense;
+
+    #[test]
+    fn fused_update_matches_dense_formula() {
+        let g = LowRank::new(Dense::new(3, 1, vec![1.0f64, 2.0, -1.0]), Dense::new(1, 300, (0..300).map(|j| j as f64 * 0.01).collect()));
+        let d = LowRank::new(Dense::new(3, 1, vec![0.5f64, -1.0, 2.0]), Dense::new(1, 300, vec![1.0; 300]));
+        let mut omega = vec![1.0f32; 900];
+        pool::install(|| update_rows(&mut omega, &g, &d, false)).unwrap();
+        for i in 0..3 {
+            for j in 0..300 {
+                let want = 1.0 - g.left[i] * g.right[j] * d.left[i] * d.right[j];
+                assert!((omega[i * 300 + j] as f64 - want).abs() < 1e-5);
+            }
+        }
+        let mut clamped = vec![0.0f64; 900];
+        pool::install(|| update_rows(&mut clamped, &g, &d, true)).unwrap();
+        assert!(clamped.iter().all(|&x| x >= 0.0));
+        assert!(clamped.iter().any(|&x| x > 0.0));
+    }
+}

@@ -1,0 +1,114 @@
+//! Element types. `Storage` is what lives in memory (the dtypes torch hands us); `Real` is
+//! what the maths runs in (f32, or f64 when any input is f64). Conversions inline to nothing
+//! or to a single instruction, so the kernels stay generic without a cost.
+
+use half::{bf16, f16};
+use num_traits::Float;
+
+pub trait Storage: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn to_f64(self) -> f64;
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+}
+
+macro_rules! storage_float {
+    ($t:ty) => {
+        impl Storage for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+        }
+    };
+}
+storage_float!(f32);
+storage_float!(f64);
+
+macro_rules! storage_half {
+    ($t:ty) => {
+        impl Storage for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                <$t>::to_f64(self)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self {
+                <$t>::from_f64(x)
+            }
+        }
+    };
+}
+storage_half!(bf16);
+storage_half!(f16);
+
+/// The precision the maths runs in.
+pub trait Real: Float + Storage + std::iter::Sum + tch::kind::Element + Default {
+    fn load<S: Storage>(x: S) -> Self;
+    fn store<S: Storage>(self) -> S;
+    fn from_f64_lossy(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn load<S: Storage>(x: S) -> Self {
+        x.to_f32()
+    }
+    #[inline(always)]
+    fn store<S: Storage>(self) -> S {
+        S::from_f32(self)
+    }
+    #[inline(always)]
+    fn from_f64_lossy(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn load<S: Storage>(x: S) -> Self {
+        x.to_f64()
+    }
+    #[inline(always)]
+    fn store<S: Storage>(self) -> S {
+        S::from_f64(self)
+    }
+    #[inline(always)]
+    fn from_f64_lossy(x: f64) -> Self {
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_round_trip() {
+        assert_eq!(f32::load(bf16::from_f32(1.5)), 1.5);
+        assert_eq!(f64::load(f16::from_f32(-0.25)), -0.25);
+        let stored: f32 = 2.0f64.store();
+        assert_eq!(stored, 2.0);
+        assert_eq!(<f64 as Real>::from_f64_lossy(0.1), 0.1);
+    }
+}

@@ -1,0 +1,274 @@
+//! Turning Python objects into checked tensors: torch tensors (through pyo3-tch) and NumPy
+//! arrays (wrapped zero-copy with `from_blob` while a borrow guard keeps them alive), plus the
+//! dtype, shape and device checks every op shares and the raw slices the CPU kernels read.
+
+use crate::error::{Error, Result};
+use crate::lowrank::Dense;
+use crate::scalar::Real;
+use numpy::{PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+use tch::{Device, Kind, Tensor};
+
+/// Factor dtypes the ops take (DESIGN §2).
+pub const FACTOR_KINDS: &[Kind] = &[Kind::Double, Kind::Float, Kind::BFloat16, Kind::Half];
+/// dtypes an ω accumulator or an Ω finalization input may have.
+pub const OMEGA_KINDS: &[Kind] = &[Kind::Double, Kind::Float];
+/// dtypes a stored Ω may have when read by the penalty (bfloat16/float16 storage halves bytes).
+pub const STORED_OMEGA_KINDS: &[Kind] = FACTOR_KINDS;
+
+/// Keeps a NumPy array borrowed (and so alive and unaliased) while a tensor views its memory.
+#[allow(dead_code)] // held only for its Drop
+enum Guard<'py> {
+    Torch,
+    ReadF32(PyReadonlyArrayDyn<'py, f32>),
+    ReadF64(PyReadonlyArrayDyn<'py, f64>),
+    WriteF32(PyReadwriteArrayDyn<'py, f32>),
+    WriteF64(PyReadwriteArrayDyn<'py, f64>),
+}
+
+/// A validated argument: its name for messages and a tensor over the caller's memory.
+pub struct Arg<'py> {
+    pub name: String,
+    pub tensor: Tensor,
+    _guard: Guard<'py>,
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Double => "float64",
+        Kind::Float => "float32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        Kind::Int64 => "int64",
+        Kind::Int => "int32",
+        Kind::Int16 => "int16",
+        Kind::Int8 => "int8",
+        Kind::Uint8 => "uint8",
+        Kind::Bool => "bool",
+        Kind::ComplexFloat => "complex64",
+        Kind::ComplexDouble => "complex128",
+        _ => "an unsupported dtype",
+    }
+}
+
+fn kinds_list(kinds: &[Kind]) -> String {
+    kinds.iter().map(|&k| kind_name(k)).collect::<Vec<_>>().join(", ")
+}
+
+fn numpy_view<'py>(array: &Bound<'py, PyUntypedArray>, name: &str, writable: bool) -> Result<Arg<'py>> {
+    let dtype = array.dtype();
+    let py = array.py();
+    let (kind, itemsize) = if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
+        (Kind::Float, 4)
+    } else if dtype.is_equiv_to(&numpy::dtype::<f64>(py)) {
+        (Kind::Double, 8)
+    } else {
+        return Err(Error::type_(format!(
+            "{name} must be a float32 or float64 numpy array, got dtype {dtype}"
+        )));
+    };
+    let shape: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
+    let mut strides = Vec::with_capacity(shape.len());
+    for &s in array.strides() {
+        if s < 0 || s % itemsize != 0 {
+            return Err(Error::value(format!(
+                "{name} has negative or unaligned strides; pass numpy.ascontiguousarray({name})"
+            )));
+        }
+        strides.push((s / itemsize) as i64);
+    }
+    let busy = |e: numpy::BorrowError| {
+        Error::value(format!("{name}: numpy array cannot be borrowed ({e}); is it read-only or used twice?"))
+    };
+    let any = array.as_any();
+    let (guard, ptr) = match (kind, writable) {
+        (Kind::Float, false) => {
+            let ro = any.extract::<PyReadonlyArrayDyn<f32>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let p = ro.data() as *const u8;
+            (Guard::ReadF32(ro), p)
+        }
+        (Kind::Double, false) => {
+            let ro = any.extract::<PyReadonlyArrayDyn<f64>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let p = ro.data() as *const u8;
+            (Guard::ReadF64(ro), p)
+        }
+        (Kind::Float, true) => {
+            let arr = any.downcast::<numpy::PyArrayDyn<f32>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let rw = arr.try_readwrite().map_err(busy)?;
+            let p = rw.data() as *const u8;
+            (Guard::WriteF32(rw), p)
+        }
+        _ => {
+            let arr = any.downcast::<numpy::PyArrayDyn<f64>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let rw = arr.try_readwrite().map_err(busy)?;
+            let p = rw.data() as *const u8;
+            (Guard::WriteF64(rw), p)
+        }
+    };
+    // SAFETY: the guard keeps the array alive and borrowed for as long as `Arg` lives, and the
+    // shape/strides describe exactly the memory numpy owns.
+    let tensor = unsafe { Tensor::f_from_blob(ptr, &shape, &strides, kind, Device::Cpu)? };
+    Ok(Arg {
+        name: name.to_string(),
+        tensor,
+        _guard: guard,
+    })
+}
+
+/// Extracts a torch tensor or a NumPy array (float32/float64, CPU) named `name`.
+pub fn arg<'py>(obj: &Bound<'py, PyAny>, name: &str, writable: bool) -> Result<Arg<'py>> {
+    if let Ok(array) = obj.downcast::<PyUntypedArray>() {
+        return numpy_view(array, name, writable);
+    }
+    match obj.extract::<PyTensor>() {
+        Ok(t) => Ok(Arg {
+            name: name.to_string(),
+            tensor: t.0,
+            _guard: Guard::Torch,
+        }),
+        Err(_) => {
+            let type_name = obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "an unknown type".into());
+            Err(Error::type_(format!(
+                "{name} must be a torch.Tensor or numpy.ndarray, got {type_name}"
+            )))
+        }
+    }
+}
+
+/// Like [`arg`] for optional arguments (`None` → `None`).
+pub fn opt_arg<'py>(obj: Option<&Bound<'py, PyAny>>, name: &str) -> Result<Option<Arg<'py>>> {
+    match obj {
+        Some(o) if !o.is_none() => Ok(Some(arg(o, name, false)?)),
+        _ => Ok(None),
+    }
+}
+
+impl Arg<'_> {
+    pub fn kind(&self, allowed: &[Kind]) -> Result<Kind> {
+        let kind = self
+            .tensor
+            .f_kind()
+            .map_err(|_| Error::type_(format!("{} has an unsupported dtype", self.name)))?;
+        if allowed.contains(&kind) {
+            Ok(kind)
+        } else {
+            Err(Error::type_(format!(
+                "{} must have dtype {}, got {}",
+                self.name,
+                kinds_list(allowed),
+                kind_name(kind)
+            )))
+        }
+    }
+
+    /// (rows, cols) of a 2-D tensor.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        let size = self.tensor.size();
+        if size.len() != 2 {
+            return Err(Error::value(format!(
+                "{} must be a 2-D matrix, got shape {:?}",
+                self.name, size
+            )));
+        }
+        Ok((size[0] as usize, size[1] as usize))
+    }
+
+    pub fn expect_shape(&self, rows: usize, cols: usize, why: &str) -> Result<()> {
+        let got = self.dims2()?;
+        if got != (rows, cols) {
+            return Err(Error::value(format!(
+                "{} must have shape ({rows}, {cols}) {why}, got ({}, {})",
+                self.name, got.0, got.1
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn device(&self) -> Device {
+        self.tensor.device()
+    }
+
+    /// A handle for moving into a GIL-free closure (same storage).
+    pub fn share(&self) -> Tensor {
+        self.tensor.shallow_clone()
+    }
+}
+
+/// Every argument on one device.
+pub fn same_device(args: &[&Arg]) -> Result<Device> {
+    let first = args
+        .first()
+        .ok_or_else(|| Error::value("no tensors given"))?;
+    let device = first.device();
+    for a in args {
+        if a.device() != device {
+            return Err(Error::value(format!(
+                "{} is on {:?} but {} is on {:?}; all tensors must be on one device",
+                a.name,
+                a.device(),
+                first.name,
+                device
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// Whether the maths runs in float64: when any input is float64 (DESIGN §1).
+pub fn wants_f64(kinds: &[Kind]) -> bool {
+    kinds.contains(&Kind::Double)
+}
+
+/// A thin factor as a row-major `Dense` in compute precision (a small copy; never (out, in)).
+pub fn dense<T: Real>(t: &Tensor) -> Result<Dense<T>> {
+    let size = t.size();
+    let (rows, cols) = (size[0] as usize, size[1] as usize);
+    let c = t
+        .f_detach()?
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(T::KIND)?
+        .f_contiguous()?;
+    let mut data = vec![T::zero(); rows * cols];
+    c.f_copy_data(&mut data, rows * cols)?;
+    Ok(Dense::new(rows, cols, data))
+}
+
+/// The elements of a contiguous CPU tensor of element type `S`.
+///
+/// # Safety
+/// `t` must be contiguous, on the CPU, of dtype `S`, and not written elsewhere meanwhile.
+pub unsafe fn slice<S>(t: &Tensor) -> &[S] {
+    let n = t.numel();
+    if n == 0 {
+        return &[];
+    }
+    std::slice::from_raw_parts(t.data_ptr() as *const S, n)
+}
+
+/// Mutable variant of [`slice`].
+///
+/// # Safety
+/// As [`slice`], and no other reference to the memory may exist.
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn slice_mut<S>(t: &Tensor) -> &mut [S] {
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut S, n)
+}
+
+/// Checks a Python float argument.
+pub fn finite(x: f64, name: &str) -> Result<f64> {
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(Error::value(format!("{name} must be a finite number, got {x}")))
+    }
+}
