@@ -38,24 +38,29 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Keeps the first meaningful line of a torch error (tch wraps it as `Torch("...")` and
-/// appends the C++ backtrace after "Exception raised from").
+/// Keeps the first meaningful line of a torch error: tch wraps it ("Internal torch error: …"
+/// or `Torch("…")`) and torch appends a C++ backtrace after "Exception raised from".
 pub fn clean_torch_message(raw: &str) -> String {
     let mut msg = raw.trim();
-    for prefix in ["Torch(\"", "Torch(", "Internal(\"", "Internal("] {
+    for prefix in ["Internal torch error:", "Torch error:"] {
         if let Some(rest) = msg.strip_prefix(prefix) {
-            msg = rest;
+            msg = rest.trim_start();
         }
     }
-    let msg = msg.split("Exception raised from").next().unwrap_or(msg);
-    let first = msg
+    if let Some(inner) = msg
+        .strip_prefix("Torch(\"")
+        .and_then(|m| m.strip_suffix("\")"))
+    {
+        msg = inner;
+    }
+    let msg = msg.replace("\\n", "\n");
+    let before_trace = msg.split("Exception raised from").next().unwrap_or("");
+    let first = before_trace
         .lines()
         .map(str::trim)
         .find(|line| !line.is_empty())
         .unwrap_or("unknown torch error");
-    let first = first.replace("\\n", " ");
-    let first = first.split("Exception raised from").next().unwrap_or("").trim();
-    format!("torch error: {}", first.trim_end_matches(['"', ')']))
+    format!("torch error: {first}")
 }
 
 impl From<tch::TchError> for Error {
@@ -82,8 +87,20 @@ mod tests {
     fn torch_messages_keep_one_line() {
         let raw = "Torch(\"mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)\\nException raised from meta at /pytorch/aten/src/ATen/native/LinearAlgebra.cpp:193\")";
         let msg = clean_torch_message(raw);
-        assert_eq!(msg, "torch error: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)");
+        assert_eq!(
+            msg,
+            "torch error: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"
+        );
         assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn display_form_is_cleaned_too() {
+        let raw = "Internal torch error: expected scalar type Float but found Double\nException raised from x";
+        assert_eq!(
+            clean_torch_message(raw),
+            "torch error: expected scalar type Float but found Double"
+        );
     }
 
     #[test]

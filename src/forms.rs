@@ -95,10 +95,14 @@ mod tests {
 
     fn m(rows: usize, cols: usize, seed: u64) -> Dense<f64> {
         // Small deterministic pseudo-random values in (-1, 1), never all zero.
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let data = (0..rows * cols)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             })
             .collect();
@@ -132,7 +136,13 @@ mod tests {
         let t1 = matmul(&gb, &a0);
         let t2 = matmul(&b0, &ga);
         let t3 = matmul(&gb, &ga);
-        let want = Dense::new(4, 5, (0..20).map(|i| s * (t1.data[i] + t2.data[i] - lr * t3.data[i])).collect());
+        let want = Dense::new(
+            4,
+            5,
+            (0..20)
+                .map(|i| s * (t1.data[i] + t2.data[i] - lr * t3.data[i]))
+                .collect(),
+        );
         assert_close(&got, &want);
     }
 
@@ -143,7 +153,11 @@ mod tests {
         let got = LowRank::new(l, r).to_dense();
         let p1 = matmul(&b1, &a1);
         let p0 = matmul(&b0, &a0);
-        let want = Dense::new(3, 6, (0..18).map(|i| 0.5 * (p1.data[i] - p0.data[i])).collect());
+        let want = Dense::new(
+            3,
+            6,
+            (0..18).map(|i| 0.5 * (p1.data[i] - p0.data[i])).collect(),
+        );
         assert_close(&got, &want);
     }
 
@@ -153,9 +167,19 @@ mod tests {
         let p = matmul(&b, &a);
         let pr = matmul(&br, &ar);
         for (s, s_ref) in [(1.5, 1.5), (1.5, 0.25)] {
-            let anchor = Anchor { a: &ar, b: &br, scaling: s_ref };
+            let anchor = Anchor {
+                a: &ar,
+                b: &br,
+                scaling: s_ref,
+            };
             let (l, r) = delta(&a, &b, s, Some(anchor)).unwrap();
-            let want = Dense::new(5, 4, (0..20).map(|i| s * p.data[i] - s_ref * pr.data[i]).collect());
+            let want = Dense::new(
+                5,
+                4,
+                (0..20)
+                    .map(|i| s * p.data[i] - s_ref * pr.data[i])
+                    .collect(),
+            );
             assert_close(&LowRank::new(l, r).to_dense(), &want);
         }
         let (l, r) = delta(&a, &b, 3.0, None).unwrap();

@@ -3,10 +3,13 @@
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
 use crate::forms::{delta, Anchor};
-use crate::lowrank::{rows_per_task, LowRank, TILE_COLS};
+use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
 use crate::scalar::{Real, Storage};
-use crate::view::{dense, finite, same_device, slice, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS};
+use crate::simd::{multiversion, Madd};
+use crate::view::{
+    dense, finite, same_device, slice, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS,
+};
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
@@ -32,7 +35,11 @@ impl FinalizeJob {
         xi: f64,
         clamp_negative: bool,
     ) -> Result<Self> {
-        let mut kinds = vec![omega.kind(OMEGA_KINDS)?, a.kind(FACTOR_KINDS)?, b.kind(FACTOR_KINDS)?];
+        let mut kinds = vec![
+            omega.kind(OMEGA_KINDS)?,
+            a.kind(FACTOR_KINDS)?,
+            b.kind(FACTOR_KINDS)?,
+        ];
         let (out, inn) = omega.dims2()?;
         let (rank, a_in) = a.dims2()?;
         if a_in != inn || rank == 0 {
@@ -54,7 +61,9 @@ impl FinalizeJob {
         same_device(&all)?;
         let xi = finite(xi, "xi")?;
         if xi <= 0.0 {
-            return Err(Error::value(format!("xi must be a positive number, got {xi}")));
+            return Err(Error::value(format!(
+                "xi must be a positive number, got {xi}"
+            )));
         }
         Ok(FinalizeJob {
             omega: omega.share(),
@@ -85,7 +94,11 @@ impl FinalizeJob {
             Some((a0, b0)) => Some((dense::<T>(a0)?, dense::<T>(b0)?)),
             None => None,
         };
-        let anchor = start.as_ref().map(|(a0, b0)| Anchor { a: a0, b: b0, scaling: self.scaling });
+        let anchor = start.as_ref().map(|(a0, b0)| Anchor {
+            a: a0,
+            b: b0,
+            scaling: self.scaling,
+        });
         let (l, r) = delta(&a, &b, self.scaling, anchor)?;
         let delta = LowRank::new(l, r);
         let omega = self.omega.f_contiguous()?;
@@ -98,14 +111,22 @@ impl FinalizeJob {
     }
 
     fn run_tch(&self) -> Result<Tensor> {
-        let kind = if self.f64_math { Kind::Double } else { Kind::Float };
+        let kind = if self.f64_math {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let (a, b) = (c(&self.a)?, c(&self.b)?);
         let start = match &self.start {
             Some((a0, b0)) => Some((c(a0)?, c(b0)?)),
             None => None,
         };
-        let anchor = start.as_ref().map(|(a0, b0)| Anchor { a: a0, b: b0, scaling: self.scaling });
+        let anchor = start.as_ref().map(|(a0, b0)| Anchor {
+            a: a0,
+            b: b0,
+            scaling: self.scaling,
+        });
         let (l, r) = delta(&a, &b, self.scaling, anchor)?;
         let d = l.f_mm(&r)?;
         let denom = d.f_square()?.f_add_scalar(self.xi)?;
@@ -117,7 +138,13 @@ impl FinalizeJob {
     }
 }
 
-fn finalize_rows<S: Storage, T: Real>(src: &[S], dst: &mut [S], delta: &LowRank<T>, xi: T, clamp: bool) {
+fn finalize_rows<S: Storage, T: Real>(
+    src: &[S],
+    dst: &mut [S],
+    delta: &LowRank<T>,
+    xi: T,
+    clamp: bool,
+) {
     let (rows, cols) = (delta.rows, delta.cols);
     if rows == 0 || cols == 0 {
         return;
@@ -126,21 +153,35 @@ fn finalize_rows<S: Storage, T: Real>(src: &[S], dst: &mut [S], delta: &LowRank<
     dst.par_chunks_mut(rpt * cols)
         .zip(src.par_chunks(rpt * cols))
         .enumerate()
-        .for_each(|(task, (out, inp))| {
-            let mut dbuf = vec![T::zero(); TILE_COLS];
-            let nrows = out.len() / cols;
-            for j0 in (0..cols).step_by(TILE_COLS) {
-                let n = TILE_COLS.min(cols - j0);
-                for li in 0..nrows {
-                    delta.row_tile_into(task * rpt + li, j0, &mut dbuf[..n]);
-                    let span = li * cols + j0..li * cols + j0 + n;
-                    for ((o, &w), &dv) in out[span.clone()].iter_mut().zip(&inp[span]).zip(&dbuf[..n]) {
-                        let v = T::load(w) / (dv * dv + xi);
-                        *o = if clamp && v < T::zero() { T::zero() } else { v }.store();
-                    }
-                }
+        .for_each(|(task, (out, inp))| finalize_task(task * rpt, inp, out, delta, xi, clamp));
+}
+
+multiversion!(fn finalize_task<S: Storage, T: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<T>, xi: T, clamp: bool) = finalize_task_body);
+
+#[inline(always)]
+fn finalize_task_body<M: Madd, S: Storage, T: Real>(
+    row0: usize,
+    inp: &[S],
+    out: &mut [S],
+    delta: &LowRank<T>,
+    xi: T,
+    clamp: bool,
+) {
+    let cols = delta.cols;
+    for_each_tile!(
+        M,
+        delta,
+        None::<&LowRank<T>>,
+        row0,
+        out.len() / cols,
+        |li, j0, dv, _unused| {
+            let span = li * cols + j0..li * cols + j0 + dv.len();
+            for ((o, &w), &dv) in out[span.clone()].iter_mut().zip(&inp[span]).zip(dv) {
+                let v = T::load(w) / M::madd(dv, dv, xi);
+                *o = if clamp && v < T::zero() { T::zero() } else { v }.store();
             }
-        });
+        }
+    );
 }
 
 /// c_l = softmax(‖Ω_l‖ / T) or 1/L. Tiny; torch's softmax is already max-shifted (stable).
@@ -163,7 +204,9 @@ pub fn layer_coefficients(norms: &Arg, mode: &str, temperature: f64) -> Result<T
             "softmax" => {
                 let t = finite(temperature, "temperature")?;
                 if t <= 0.0 {
-                    return Err(Error::value(format!("temperature must be positive, got {t}")));
+                    return Err(Error::value(format!(
+                        "temperature must be positive, got {t}"
+                    )));
                 }
                 x.f_div_scalar(t)?.f_softmax(0, Kind::Double)?
             }
@@ -174,7 +217,11 @@ pub fn layer_coefficients(norms: &Arg, mode: &str, temperature: f64) -> Result<T
                 )))
             }
         };
-        let out_kind = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+        let out_kind = if kind == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
         Ok(out.f_to_kind(out_kind)?)
     })
 }
@@ -186,7 +233,10 @@ mod tests {
 
     #[test]
     fn finalize_divides_by_squared_delta_plus_xi() {
-        let delta = LowRank::new(Dense::new(2, 1, vec![1.0f64, 2.0]), Dense::new(1, 3, vec![1.0, -1.0, 0.0]));
+        let delta = LowRank::new(
+            Dense::new(2, 1, vec![1.0f64, 2.0]),
+            Dense::new(1, 3, vec![1.0, -1.0, 0.0]),
+        );
         let src = vec![2.0f32, 4.0, -1.0, 8.0, -5.0, 3.0];
         let mut dst = vec![0.0f32; 6];
         pool::install(|| finalize_rows(&src, &mut dst, &delta, 1.0, false)).unwrap();

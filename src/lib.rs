@@ -11,6 +11,7 @@ mod omega;
 mod penalty;
 mod pool;
 mod scalar;
+mod simd;
 mod view;
 
 use error::Error;
@@ -33,14 +34,24 @@ fn items<'py>(obj: &Bound<'py, PyAny>, name: &str) -> Result<Vec<Bound<'py, PyAn
     if let Ok(tuple) = obj.downcast::<PyTuple>() {
         return Ok(tuple.iter().collect());
     }
-    Err(Error::type_(format!("{name} must be a list or tuple of tensors")))
+    Err(Error::type_(format!(
+        "{name} must be a list or tuple of tensors"
+    )))
 }
 
-fn args_of<'py>(obj: &Bound<'py, PyAny>, name: &str, writable: bool, len: Option<usize>) -> Result<Vec<Arg<'py>>, Error> {
+fn args_of<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    writable: bool,
+    len: Option<usize>,
+) -> Result<Vec<Arg<'py>>, Error> {
     let list = items(obj, name)?;
     if let Some(n) = len {
         if list.len() != n {
-            return Err(Error::value(format!("{name} has {} entries, expected {n} (one per matrix)", list.len())));
+            return Err(Error::value(format!(
+                "{name} has {} entries, expected {n} (one per matrix)",
+                list.len()
+            )));
         }
     }
     list.iter()
@@ -53,7 +64,9 @@ fn per_matrix(values: Vec<f64>, name: &str, n: usize) -> Result<Vec<f64>, Error>
     match values.len() {
         len if len == n => Ok(values),
         1 => Ok(vec![values[0]; n]),
-        len => Err(Error::value(format!("{name} has {len} values, expected 1 or {n} (one per matrix)"))),
+        len => Err(Error::value(format!(
+            "{name} has {len} values, expected 1 or {n} (one per matrix)"
+        ))),
     }
 }
 
@@ -73,10 +86,22 @@ fn accumulate_omega_(
     scaling: f64,
     clamp_negative: bool,
 ) -> PyResult<()> {
-    let (o, ap, bp) = (arg(omega, "omega", true)?, arg(a_prev, "a_prev", false)?, arg(b_prev, "b_prev", false)?);
+    let (o, ap, bp) = (
+        arg(omega, "omega", true)?,
+        arg(a_prev, "a_prev", false)?,
+        arg(b_prev, "b_prev", false)?,
+    );
     let (ga, gb) = (arg(grad_a, "grad_a", false)?, arg(grad_b, "grad_b", false)?);
     let (an, bn) = (arg(a_next, "a_next", false)?, arg(b_next, "b_next", false)?);
-    let args = OmegaArgs { omega: &o, a_prev: &ap, b_prev: &bp, grad_a: &ga, grad_b: &gb, a_next: &an, b_next: &bn };
+    let args = OmegaArgs {
+        omega: &o,
+        a_prev: &ap,
+        b_prev: &bp,
+        grad_a: &ga,
+        grad_b: &gb,
+        a_next: &an,
+        b_next: &bn,
+    };
     let job = OmegaJob::new(args, lr, scaling, clamp_negative)?;
     py.allow_threads(move || job.run())?;
     Ok(())
@@ -109,7 +134,15 @@ fn accumulate_omega_many_(
     let scaling = per_matrix(scaling, "scaling", o.len())?;
     let jobs = (0..o.len())
         .map(|i| {
-            let args = OmegaArgs { omega: &o[i], a_prev: &ap[i], b_prev: &bp[i], grad_a: &ga[i], grad_b: &gb[i], a_next: &an[i], b_next: &bn[i] };
+            let args = OmegaArgs {
+                omega: &o[i],
+                a_prev: &ap[i],
+                b_prev: &bp[i],
+                grad_a: &ga[i],
+                grad_b: &gb[i],
+                a_next: &an[i],
+                b_next: &bn[i],
+            };
             OmegaJob::new(args, lr, scaling[i], clamp_negative)
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -131,12 +164,21 @@ fn finalize_importance(
     a_start: Option<&Bound<'_, PyAny>>,
     b_start: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyTensor> {
-    let (o, a, b) = (arg(omega, "omega", false)?, arg(a, "a", false)?, arg(b, "b", false)?);
+    let (o, a, b) = (
+        arg(omega, "omega", false)?,
+        arg(a, "a", false)?,
+        arg(b, "b", false)?,
+    );
     let (a0, b0) = (opt_arg(a_start, "a_start")?, opt_arg(b_start, "b_start")?);
     let start = match (&a0, &b0) {
         (Some(x), Some(y)) => Some((x, y)),
         (None, None) => None,
-        _ => return Err(Error::value("a_start and b_start must be given together (or neither, for a fresh adapter)").into()),
+        _ => {
+            return Err(Error::value(
+                "a_start and b_start must be given together (or neither, for a fresh adapter)",
+            )
+            .into())
+        }
     };
     let job = FinalizeJob::new(&o, &a, &b, start, scaling, xi, clamp_negative)?;
     Ok(PyTensor(py.allow_threads(move || job.run())?))
@@ -144,18 +186,31 @@ fn finalize_importance(
 
 #[pyfunction]
 #[pyo3(signature = (norms, *, mode="softmax", temperature=1.0))]
-fn layer_coefficients(norms: &Bound<'_, PyAny>, mode: &str, temperature: f64) -> PyResult<PyTensor> {
+fn layer_coefficients(
+    norms: &Bound<'_, PyAny>,
+    mode: &str,
+    temperature: f64,
+) -> PyResult<PyTensor> {
     let n = arg(norms, "norms", false)?;
-    Ok(PyTensor(importance::layer_coefficients(&n, mode, temperature)?))
+    Ok(PyTensor(importance::layer_coefficients(
+        &n,
+        mode,
+        temperature,
+    )?))
 }
 
 type PenaltyResult = (PyTensor, Option<PyTensor>, Option<PyTensor>);
 
-fn reference_pair<'a, 'py>(a_ref: &'a Option<Arg<'py>>, b_ref: &'a Option<Arg<'py>>) -> Result<Option<(&'a Arg<'py>, &'a Arg<'py>)>, Error> {
+fn reference_pair<'a, 'py>(
+    a_ref: &'a Option<Arg<'py>>,
+    b_ref: &'a Option<Arg<'py>>,
+) -> Result<Option<(&'a Arg<'py>, &'a Arg<'py>)>, Error> {
     match (a_ref, b_ref) {
         (Some(x), Some(y)) => Ok(Some((x, y))),
         (None, None) => Ok(None),
-        _ => Err(Error::value("a_ref and b_ref must be given together (or neither, for a fresh adapter)")),
+        _ => Err(Error::value(
+            "a_ref and b_ref must be given together (or neither, for a fresh adapter)",
+        )),
     }
 }
 
@@ -174,12 +229,18 @@ fn importance_penalty(
     weight: f64,
     compute_grads: bool,
 ) -> PyResult<PenaltyResult> {
-    let (o, a, b) = (arg(omega, "Omega", false)?, arg(a, "a", false)?, arg(b, "b", false)?);
+    let (o, a, b) = (
+        arg(omega, "Omega", false)?,
+        arg(a, "a", false)?,
+        arg(b, "b", false)?,
+    );
     let (ar, br) = (opt_arg(a_ref, "a_ref")?, opt_arg(b_ref, "b_ref")?);
     let job = PenaltyJob::new(&o, &a, &b, reference_pair(&ar, &br)?, scaling, scaling_ref)?;
     let weight = view::finite(weight, "weight")?;
     let out = py.allow_threads(move || job.run(weight, compute_grads))?;
-    let (ga, gb) = out.grads.map_or((None, None), |(x, y)| (Some(PyTensor(x)), Some(PyTensor(y))));
+    let (ga, gb) = out.grads.map_or((None, None), |(x, y)| {
+        (Some(PyTensor(x)), Some(PyTensor(y)))
+    });
     Ok((PyTensor(out.value), ga, gb))
 }
 
@@ -207,13 +268,24 @@ fn importance_penalty_many(
     }
     let av = args_of(a, "a", false, Some(n))?;
     let bv = args_of(b, "b", false, Some(n))?;
-    let ar = a_ref.filter(|v| !v.is_none()).map(|x| args_of(x, "a_ref", false, Some(n))).transpose()?;
-    let br = b_ref.filter(|v| !v.is_none()).map(|x| args_of(x, "b_ref", false, Some(n))).transpose()?;
+    let ar = a_ref
+        .filter(|v| !v.is_none())
+        .map(|x| args_of(x, "a_ref", false, Some(n)))
+        .transpose()?;
+    let br = b_ref
+        .filter(|v| !v.is_none())
+        .map(|x| args_of(x, "b_ref", false, Some(n)))
+        .transpose()?;
     if ar.is_some() != br.is_some() {
-        return Err(Error::value("a_ref and b_ref must be given together (or neither, for fresh adapters)").into());
+        return Err(Error::value(
+            "a_ref and b_ref must be given together (or neither, for fresh adapters)",
+        )
+        .into());
     }
     let scaling = per_matrix(scaling, "scaling", n)?;
-    let scaling_ref = scaling_ref.map(|s| per_matrix(s, "scaling_ref", n)).transpose()?;
+    let scaling_ref = scaling_ref
+        .map(|s| per_matrix(s, "scaling_ref", n))
+        .transpose()?;
     let weights = per_matrix(weights.unwrap_or_else(|| vec![1.0]), "weights", n)?;
     let mut jobs = Vec::with_capacity(n);
     for i in 0..n {
@@ -223,7 +295,10 @@ fn importance_penalty_many(
         };
         let s_ref = scaling_ref.as_ref().map(|s| s[i]);
         let w = view::finite(weights[i], &format!("weights[{i}]"))?;
-        jobs.push((PenaltyJob::new(&o[i], &av[i], &bv[i], reference, scaling[i], s_ref)?, w));
+        jobs.push((
+            PenaltyJob::new(&o[i], &av[i], &bv[i], reference, scaling[i], s_ref)?,
+            w,
+        ));
     }
     let outs = py.allow_threads(move || {
         jobs.iter()
@@ -237,7 +312,9 @@ fn importance_penalty_many(
             None => out.value,
             Some(t) => t.f_add(&out.value).map_err(Error::from)?,
         });
-        let (ga, gb) = out.grads.map_or((None, None), |(x, y)| (Some(PyTensor(x)), Some(PyTensor(y))));
+        let (ga, gb) = out.grads.map_or((None, None), |(x, y)| {
+            (Some(PyTensor(x)), Some(PyTensor(y)))
+        });
         grads_a.push(ga);
         grads_b.push(gb);
     }
@@ -252,7 +329,11 @@ fn set_cpu_path(path: &str) -> PyResult<()> {
     match path {
         "fused" => dispatch::set_cpu_path(false),
         "tch" => dispatch::set_cpu_path(true),
-        other => return Err(Error::value(format!("path must be \"fused\" or \"tch\", got {other:?}")).into()),
+        other => {
+            return Err(
+                Error::value(format!("path must be \"fused\" or \"tch\", got {other:?}")).into(),
+            )
+        }
     }
     Ok(())
 }

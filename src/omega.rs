@@ -3,10 +3,13 @@
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
 use crate::forms::{d_theta, g_tilde};
-use crate::lowrank::{rows_per_task, LowRank, TILE_COLS};
+use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
 use crate::scalar::{Real, Storage};
-use crate::view::{dense, finite, same_device, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS};
+use crate::simd::{multiversion, Madd};
+use crate::view::{
+    dense, finite, same_device, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS,
+};
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
@@ -38,7 +41,14 @@ pub struct OmegaArgs<'a, 'py> {
 impl OmegaJob {
     pub fn new(args: OmegaArgs, lr: f64, scaling: f64, clamp_negative: bool) -> Result<Self> {
         let omega_kind = args.omega.kind(OMEGA_KINDS)?;
-        let factors = [args.a_prev, args.b_prev, args.grad_a, args.grad_b, args.a_next, args.b_next];
+        let factors = [
+            args.a_prev,
+            args.b_prev,
+            args.grad_a,
+            args.grad_b,
+            args.a_next,
+            args.b_next,
+        ];
         let mut kinds = vec![omega_kind];
         for f in factors {
             kinds.push(f.kind(FACTOR_KINDS)?);
@@ -52,7 +62,10 @@ impl OmegaJob {
             )));
         }
         if rank == 0 {
-            return Err(Error::value(format!("{} must have rank r >= 1 rows", args.a_prev.name)));
+            return Err(Error::value(format!(
+                "{} must have rank r >= 1 rows",
+                args.a_prev.name
+            )));
         }
         let why_a = format!("like {} (r, in)", args.a_prev.name);
         let why_b = "(out, r) for omega (out, in) and A (r, in)";
@@ -118,9 +131,18 @@ impl OmegaJob {
     }
 
     fn run_tch(&self) -> Result<()> {
-        let kind = if self.f64_math { Kind::Double } else { Kind::Float };
+        let kind = if self.f64_math {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
-        let (a0, b0, ga, gb) = (c(&self.a_prev)?, c(&self.b_prev)?, c(&self.grad_a)?, c(&self.grad_b)?);
+        let (a0, b0, ga, gb) = (
+            c(&self.a_prev)?,
+            c(&self.b_prev)?,
+            c(&self.grad_a)?,
+            c(&self.grad_b)?,
+        );
         let (a1, b1) = (c(&self.a_next)?, c(&self.b_next)?);
         let (gl, gr) = g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?;
         let (dl, dr) = d_theta(&a0, &b0, &a1, &b1, self.scaling)?;
@@ -141,7 +163,7 @@ impl OmegaJob {
     }
 }
 
-/// The fused update: per row tile, g~ and dθ are formed in two L1 buffers from the thin
+/// The fused update: per tile of rows, g~ and dθ are formed in L1 buffers from the thin
 /// factors, and ω is read and written once.
 fn update_rows<S: Storage, T: Real>(omega: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool) {
     let (rows, cols) = (g.rows, g.cols);
@@ -149,23 +171,29 @@ fn update_rows<S: Storage, T: Real>(omega: &mut [S], g: &LowRank<T>, d: &LowRank
         return;
     }
     let rpt = rows_per_task(rows, cols);
-    omega.par_chunks_mut(rpt * cols).enumerate().for_each(|(task, chunk)| {
-        let mut gbuf = vec![T::zero(); TILE_COLS];
-        let mut dbuf = vec![T::zero(); TILE_COLS];
-        let nrows = chunk.len() / cols;
-        for j0 in (0..cols).step_by(TILE_COLS) {
-            let n = TILE_COLS.min(cols - j0);
-            for li in 0..nrows {
-                let i = task * rpt + li;
-                g.row_tile_into(i, j0, &mut gbuf[..n]);
-                d.row_tile_into(i, j0, &mut dbuf[..n]);
-                let w = &mut chunk[li * cols + j0..li * cols + j0 + n];
-                for ((w, &gv), &dv) in w.iter_mut().zip(&gbuf[..n]).zip(&dbuf[..n]) {
-                    let v = T::load(*w) - gv * dv;
-                    // `v < 0` is false for NaN, so NaN propagates as in torch.clamp.
-                    *w = if clamp && v < T::zero() { T::zero() } else { v }.store();
-                }
-            }
+    omega
+        .par_chunks_mut(rpt * cols)
+        .enumerate()
+        .for_each(|(task, chunk)| update_task(task * rpt, chunk, g, d, clamp));
+}
+
+multiversion!(fn update_task<S: Storage, T: Real>(row0: usize, chunk: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool) = update_task_body);
+
+#[inline(always)]
+fn update_task_body<M: Madd, S: Storage, T: Real>(
+    row0: usize,
+    chunk: &mut [S],
+    g: &LowRank<T>,
+    d: &LowRank<T>,
+    clamp: bool,
+) {
+    let cols = g.cols;
+    for_each_tile!(M, g, Some(d), row0, chunk.len() / cols, |li, j0, gv, dv| {
+        let w = &mut chunk[li * cols + j0..li * cols + j0 + gv.len()];
+        for ((w, &gv), &dv) in w.iter_mut().zip(gv).zip(dv) {
+            let v = T::load(*w) - gv * dv;
+            // `v < 0` is false for NaN, so NaN propagates as in torch.clamp.
+            *w = if clamp && v < T::zero() { T::zero() } else { v }.store();
         }
     });
 }
@@ -177,8 +205,14 @@ mod tests {
 
     #[test]
     fn fused_update_matches_dense_formula() {
-        let g = LowRank::new(Dense::new(3, 1, vec![1.0f64, 2.0, -1.0]), Dense::new(1, 300, (0..300).map(|j| j as f64 * 0.01).collect()));
-        let d = LowRank::new(Dense::new(3, 1, vec![0.5f64, -1.0, 2.0]), Dense::new(1, 300, vec![1.0; 300]));
+        let g = LowRank::new(
+            Dense::new(3, 1, vec![1.0f64, 2.0, -1.0]),
+            Dense::new(1, 300, (0..300).map(|j| j as f64 * 0.01).collect()),
+        );
+        let d = LowRank::new(
+            Dense::new(3, 1, vec![0.5f64, -1.0, 2.0]),
+            Dense::new(1, 300, vec![1.0; 300]),
+        );
         let mut omega = vec![1.0f32; 900];
         pool::install(|| update_rows(&mut omega, &g, &d, false)).unwrap();
         for i in 0..3 {

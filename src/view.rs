@@ -54,10 +54,18 @@ fn kind_name(kind: Kind) -> &'static str {
 }
 
 fn kinds_list(kinds: &[Kind]) -> String {
-    kinds.iter().map(|&k| kind_name(k)).collect::<Vec<_>>().join(", ")
+    kinds
+        .iter()
+        .map(|&k| kind_name(k))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn numpy_view<'py>(array: &Bound<'py, PyUntypedArray>, name: &str, writable: bool) -> Result<Arg<'py>> {
+fn numpy_view<'py>(
+    array: &Bound<'py, PyUntypedArray>,
+    name: &str,
+    writable: bool,
+) -> Result<Arg<'py>> {
     let dtype = array.dtype();
     let py = array.py();
     let (kind, itemsize) = if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
@@ -80,28 +88,38 @@ fn numpy_view<'py>(array: &Bound<'py, PyUntypedArray>, name: &str, writable: boo
         strides.push((s / itemsize) as i64);
     }
     let busy = |e: numpy::BorrowError| {
-        Error::value(format!("{name}: numpy array cannot be borrowed ({e}); is it read-only or used twice?"))
+        Error::value(format!(
+            "{name}: numpy array cannot be borrowed ({e}); is it read-only or used twice?"
+        ))
     };
     let any = array.as_any();
     let (guard, ptr) = match (kind, writable) {
         (Kind::Float, false) => {
-            let ro = any.extract::<PyReadonlyArrayDyn<f32>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let ro = any
+                .extract::<PyReadonlyArrayDyn<f32>>()
+                .map_err(|e| Error::type_(format!("{name}: {e}")))?;
             let p = ro.data() as *const u8;
             (Guard::ReadF32(ro), p)
         }
         (Kind::Double, false) => {
-            let ro = any.extract::<PyReadonlyArrayDyn<f64>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let ro = any
+                .extract::<PyReadonlyArrayDyn<f64>>()
+                .map_err(|e| Error::type_(format!("{name}: {e}")))?;
             let p = ro.data() as *const u8;
             (Guard::ReadF64(ro), p)
         }
         (Kind::Float, true) => {
-            let arr = any.downcast::<numpy::PyArrayDyn<f32>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let arr = any
+                .downcast::<numpy::PyArrayDyn<f32>>()
+                .map_err(|e| Error::type_(format!("{name}: {e}")))?;
             let rw = arr.try_readwrite().map_err(busy)?;
             let p = rw.data() as *const u8;
             (Guard::WriteF32(rw), p)
         }
         _ => {
-            let arr = any.downcast::<numpy::PyArrayDyn<f64>>().map_err(|e| Error::type_(format!("{name}: {e}")))?;
+            let arr = any
+                .downcast::<numpy::PyArrayDyn<f64>>()
+                .map_err(|e| Error::type_(format!("{name}: {e}")))?;
             let rw = arr.try_readwrite().map_err(busy)?;
             let p = rw.data() as *const u8;
             (Guard::WriteF64(rw), p)
@@ -269,6 +287,8 @@ pub fn finite(x: f64, name: &str) -> Result<f64> {
     if x.is_finite() {
         Ok(x)
     } else {
-        Err(Error::value(format!("{name} must be a finite number, got {x}")))
+        Err(Error::value(format!(
+            "{name} must be a finite number, got {x}"
+        )))
     }
 }

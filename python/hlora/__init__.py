@@ -10,8 +10,8 @@ from __future__ import annotations
 # torch first: the native module links against torch's shared libraries and has no RPATH.
 import torch  # noqa: F401
 
-from hlora._loader import BACKEND as _BACKEND
 from hlora import ops, reference
+from hlora._loader import BACKEND as _BACKEND
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,52 @@
+# hlora — the two set-up commands of the README:
+#   make demo   build everything into .venv and run the main job on the embedded defaults
+#   make test   build everything and run the whole test suite (Rust and Python)
+# Everything is cached: a second run reuses .venv, the pip cache and the Rust build.
+
+VENV        := $(CURDIR)/.venv
+PY          := $(VENV)/bin/python
+PYTHON      ?= python3
+# One Rust build serves maturin, cargo test and clippy (same profile, same environment).
+export CARGO_TARGET_DIR    ?= $(CURDIR)/target
+export VIRTUAL_ENV         := $(VENV)
+export PATH                := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export PYO3_PYTHON         := $(PY)
+export HF_HUB_OFFLINE      := 1
+export TRANSFORMERS_OFFLINE := 1
+
+RUST_SOURCES := $(wildcard src/*.rs) Cargo.toml Cargo.lock
+NATIVE_STAMP := $(VENV)/.native-built
+
+.PHONY: demo test build deps bench lint clean
+
+demo: build
+	$(PY) -m hlora.cli demo
+
+test: build
+	bash scripts/test.sh
+
+bench: build
+	$(PY) -m hlora.bench
+
+build: $(NATIVE_STAMP)
+
+deps: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed: pyproject.toml scripts/deps.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $$($(PY) scripts/deps.py runtime hf experiments test)
+	touch $@
+
+$(NATIVE_STAMP): $(VENV)/.deps-installed $(RUST_SOURCES) pyproject.toml
+	$(PY) -m maturin develop --release
+	touch $@
+
+lint: build
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	$(PY) -m ruff check python tests scripts
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,96 @@
+"""Shared fixtures: random factors (never zeros), dtypes and the tolerances of DESIGN §2."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import hlora
+import pytest
+import torch
+
+FACTOR_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+#: ‖x − ref‖/‖ref‖ against the float64 reference on the same inputs (DESIGN §2).
+FORWARD_TOL: Dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-5,  # inputs are exact in float32; the maths runs in float32
+    torch.float16: 1e-5,
+}
+#: Gradients come back in the factors' dtype, so low precision rounds them.
+GRAD_TOL: Dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@dataclass
+class Step:
+    """One optimizer step of one adapted matrix: factors before/after, gradients, ω."""
+
+    omega: torch.Tensor
+    a0: torch.Tensor
+    b0: torch.Tensor
+    ga: torch.Tensor
+    gb: torch.Tensor
+    a1: torch.Tensor
+    b1: torch.Tensor
+
+    def args(self):
+        return (self.omega, self.a0, self.b0, self.ga, self.gb, self.a1, self.b1)
+
+    def f64(self) -> Step:
+        return Step(*(t.double() for t in self.args()))
+
+
+def make_step(out: int, inn: int, r: int, dtype: torch.dtype, seed: int = 0,
+              device: str = "cpu", step_size: float = 1e-2, omega_dtype: Optional[torch.dtype] = None) -> Step:
+    """Random LoRA factors at a realistic scale, a small step (so dθ is a difference of nearly
+    equal products — where a naive float32 formula cancels), and ω of the update's magnitude."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    a0, b0 = rnd(r, inn, scale=0.1), rnd(out, r, scale=0.1)
+    ga, gb = rnd(r, inn, scale=0.5), rnd(out, r, scale=0.5)
+    a1 = a0 + step_size * rnd(r, inn, scale=0.1)
+    b1 = b0 + step_size * rnd(out, r, scale=0.1)
+    cast = [t.to(dtype) for t in (a0, b0, ga, gb, a1, b1)]
+    odt = omega_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    # ω on the scale of one update (g~·dθ ~ 0.1·0.5·s · step·0.01·s): so errors in the update
+    # show in the result instead of hiding under ω's own rounding.
+    omega = (rnd(out, inn) * 1e-4).to(odt)
+    return Step(omega.to(device), *(t.to(device) for t in cast))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _backend_is_what_ci_asked_for():
+    """Under HLORA_BACKEND=rust (what .ci/run exports) the native module must be in use: a broken
+    build must never pass by comparing the reference with itself."""
+    if os.environ.get("HLORA_BACKEND") == "rust":
+        assert hlora.backend() == "rust"
+    yield
+
+
+@pytest.fixture(params=["fused", "tch"])
+def cpu_path(request):
+    """Runs a test on the fused CPU kernels and on the tch path (the one CUDA tensors take)."""
+    native = pytest.importorskip("hlora._native")
+    if hlora.backend() != "rust":
+        pytest.skip("native backend not active")
+    native.set_cpu_path(request.param)
+    yield request.param
+    native.set_cpu_path("fused")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,0 +1,149 @@
+"""Backend selection, the torch-version guard, and rayon after fork (DataLoader workers)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import hlora
+import pytest
+import torch
+from conftest import make_step, rel_err
+from hlora import ops, reference
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_forcing_torch_backend_uses_reference():
+    proc = _run("import hlora; print(hlora.backend())", HLORA_BACKEND="torch")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "torch"
+
+
+def test_torch_backend_still_computes_the_maths():
+    proc = _run("""
+        import torch, hlora
+        from hlora import ops
+        om = torch.full((3, 4), 0.5); a = torch.ones(2, 4); b = torch.ones(3, 2)
+        ops.accumulate_omega_(om, a, b, a, b, 2 * a, 2 * b, lr=0.0, scaling=1.0)
+        # g~ = 2·1·1 + 2·1·1 = 4 per entry; dθ = (2·2 − 1·1)·2 = 6 → ω = 0.5 − 24
+        print(hlora.backend(), float(om[0, 0]))
+    """, HLORA_BACKEND="torch")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["torch", "-23.5"]
+
+
+def test_wrong_torch_version_falls_back_with_one_warning_or_fails_when_forced():
+    code = """
+        import warnings, torch
+        torch.__version__ = "2.99.0"
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import hlora
+        print(hlora.backend(), sum("native kernels unavailable" in str(x.message) for x in w))
+    """
+    auto = _run(code, HLORA_BACKEND="")
+    assert auto.returncode == 0, auto.stderr
+    assert auto.stdout.split() == ["torch", "1"]
+    forced = _run(code, HLORA_BACKEND="rust")
+    assert forced.returncode != 0
+    assert "HLORA_BACKEND=rust" in forced.stderr and "2.11.0" in forced.stderr
+
+
+def test_invalid_backend_name_is_an_error():
+    proc = _run("import hlora", HLORA_BACKEND="cuda")
+    assert proc.returncode != 0 and "HLORA_BACKEND must be" in proc.stderr
+
+
+def _child_update(queue):
+    # torch's own OpenMP pool cannot run after fork (what DataLoader works around by setting one
+    # thread in its workers); hlora's pool is rebuilt, and is asked for two threads here so a
+    # parent pool reused by mistake would hang.
+    torch.set_num_threads(1)
+    os.environ["HLORA_NUM_THREADS"] = "2"
+    step = make_step(300, 200, 8, torch.float32, seed=2)
+    want = step.f64()
+    reference.accumulate_omega_(*want.args(), lr=1e-3, scaling=2.0)
+    ops.accumulate_omega_(*step.args(), lr=1e-3, scaling=2.0)
+    queue.put(rel_err(step.omega, want.omega))
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="fork guard is a property of the native pool")
+def test_kernels_work_in_a_forked_child_after_the_parent_used_the_pool():
+    # The parent uses the pool first, so the child inherits a pool object without threads.
+    step = make_step(300, 200, 8, torch.float32, seed=1)
+    ops.accumulate_omega_(*step.args(), lr=1e-3, scaling=2.0)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_update, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the kernel deadlocked in a forked child")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) <= 1e-5
+
+
+class _PenaltyDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        step = make_step(64, 48, 4, torch.float32, seed=i)
+        return ops.importance_penalty(torch.rand(64, 48), step.a1, step.b1, scaling=1.0)
+
+
+def test_dataloader_workers_can_call_kernels():
+    ops.importance_penalty(torch.rand(8, 8), torch.randn(2, 8), torch.randn(8, 2), scaling=1.0)
+    loader = torch.utils.data.DataLoader(_PenaltyDataset(), batch_size=2, num_workers=2,
+                                         multiprocessing_context="fork", timeout=60)
+    values = torch.cat([batch for batch in loader])
+    assert values.shape == (4,) and torch.isfinite(values).all() and (values > 0).all()
+
+
+def test_gil_is_released_during_kernels():
+    """Two Python threads running kernels overlap (each call releases the GIL)."""
+    import threading
+
+    step = make_step(1024, 1024, 8, torch.float32, seed=3)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(3):
+                ops.finalize_importance(step.omega, step.a1, step.b1, scaling=1.0, xi=1e-3)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="checks the compiled module")
+def test_stubs_match_the_native_module():
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from hlora import _native
+
+    stub = ast.parse((Path(hlora.__file__).parent / "_native.pyi").read_text())
+    stubbed = {n.name: n for n in stub.body if isinstance(n, ast.FunctionDef)}
+    exported = {name for name, obj in vars(_native).items() if callable(obj) and not name.startswith("__")}
+    assert set(stubbed) == exported
+    for name, node in stubbed.items():
+        runtime = inspect.signature(getattr(_native, name))
+        stub_params = [a.arg for a in node.args.args + node.args.kwonlyargs]
+        assert stub_params == list(runtime.parameters), name

@@ -1,0 +1,156 @@
+"""Bad input gives a TypeError/ValueError naming the argument — on the native backend and on the
+reference alike — never a crash or a silently wrong result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_step
+from hlora import ops, reference
+
+IMPLS = [ops, reference]
+
+
+def _step():
+    return make_step(6, 5, 2, torch.float32, seed=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+@pytest.mark.parametrize("position,name", [(0, "omega"), (1, "a_prev"), (2, "b_prev"), (3, "grad_a"),
+                                           (4, "grad_b"), (5, "a_next"), (6, "b_next")])
+def test_accumulate_rejects_wrong_shapes(impl, position, name):
+    args = list(_step().args())
+    args[position] = torch.zeros(args[position].shape[0] + 1, args[position].shape[1] + 2)
+    with pytest.raises(ValueError, match=name if position else "omega|a_prev"):
+        impl.accumulate_omega_(*args, lr=1e-3, scaling=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_accumulate_rejects_non_matrices_and_lists(impl):
+    args = list(_step().args())
+    bad = list(args)
+    bad[1] = args[1].reshape(-1)
+    with pytest.raises(ValueError, match="a_prev must be a 2-D matrix"):
+        impl.accumulate_omega_(*bad, lr=1e-3, scaling=1.0)
+    bad = list(args)
+    bad[2] = args[2].tolist()
+    with pytest.raises(TypeError, match="b_prev must be a torch.Tensor"):
+        impl.accumulate_omega_(*bad, lr=1e-3, scaling=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool], ids=str)
+def test_unsupported_dtypes_raise_type_error(impl, dtype):
+    args = list(_step().args())
+    args[3] = args[3].to(dtype)
+    with pytest.raises(TypeError, match="grad_a must have dtype"):
+        impl.accumulate_omega_(*args, lr=1e-3, scaling=1.0)
+    args = list(_step().args())
+    with pytest.raises(TypeError, match="omega must have dtype float64, float32"):
+        impl.accumulate_omega_(args[0].to(torch.bfloat16), *args[1:], lr=1e-3, scaling=1.0)
+    with pytest.raises(TypeError, match="Omega must have dtype"):
+        impl.importance_penalty(args[0].to(dtype), args[5], args[6], scaling=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_rank_mismatch_and_non_finite_scalars(impl):
+    s = _step()
+    with pytest.raises(ValueError, match="b_next must have shape"):
+        impl.accumulate_omega_(s.omega, s.a0, s.b0, s.ga, s.gb, s.a1, torch.zeros(6, 3), lr=1e-3, scaling=1.0)
+    for name, kwargs in (("lr", {"lr": float("nan"), "scaling": 1.0}),
+                         ("scaling", {"lr": 1e-3, "scaling": float("inf")})):
+        with pytest.raises(ValueError, match=name):
+            impl.accumulate_omega_(*s.args(), **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_finalize_errors(impl):
+    s = _step()
+    with pytest.raises(ValueError, match="xi must be a positive"):
+        impl.finalize_importance(s.omega, s.a1, s.b1, scaling=1.0, xi=0.0)
+    with pytest.raises(ValueError, match="a_start and b_start must be given together"):
+        impl.finalize_importance(s.omega, s.a1, s.b1, scaling=1.0, xi=1e-3, a_start=s.a0)
+    with pytest.raises(ValueError, match="b_start must have shape"):
+        impl.finalize_importance(s.omega, s.a1, s.b1, scaling=1.0, xi=1e-3, a_start=s.a0,
+                                 b_start=torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="a must have shape"):
+        impl.finalize_importance(s.omega, torch.zeros(2, 4), s.b1, scaling=1.0, xi=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_penalty_errors(impl):
+    s = _step()
+    omega = torch.rand(6, 5)
+    with pytest.raises(ValueError, match="a_ref and b_ref must be given together"):
+        impl.importance_penalty(omega, s.a1, s.b1, s.a0, None, scaling=1.0)
+    with pytest.raises(ValueError, match="a_ref must have shape"):
+        impl.importance_penalty(omega, s.a1, s.b1, torch.zeros(3, 5), s.b0, scaling=1.0)
+    with pytest.raises(ValueError, match="b must have shape"):
+        impl.importance_penalty(omega, s.a1, torch.zeros(6, 3), scaling=1.0)
+    with pytest.raises(ValueError, match="Omega must be a 2-D matrix"):
+        impl.importance_penalty(omega[0], s.a1, s.b1, scaling=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_layer_coefficient_errors(impl):
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        impl.layer_coefficients(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        impl.layer_coefficients(torch.zeros(0))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        impl.layer_coefficients(torch.ones(3), temperature=0.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        impl.layer_coefficients(torch.ones(3), mode="max")
+    with pytest.raises(ValueError, match="finite"):
+        impl.layer_coefficients(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_many_variants_check_lists(impl):
+    s = _step()
+    cols = [[t] for t in s.args()]
+    with pytest.raises(TypeError, match="a_prev must be a list or tuple"):
+        impl.accumulate_omega_many_(cols[0], s.a0, *cols[2:], lr=1e-3, scaling=1.0)
+    with pytest.raises(ValueError, match="entries, expected 1"):
+        impl.accumulate_omega_many_(cols[0], cols[1] * 2, *cols[2:], lr=1e-3, scaling=1.0)
+    with pytest.raises(ValueError, match="scaling has 3 values"):
+        impl.accumulate_omega_many_(*[c * 2 for c in cols], lr=1e-3, scaling=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="at least one matrix"):
+        impl.importance_penalty_many([], [], [], scaling=1.0)
+    with pytest.raises(ValueError, match="entries"):
+        impl.importance_penalty_many([torch.rand(6, 5)], [s.a1, s.a1], [s.b1], scaling=1.0)
+
+
+def test_native_specific_errors():
+    s = _step()
+    ro = s.omega.numpy().copy()
+    ro.setflags(write=False)
+    args = [t.numpy() for t in s.args()[1:]]
+    with pytest.raises(ValueError, match="omega"):
+        ops.accumulate_omega_(ro, *args, lr=1e-3, scaling=1.0)
+    with pytest.raises(TypeError, match="float32 or float64 numpy array"):
+        ops.accumulate_omega_(s.omega.numpy().astype(np.int32), *args, lr=1e-3, scaling=1.0)
+    with pytest.raises(ValueError, match="negative or unaligned strides"):
+        ops.finalize_importance(s.omega.numpy()[::-1], *args[4:], scaling=1.0, xi=1e-3)
+
+
+def test_device_mismatch_is_reported():
+    if not torch.cuda.is_available():
+        # The meta device stands in for a second device: same check, no GPU needed.
+        s = _step()
+        with pytest.raises((ValueError, TypeError), match="device|meta"):
+            ops.accumulate_omega_(s.omega, s.a0.to("meta"), *s.args()[2:], lr=1e-3, scaling=1.0)
+    else:
+        s = _step()
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            ops.accumulate_omega_(s.omega, s.a0.cuda(), *s.args()[2:], lr=1e-3, scaling=1.0)
+
+
+def test_torch_errors_are_one_clean_line(cpu_path):
+    """Whatever torch raises inside the native path reaches Python as one line, no C++ trace."""
+    s = _step()
+    try:
+        ops.accumulate_omega_(s.omega, s.a0.to("meta"), *s.args()[2:], lr=1e-3, scaling=1.0)
+    except (ValueError, TypeError) as err:
+        assert "\n" not in str(err) and "Exception raised from" not in str(err)

@@ -1,0 +1,295 @@
+"""The four ops against hlora.reference evaluated in float64 on the same inputs: forward,
+gradients, in-place semantics, odd shapes, every factor dtype, both CPU paths, NumPy inputs."""
+
+from __future__ import annotations
+
+import hlora
+import numpy as np
+import pytest
+import torch
+from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, make_step, rel_err
+from hlora import ops, reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+SHAPES = [(1, 1, 1), (7, 5, 3), (13, 1, 2), (1, 17, 4), (33, 65, 1), (40, 24, 64), (130, 129, 8),
+          (576, 576, 8), (192, 576, 8)]
+LARGE = (3072, 1024, 8)
+
+
+def _ref_update(step, lr, s, clamp=False):
+    ref = step.f64()
+    reference.accumulate_omega_(*ref.args(), lr=lr, scaling=s, clamp_negative=clamp)
+    return ref.omega
+
+
+@pytest.mark.parametrize("shape", SHAPES + [LARGE], ids=str)
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+def test_accumulate_matches_reference(shape, dtype, cpu_path):
+    out, inn, r = shape
+    step = make_step(out, inn, r, dtype, seed=out * 31 + inn)
+    before = step.omega.clone()
+    lr, s = 3e-3, 2.0
+    want = _ref_update(step, lr, s)
+    ptr, version = step.omega.data_ptr(), step.omega._version
+    result = ops.accumulate_omega_(*step.args(), lr=lr, scaling=s)
+    assert result is step.omega and step.omega.data_ptr() == ptr
+    assert step.omega._version > version, "in-place write must bump the version counter"
+    tol = FORWARD_TOL[dtype]
+    assert rel_err(step.omega, want) <= tol
+    # The increment itself (what the kernel adds), not only ω, matches.
+    assert rel_err(step.omega.double() - before.double(), want - before.double()) <= tol * 10
+
+
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+def test_accumulate_clamps_negative_running_omega(dtype, cpu_path):
+    step = make_step(50, 70, 4, dtype, seed=3)
+    want = _ref_update(step, 1e-3, 1.5, clamp=True)
+    ops.accumulate_omega_(*step.args(), lr=1e-3, scaling=1.5, clamp_negative=True)
+    assert (step.omega >= 0).all() and (step.omega > 0).any()
+    assert rel_err(step.omega, want) <= FORWARD_TOL[dtype]
+
+
+def test_update_is_cancellation_free_for_tiny_steps():
+    """A step of 1e-6 relative: B1·A1 − B0·A0 in float32 loses everything; the kernel's form
+    keeps 1e-5 accuracy."""
+    step = make_step(64, 96, 8, torch.float32, seed=5, step_size=1e-6)
+    step.omega.mul_(1e-8)
+    want = _ref_update(step, 1e-3, 2.0)
+    ops.accumulate_omega_(*step.args(), lr=1e-3, scaling=2.0)
+    assert rel_err(step.omega, want) <= 1e-5
+    naive = step.f64()
+    f32 = [t.float() for t in (naive.a0, naive.b0, naive.a1, naive.b1)]
+    d_naive = 2.0 * (f32[3] @ f32[2] - f32[1] @ f32[0])
+    d_exact = 2.0 * (naive.b1 @ naive.a1 - naive.b0 @ naive.a0)
+    assert rel_err(d_naive, d_exact) > 1e-3, "the naive form should have cancelled (test is meaningful)"
+
+
+@pytest.mark.parametrize("shape", SHAPES + [LARGE], ids=str)
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "continued"])
+def test_finalize_matches_reference(shape, dtype, fresh, cpu_path):
+    out, inn, r = shape
+    step = make_step(out, inn, r, dtype, seed=inn)
+    step.omega.normal_(generator=torch.Generator().manual_seed(1))  # mixed signs
+    omega_before = step.omega.clone()
+    start = {} if fresh else {"a_start": step.a0, "b_start": step.b0}
+    start64 = {k: v.double() for k, v in start.items()}
+    for clamp in (True, False):
+        got = ops.finalize_importance(step.omega, step.a1, step.b1, scaling=1.7, xi=1e-3,
+                                      clamp_negative=clamp, **start)
+        want = reference.finalize_importance(step.omega.double(), step.a1.double(), step.b1.double(),
+                                             scaling=1.7, xi=1e-3, clamp_negative=clamp, **start64)
+        assert got.dtype == step.omega.dtype and got.shape == step.omega.shape
+        assert got.data_ptr() != step.omega.data_ptr()
+        assert rel_err(got, want) <= FORWARD_TOL[dtype]
+        if clamp:
+            assert (got >= 0).all()
+    assert torch.equal(step.omega, omega_before), "finalize must leave ω unchanged"
+
+
+@pytest.mark.parametrize("mode", ["softmax", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_layer_coefficients(mode, dtype, cpu_path):
+    norms = (torch.rand(37, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 50).to(dtype)
+    for t in (1.0, 7.5, 1e8):
+        got = ops.layer_coefficients(norms, mode=mode, temperature=t)
+        want = reference.layer_coefficients(norms.double(), mode=mode, temperature=t)
+        assert got.shape == (37,) and got.dtype == dtype
+        assert rel_err(got, want) <= FORWARD_TOL[dtype]
+        assert abs(float(got.double().sum()) - 1.0) < 1e-6
+    # Raw norms in the thousands with T=1 would overflow a naive exp: still finite, one-hot.
+    huge = torch.tensor([1e4, 2e4, 3e4], dtype=dtype)
+    c = ops.layer_coefficients(huge, mode="softmax", temperature=1.0)
+    assert torch.isfinite(c).all()
+    if mode == "softmax":
+        assert float(c[2]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [LARGE], ids=str)
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+@pytest.mark.parametrize("ref_kind", ["none", "same_scaling", "other_scaling"])
+def test_penalty_forward_and_gradients(shape, dtype, ref_kind, cpu_path):
+    out, inn, r = shape
+    step = make_step(out, inn, r, dtype, seed=out + 7 * r)
+    omega = torch.rand(out, inn, generator=torch.Generator().manual_seed(9), dtype=torch.float64).float()
+    a = step.a1.clone().requires_grad_()
+    b = step.b1.clone().requires_grad_()
+    refs = {"none": {}, "same_scaling": {"a_ref": step.a0, "b_ref": step.b0},
+            "other_scaling": {"a_ref": step.a0, "b_ref": step.b0, "scaling_ref": 0.7}}[ref_kind]
+    value = ops.importance_penalty(omega, a, b, scaling=1.3, **refs)
+    value.backward()
+    a64 = step.a1.double().requires_grad_()
+    b64 = step.b1.double().requires_grad_()
+    refs64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in refs.items()}
+    want = reference.importance_penalty(omega.double(), a64, b64, scaling=1.3, **refs64)
+    want.backward()
+    assert value.dim() == 0
+    assert rel_err(value, want) <= FORWARD_TOL[dtype]
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    assert float(a.grad.double().abs().sum()) > 0 and float(b.grad.double().abs().sum()) > 0
+    assert rel_err(a.grad, a64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("ref", [False, True])
+def test_penalty_gradcheck(ref, cpu_path):
+    g = torch.Generator().manual_seed(4)
+    omega = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    a_ref, b_ref = (torch.randn(3, 5, generator=g, dtype=torch.float64),
+                    torch.randn(6, 3, generator=g, dtype=torch.float64)) if ref else (None, None)
+    fn = lambda a_, b_: ops.importance_penalty(omega, a_, b_, a_ref, b_ref, scaling=0.9)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b), eps=1e-6, atol=1e-8)
+
+
+def test_penalty_scales_with_upstream_gradient_and_skips_unneeded_grads():
+    step = make_step(20, 30, 4, torch.float32, seed=8)
+    omega = torch.rand(20, 30)
+    a = step.a1.clone().requires_grad_()
+    (3.0 * ops.importance_penalty(omega, a, step.b1, step.a0, step.b0, scaling=2.0)).backward()
+    a2 = step.a1.double().requires_grad_()
+    (3.0 * reference.importance_penalty(omega.double(), a2, step.b1.double(), step.a0.double(),
+                                        step.b0.double(), scaling=2.0)).backward()
+    assert rel_err(a.grad, a2.grad) <= 1e-5
+    with torch.no_grad():
+        v = ops.importance_penalty(omega, a, step.b1, scaling=2.0)
+    assert not v.requires_grad
+
+
+@pytest.mark.parametrize("omega_dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_penalty_reads_stored_omega_dtypes(omega_dtype, cpu_path):
+    step = make_step(33, 47, 4, torch.float32, seed=12)
+    omega = torch.rand(33, 47).to(omega_dtype)
+    a = step.a1.clone().requires_grad_()
+    value = ops.importance_penalty(omega, a, step.b1, step.a0, step.b0, scaling=1.0)
+    value.backward()
+    a64 = step.a1.double().requires_grad_()
+    want = reference.importance_penalty(omega.double(), a64, step.b1.double(), step.a0.double(),
+                                        step.b0.double(), scaling=1.0)
+    want.backward()
+    tol = 1e-12 if omega_dtype == torch.float64 else 1e-5
+    if omega_dtype == torch.float64:
+        tol = 1e-5  # float32 factors: the maths still runs in float64, the factors were float32
+    assert rel_err(value, want) <= tol
+    assert rel_err(a.grad, a64.grad) <= 1e-5
+
+
+def _many_inputs(dtype, n=4, seed=0):
+    shapes = [(17, 9, 2), (576, 576, 8), (1, 1, 1), (40, 3, 5)][:n]
+    return [make_step(o, i, r, dtype, seed=seed + k) for k, (o, i, r) in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+def test_accumulate_many_equals_one_by_one(dtype, cpu_path):
+    steps = _many_inputs(dtype)
+    scalings = [1.0, 2.0, 0.5, 4.0]
+    wants = [_ref_update(s, 2e-3, sc) for s, sc in zip(steps, scalings)]
+    cols = list(zip(*(s.args() for s in steps)))
+    result = ops.accumulate_omega_many_(*[list(c) for c in cols], lr=2e-3, scaling=scalings)
+    assert [t.data_ptr() for t in result] == [s.omega.data_ptr() for s in steps]
+    for s, w in zip(steps, wants):
+        assert rel_err(s.omega, w) <= FORWARD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_penalty_many_is_weighted_sum(dtype, with_ref, cpu_path):
+    steps = _many_inputs(dtype, seed=20)
+    omegas = [torch.rand(s.omega.shape, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(steps)]
+    a = [s.a1.clone().requires_grad_() for s in steps]
+    b = [s.b1.clone().requires_grad_() for s in steps]
+    weights = [0.1, 0.2, 0.3, 0.4]
+    refs = {"a_ref": [s.a0 for s in steps], "b_ref": [s.b0 for s in steps]} if with_ref else {}
+    total = ops.importance_penalty_many(omegas, a, b, scaling=[1.0, 2.0, 1.0, 0.5], weights=weights, **refs)
+    total.backward()
+    a64 = [s.a1.double().requires_grad_() for s in steps]
+    b64 = [s.b1.double().requires_grad_() for s in steps]
+    refs64 = {k: [t.double() for t in v] for k, v in refs.items()}
+    want = reference.importance_penalty_many([o.double() for o in omegas], a64, b64,
+                                             scaling=[1.0, 2.0, 1.0, 0.5], weights=weights, **refs64)
+    want.backward()
+    assert rel_err(total, want) <= FORWARD_TOL[dtype]
+    for x, y in zip(a + b, a64 + b64):
+        assert rel_err(x.grad, y.grad) <= GRAD_TOL[dtype]
+
+
+def test_non_contiguous_inputs_give_correct_results(cpu_path):
+    step = make_step(30, 40, 4, torch.float32, seed=6)
+    want = _ref_update(step, 1e-3, 2.0)
+    # ω as a transposed view of a (40, 30) buffer, factors as strided views.
+    omega_t = step.omega.t().contiguous().t()
+    assert not omega_t.is_contiguous()
+    a0 = torch.stack([step.a0, step.a0], dim=-1)[..., 0]
+    assert not a0.is_contiguous()
+    ops.accumulate_omega_(omega_t, a0, step.b0, step.ga, step.gb, step.a1, step.b1, lr=1e-3, scaling=2.0)
+    assert rel_err(omega_t, want) <= 1e-5
+    value = ops.importance_penalty(omega_t.abs(), step.a1, step.b1, a0, step.b0, scaling=1.0)
+    want_p = reference.importance_penalty(omega_t.abs().double(), step.a1.double(), step.b1.double(),
+                                          step.a0.double(), step.b0.double(), scaling=1.0)
+    assert rel_err(value, want_p) <= 1e-5
+
+
+def test_numpy_arrays_zero_copy():
+    step = make_step(25, 31, 3, torch.float32, seed=10)
+    want = _ref_update(step, 1e-3, 2.0)
+    arrays = [t.numpy().copy() for t in step.args()]
+    omega_np = arrays[0]
+    ops.accumulate_omega_(*arrays, lr=1e-3, scaling=2.0)
+    assert rel_err(torch.from_numpy(omega_np), want) <= 1e-5
+    fin = ops.finalize_importance(omega_np, arrays[5], arrays[6], scaling=2.0, xi=1e-3)
+    assert isinstance(fin, np.ndarray) and fin.dtype == np.float32
+    want_fin = reference.finalize_importance(torch.from_numpy(omega_np).double(), step.a1.double(),
+                                             step.b1.double(), scaling=2.0, xi=1e-3)
+    assert rel_err(torch.from_numpy(fin), want_fin) <= 1e-5
+    p = ops.importance_penalty(fin, arrays[5], arrays[6], arrays[1], arrays[2], scaling=2.0)
+    want_p = reference.importance_penalty(torch.from_numpy(fin).double(), step.a1.double(), step.b1.double(),
+                                          step.a0.double(), step.b0.double(), scaling=2.0)
+    assert rel_err(torch.as_tensor(p), want_p) <= 1e-5
+    c = ops.layer_coefficients(np.array([1.0, 2.0, 3.0]), temperature=1.0)
+    assert isinstance(c, np.ndarray) and c.dtype == np.float64
+    np.testing.assert_allclose(c, torch.softmax(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 0).numpy())
+
+
+def test_penalty_is_deterministic():
+    step = make_step(300, 200, 8, torch.float32, seed=14)
+    omega = torch.rand(300, 200)
+    results = []
+    for _ in range(3):
+        a = step.a1.clone().requires_grad_()
+        ops.importance_penalty(omega, a, step.b1, step.a0, step.b0, scaling=1.0).backward()
+        results.append(a.grad.clone())
+    assert all(torch.equal(results[0], x) for x in results[1:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 40), inn=st.integers(1, 40), r=st.integers(1, 9),
+       dtype=st.sampled_from(FACTOR_DTYPES), seed=st.integers(0, 2**31 - 1),
+       lr=st.floats(0.0, 0.1), s=st.floats(0.05, 8.0))
+def test_property_all_ops_match_reference(out, inn, r, dtype, seed, lr, s):
+    step = make_step(out, inn, r, dtype, seed=seed)
+    want = _ref_update(step, lr, s)
+    ops.accumulate_omega_(*step.args(), lr=lr, scaling=s)
+    tol = FORWARD_TOL[dtype]
+    assert rel_err(step.omega, want) <= tol
+    fin = ops.finalize_importance(step.omega, step.a1, step.b1, scaling=s, xi=1e-4,
+                                  a_start=step.a0, b_start=step.b0, clamp_negative=False)
+    want_fin = reference.finalize_importance(step.omega.double(), step.a1.double(), step.b1.double(),
+                                             scaling=s, xi=1e-4, a_start=step.a0.double(),
+                                             b_start=step.b0.double(), clamp_negative=False)
+    assert rel_err(fin, want_fin) <= tol
+    p = ops.importance_penalty(fin.abs(), step.a1, step.b1, step.a0, step.b0, scaling=s)
+    want_p = reference.importance_penalty(fin.abs().double(), step.a1.double(), step.b1.double(),
+                                          step.a0.double(), step.b0.double(), scaling=s)
+    if float(want_p) > 0:
+        assert rel_err(p, want_p) <= tol
+
+
+def test_backend_reports_rust_with_native_module():
+    assert hlora.backend() in ("rust", "torch")
+    if hlora.backend() == "rust":
+        from hlora import _native
+
+        assert _native.torch_version() == torch.__version__.split("+")[0]
+        assert _native.num_threads() >= 1
