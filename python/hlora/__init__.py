@@ -12,12 +12,24 @@ import torch  # noqa: F401
 
 from hlora import ops, reference
 from hlora._loader import BACKEND as _BACKEND
+from hlora.importance import Importance
+from hlora.recorder import ImportanceRecorder
+from hlora.regularizer import Regularizer
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "ops", "reference", "__version__"]
+__all__ = ["backend", "ops", "reference", "Importance", "ImportanceRecorder", "Regularizer", "hf", "__version__"]
 
 
 def backend() -> str:
     """``"rust"`` when the native kernels are in use, ``"torch"`` for the plain-PyTorch path."""
     return _BACKEND
+
+
+def __getattr__(name: str):
+    # hlora.hf needs transformers: imported on first use only.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("hlora.hf")
+    raise AttributeError(f"module 'hlora' has no attribute {name!r}")

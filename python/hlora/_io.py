@@ -1,0 +1,68 @@
+"""Crash-safe safetensors files: written to a temporary file in the same folder, flushed,
+fsynced and renamed over the target, with a checksum of every tensor's bytes in the metadata —
+so a reader sees the old file or the new one, never half of one, and corruption is caught."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Dict, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(key.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(json.dumps(list(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**metadata, "checksum": _checksum(cpu)}
+    fd, tmp = tempfile.mkstemp(prefix=".hlora-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(cpu, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checked(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and metadata of a file written by :func:`save_atomic`; ValueError when it is
+    missing, truncated, corrupted or not an hlora file of ``kind``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if metadata.get("format") != kind:
+        raise ValueError(f"{path} is not an {kind} file (format={metadata.get('format')!r})")
+    if metadata.get("checksum") != _checksum(tensors):
+        raise ValueError(f"{path} is corrupted: its checksum does not match its contents")
+    return tensors, metadata

@@ -1,0 +1,88 @@
+"""Finding the LoRA-adapted matrices of a PEFT model.
+
+Each adapted weight (every q_proj, every v_proj, … separately) is one "layer" l of the paper:
+``W = W0 + s·B·A`` with ``A = module.lora_A[adapter].weight`` (r, in), ``B =
+module.lora_B[adapter].weight`` (out, r) and ``s = module.scaling[adapter]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdaptedMatrix:
+    """One LoRA-adapted weight: its module name (as ``model.named_modules()`` gives it), its
+    factors (the live parameters) and PEFT's scaling."""
+
+    name: str
+    a: torch.nn.Parameter
+    b: torch.nn.Parameter
+    scaling: float
+
+    @property
+    def shape(self) -> tuple:
+        return (self.b.shape[0], self.a.shape[1])
+
+
+def _unwrap(model: Any) -> Any:
+    # DDP / accelerate wrappers keep the real model in .module
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[AdaptedMatrix]:
+    """Every LoRA-adapted linear layer of ``model`` for ``adapter``, in module order."""
+    found = []
+    for name, module in _unwrap(model).named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
+            continue
+        a, b = lora_a[adapter].weight, lora_b[adapter].weight
+        if a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"{name}: hlora supports LoRA on linear layers only (got A {tuple(a.shape)})")
+        found.append(AdaptedMatrix(name, a, b, float(module.scaling[adapter])))
+    if not found:
+        adapters = sorted({k for m in _unwrap(model).modules()
+                           for k in getattr(getattr(m, "lora_A", None), "keys", lambda: [])()})
+        hint = f"; adapters present: {adapters}" if adapters else "; is this a PEFT LoRA model?"
+        raise ValueError(f"model has no LoRA-adapted matrices for adapter {adapter!r}{hint}")
+    return found
+
+
+def adapter_config(model: torch.nn.Module, adapter: str = "default") -> Dict[str, Any]:
+    """r, alpha, rsLoRA and target modules of a PEFT adapter (empty when unknown)."""
+    cfg = getattr(_unwrap(model), "peft_config", {}).get(adapter)
+    if cfg is None:
+        return {}
+    targets = getattr(cfg, "target_modules", None)
+    return {"r": getattr(cfg, "r", None), "lora_alpha": getattr(cfg, "lora_alpha", None),
+            "use_rslora": bool(getattr(cfg, "use_rslora", False)),
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+
+
+def model_fingerprint(model: torch.nn.Module) -> Optional[str]:
+    """A short hash of the base model's architecture (not its weights): enough to catch an
+    importance file recorded on another model."""
+    import hashlib
+    import json
+
+    base = _unwrap(model)
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    config = getattr(base, "config", None)
+    if config is None:
+        return None
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "n_embd", "n_layer", "n_head")
+    summary = {k: getattr(config, k) for k in keys if hasattr(config, k)}
+    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select(matrices: Sequence[AdaptedMatrix], names: Sequence[str]) -> List[AdaptedMatrix]:
+    by_name = {m.name: m for m in matrices}
+    return [by_name[n] for n in names]

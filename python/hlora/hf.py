@@ -1,0 +1,181 @@
+"""transformers ``Trainer`` integration: record importance on general data, regularize the
+domain fine-tuning — a callback each, plus a Trainer mixin for when the penalty must pass through
+gradient clipping and loss scaling or reach the ``report_to`` integrations.
+
+Record (general task ν)::
+
+    cb = hlora.hf.ImportanceCallback("importance.safetensors", xi=1e-3)
+    Trainer(model, args, train_dataset=general, callbacks=[cb]).train()
+
+Fine-tune (domain task μ), continuing the adapter::
+
+    reg = hlora.hf.RegularizationCallback("importance.safetensors", phi=1e3)
+    Trainer(model, args, train_dataset=domain, callbacks=[reg]).train()
+
+Which to use: ``RegularizationCallback`` adds the penalty's gradient right before
+``optimizer.step()`` — after the Trainer's gradient clipping and fp16 unscaling — and writes
+``hlora/penalty`` and ``hlora/task_loss`` into ``trainer.state.log_history``. Use
+:class:`HLoRATrainer` (or :class:`RegularizedTrainerMixin` on your own Trainer subclass) when
+clipping should include the penalty, or when ``report_to`` backends (W&B, TensorBoard — callbacks
+that run before yours) should see the hlora values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from hlora.importance import Importance
+from hlora.recorder import DEFAULT_XI, ImportanceRecorder
+from hlora.regularizer import DEFAULT_PHI, Regularizer
+
+RECORDER_STATE_FILE = "hlora_recorder.safetensors"
+
+__all__ = ["ImportanceCallback", "RegularizationCallback", "RegularizedTrainerMixin", "HLoRATrainer",
+           "RECORDER_STATE_FILE"]
+
+
+def refuse_sharded_training(args: Any) -> None:
+    """hlora needs every rank to hold whole LoRA factors and their gradients."""
+    if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
+        raise ValueError("hlora does not support FSDP: it needs whole LoRA factors and gradients on every rank. "
+                         "Supported: single-process and DDP (torchrun / torch.distributed) training.")
+    if getattr(args, "deepspeed", None):
+        raise ValueError("hlora does not support DeepSpeed ZeRO: it needs whole LoRA factors and gradients on "
+                         "every rank. Supported: single-process and DDP (torchrun / torch.distributed) training.")
+
+
+def _load_importance(importance: Union[Importance, str, os.PathLike]) -> Importance:
+    return importance if isinstance(importance, Importance) else Importance.load(os.fspath(importance))
+
+
+class ImportanceCallback(TrainerCallback):
+    """Records ω at every optimizer step of a general-data run and finalizes Ω at train end.
+
+    ``callback.importance`` holds the result; with ``save_path`` rank 0 also writes it
+    (atomically; ``save_dtype=torch.bfloat16`` halves Ω's bytes). Its running state is saved
+    beside every Trainer checkpoint and restored on ``resume_from_checkpoint``.
+    """
+
+    def __init__(self, save_path: Optional[str] = None, *, xi: float = DEFAULT_XI, clamp: str = "final",
+                 adapter: str = "default", save_dtype: Optional[torch.dtype] = None) -> None:
+        self.save_path, self.xi, self.clamp, self.adapter, self.save_dtype = save_path, xi, clamp, adapter, save_dtype
+        self.recorder: Optional[ImportanceRecorder] = None
+        self.importance: Optional[Importance] = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        refuse_sharded_training(args)
+        self.recorder = ImportanceRecorder(model, optimizer, adapter=self.adapter, xi=self.xi, clamp=self.clamp)
+        if state.global_step > 0:  # resuming: the Trainer restored step, model and optimizer
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RECORDER_STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"resuming at step {state.global_step}, but the checkpoint has no hlora "
+                                        f"recorder state ({path}); Ω cannot be continued")
+            self.recorder.load_state(path)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.recorder.optimizer = optimizer
+        self.recorder.before_step()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # fp16 loss scaling skips steps whose gradients overflowed.
+        self.recorder.after_step(skipped=bool(getattr(optimizer, "step_was_skipped", False)))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.recorder.save_state(os.path.join(folder, RECORDER_STATE_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.importance = self.recorder.finalize()
+        if self.save_path and state.is_world_process_zero:
+            self.importance.save(self.save_path, dtype=self.save_dtype)
+
+
+class _PenaltyLog:
+    """Mean penalty over the optimizer steps since the last log."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+
+    def drain_into(self, logs: dict) -> None:
+        if self.count and "loss" in logs:
+            logs["hlora/penalty"] = self.total / self.count
+            logs["hlora/task_loss"] = logs["loss"]
+            self.total, self.count = 0.0, 0
+
+
+class RegularizationCallback(TrainerCallback):
+    """Adds φ·Σ c_l·P_l once per optimizer step (whatever ``gradient_accumulation_steps``), as a
+    gradient right before ``optimizer.step()``; logs ``hlora/penalty`` and ``hlora/task_loss``.
+
+    ``importance`` is an :class:`~hlora.Importance` or the path of a saved one; the other
+    arguments are :class:`~hlora.Regularizer`'s.
+    """
+
+    def __init__(self, importance: Union[Importance, str, os.PathLike], *, phi: float = DEFAULT_PHI,
+                 layer_weighting: str = "softmax", temperature: Union[str, float] = "auto",
+                 adapter: str = "default", anchor: str = "auto") -> None:
+        self.importance = _load_importance(importance)
+        self.options = dict(phi=phi, layer_weighting=layer_weighting, temperature=temperature, adapter=adapter,
+                            anchor=anchor)
+        self.regularizer: Optional[Regularizer] = None
+        self._log = _PenaltyLog()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        refuse_sharded_training(args)
+        if self.regularizer is None:
+            self.regularizer = Regularizer(model, self.importance, **self.options)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        value = self.regularizer.penalty()
+        value.backward()
+        self._log.add(float(value.detach()))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        self._log.drain_into(logs)
+        # Trainer.log appended its own copy to log_history before calling us: extend that entry.
+        if state.log_history and "hlora/penalty" in logs:
+            state.log_history[-1].update({k: v for k, v in logs.items() if k.startswith("hlora/")})
+
+
+class RegularizedTrainerMixin:
+    """Adds the hlora penalty inside ``training_step`` on the micro-batch that completes an
+    optimizer step, through ``accelerator.backward`` — so fp16 loss scaling and gradient
+    clipping include it — and puts ``hlora/penalty``/``hlora/task_loss`` into the logs before
+    any ``report_to`` integration sees them.
+
+    Use ``class MyTrainer(RegularizedTrainerMixin, Trainer)`` and pass ``hlora_regularizer=`` (a
+    :class:`~hlora.Regularizer`) to the constructor, or set ``trainer.hlora_regularizer`` later.
+    """
+
+    def __init__(self, *args: Any, hlora_regularizer: Optional[Regularizer] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hlora_regularizer = hlora_regularizer
+        self._hlora_log = _PenaltyLog()
+        refuse_sharded_training(self.args)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.hlora_regularizer is not None and self.accelerator.sync_gradients:
+            value = self.hlora_regularizer.penalty()
+            self.accelerator.backward(value)
+            self._hlora_log.add(float(value.detach()))
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        self._hlora_log.drain_into(logs)
+        return super().log(logs, *args, **kwargs)
+
+
+class HLoRATrainer(RegularizedTrainerMixin, Trainer):
+    """``transformers.Trainer`` with the hlora penalty (see :class:`RegularizedTrainerMixin`)."""

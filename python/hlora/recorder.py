@@ -1,0 +1,188 @@
+"""Recording element-wise importance during LoRA training on general data (Eq. 7–13).
+
+Use it in any training loop::
+
+    recorder = hlora.ImportanceRecorder(model, optimizer, xi=1e-3)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        recorder.before_step()      # after backward (and clipping), before optimizer.step()
+        optimizer.step()
+        recorder.after_step()
+        optimizer.zero_grad()
+    importance = recorder.finalize()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hlora import _io, ops
+from hlora.adapters import AdaptedMatrix, adapter_config, find_adapted, model_fingerprint
+from hlora.importance import Importance
+
+#: ξ of Eq. 13. 1e-3 is the pilot calibration in DATA.md (SmolLM2, r=8, α=32, AdamW lr 8e-4):
+#: Δ² of a typical entry is far below it, so ξ sets Ω's scale — and φ is chosen with it.
+DEFAULT_XI = 1e-3
+CLAMP_POLICIES = ("final", "step", "none")
+STATE_FORMAT = "hlora-recorder-state"
+
+
+class ImportanceRecorder:
+    """Accumulates ω (Eq. 12) over the optimizer steps of a general task and turns it into
+    :class:`~hlora.Importance` (Eq. 13).
+
+    Args:
+        model: a PEFT model (or anything whose modules carry ``lora_A``/``lora_B``).
+        optimizer: where the learning rate of each step is read (the group holding each
+            matrix's LoRA parameters); optional if ``before_step(lr=...)`` is always given.
+        adapter: the PEFT adapter name.
+        xi: ξ of Eq. 13.
+        clamp: ``"final"`` clamps negative Ω to 0 (default), ``"step"`` clamps the running ω
+            after every step (the authors' code), ``"none"`` keeps the paper's text.
+        matrices: an explicit list of :class:`~hlora.adapters.AdaptedMatrix` instead of the
+            model's.
+    """
+
+    def __init__(self, model: Optional[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 adapter: str = "default", xi: float = DEFAULT_XI, clamp: str = "final",
+                 matrices: Optional[Sequence[AdaptedMatrix]] = None) -> None:
+        if clamp not in CLAMP_POLICIES:
+            raise ValueError(f"clamp must be one of {CLAMP_POLICIES}, got {clamp!r}")
+        if not (isinstance(xi, (int, float)) and math.isfinite(xi) and xi > 0):
+            raise ValueError(f"xi must be a positive number, got {xi!r}")
+        if matrices is None:
+            if model is None:
+                raise ValueError("give a model or an explicit list of matrices")
+            matrices = find_adapted(model, adapter)
+        self.matrices: List[AdaptedMatrix] = list(matrices)
+        self.optimizer = optimizer
+        self.xi, self.clamp, self.adapter = float(xi), clamp, adapter
+        self._adapter_config = adapter_config(model, adapter) if model is not None else {}
+        self._fingerprint = model_fingerprint(model) if model is not None else None
+        self.omega: List[torch.Tensor] = [
+            torch.zeros(m.shape, device=m.a.device,
+                        dtype=torch.float64 if m.a.dtype == torch.float64 else torch.float32)
+            for m in self.matrices]
+        self._start = [(m.a.detach().clone(), m.b.detach().clone()) for m in self.matrices]
+        self.steps = 0
+        self.skipped = 0
+        self._pending: Optional[Tuple] = None
+
+    # ---- per step ----
+
+    def _learning_rates(self) -> List[float]:
+        if self.optimizer is None:
+            raise ValueError("before_step() needs lr=... when the recorder has no optimizer")
+        group_of = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                group_of[id(p)] = group
+        lrs = []
+        for m in self.matrices:
+            group = group_of.get(id(m.a))
+            if group is None:
+                raise ValueError(f"{m.name}: its LoRA parameters are not in the optimizer")
+            lrs.append(float(group["lr"]))
+        return lrs
+
+    def before_step(self, lr: Optional[float] = None) -> None:
+        """Snapshots A, B and their gradients as the optimizer will see them (call after
+        backward and any clipping/unscaling, right before ``optimizer.step()``)."""
+        lrs = [float(lr)] * len(self.matrices) if lr is not None else self._learning_rates()
+        finite = True
+        snapshot = []
+        for m in self.matrices:
+            ga = m.a.grad.detach().clone() if m.a.grad is not None else torch.zeros_like(m.a)
+            gb = m.b.grad.detach().clone() if m.b.grad is not None else torch.zeros_like(m.b)
+            finite = finite and bool(torch.isfinite(ga).all()) and bool(torch.isfinite(gb).all())
+            snapshot.append((m.a.detach().clone(), m.b.detach().clone(), ga, gb))
+        self._pending = (snapshot, lrs, finite)
+
+    def after_step(self, skipped: bool = False) -> bool:
+        """Accumulates ω for the step just taken. Returns False (and counts the step as skipped)
+        when its gradients were not finite, the optimizer skipped it (``skipped=True``, or no
+        parameter changed), so ω never sees a NaN."""
+        if self._pending is None:
+            raise RuntimeError("after_step() called without before_step() for this step")
+        snapshot, lrs, finite = self._pending
+        self._pending = None
+        unchanged = all(torch.equal(a0, m.a.detach()) and torch.equal(b0, m.b.detach())
+                        for (a0, b0, _, _), m in zip(snapshot, self.matrices))
+        if skipped or not finite or unchanged:
+            self.skipped += 1
+            return False
+        by_lr: Dict[float, List[int]] = {}
+        for i, lr in enumerate(lrs):
+            by_lr.setdefault(lr, []).append(i)
+        for lr, idx in by_lr.items():
+            ops.accumulate_omega_many_(
+                [self.omega[i] for i in idx],
+                [snapshot[i][0] for i in idx], [snapshot[i][1] for i in idx],
+                [snapshot[i][2] for i in idx], [snapshot[i][3] for i in idx],
+                [self.matrices[i].a.detach() for i in idx], [self.matrices[i].b.detach() for i in idx],
+                lr=lr, scaling=[self.matrices[i].scaling for i in idx], clamp_negative=self.clamp == "step")
+        self.steps += 1
+        return True
+
+    # ---- end of the general task ----
+
+    def finalize(self) -> Importance:
+        """Ω = ω / (Δ² + ξ) for every matrix (Δ measured from the adapter at the start of this
+        task), with the current factors as reference. Resets ω and the start point, so the
+        recorder can go on into another general task (merge the results with ``Importance.merge``)."""
+        matrices, references, scalings = {}, {}, {}
+        for m, om, (a0, b0) in zip(self.matrices, self.omega, self._start):
+            a, b = m.a.detach(), m.b.detach()
+            matrices[m.name] = ops.finalize_importance(om, a, b, scaling=m.scaling, xi=self.xi,
+                                                       clamp_negative=self.clamp != "none", a_start=a0, b_start=b0)
+            references[m.name] = (a.clone(), b.clone())
+            scalings[m.name] = m.scaling
+        meta = {"xi": self.xi, "clamp": self.clamp, "steps": self.steps, "skipped_steps": self.skipped,
+                "adapter": self.adapter, **{f"adapter_{k}": v for k, v in self._adapter_config.items()},
+                "base_model_fingerprint": self._fingerprint, "tasks": 1}
+        for om in self.omega:
+            om.zero_()
+        self._start = [(m.a.detach().clone(), m.b.detach().clone()) for m in self.matrices]
+        self.steps = self.skipped = 0
+        return Importance(matrices, references, scalings, meta)
+
+    # ---- resume ----
+
+    def state_dict(self) -> Dict[str, object]:
+        tensors = {}
+        for m, om, (a0, b0) in zip(self.matrices, self.omega, self._start):
+            tensors[f"omega/{m.name}"] = om
+            tensors[f"a_start/{m.name}"] = a0
+            tensors[f"b_start/{m.name}"] = b0
+        meta = {"names": [m.name for m in self.matrices], "steps": self.steps, "skipped": self.skipped,
+                "xi": self.xi, "clamp": self.clamp}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        meta, tensors = state["meta"], state["tensors"]
+        names = [m.name for m in self.matrices]
+        if meta["names"] != names:
+            raise ValueError("recorder state is for other matrices: "
+                             f"{sorted(set(meta['names']) ^ set(names))}")
+        if (meta["xi"], meta["clamp"]) != (self.xi, self.clamp):
+            raise ValueError(f"recorder state was made with xi={meta['xi']}, clamp={meta['clamp']!r}; "
+                             f"this recorder has xi={self.xi}, clamp={self.clamp!r}")
+        for i, m in enumerate(self.matrices):
+            self.omega[i].copy_(tensors[f"omega/{m.name}"])
+            self._start[i] = (tensors[f"a_start/{m.name}"].to(m.a.device, m.a.dtype),
+                              tensors[f"b_start/{m.name}"].to(m.b.device, m.b.dtype))
+        self.steps, self.skipped = int(meta["steps"]), int(meta["skipped"])
+
+    def save_state(self, path: str) -> None:
+        """Writes the running state atomically (a checkpoint beside the model's)."""
+        state = self.state_dict()
+        _io.save_atomic(path, state["tensors"], {"format": STATE_FORMAT, "meta": json.dumps(state["meta"])})
+
+    def load_state(self, path: str) -> None:
+        tensors, meta = _io.load_checked(path, STATE_FORMAT)
+        self.load_state_dict({"tensors": tensors, "meta": json.loads(meta["meta"])})

@@ -1,0 +1,104 @@
+"""The hierarchical penalty for domain fine-tuning (Eq. 14–16):
+``φ · Σ_l c_l · Σ_ij Ω_l,ij (W_l − W_l^ref)_ij²`` over every adapted matrix, in one fused call."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from hlora import ops
+from hlora.adapters import find_adapted
+from hlora.importance import Importance
+
+#: φ. The pilot (DATA.md: SmolLM2, r=8, α=32, ξ=1e-3, T=mean‖Ω‖) found forgetting fully
+#: prevented at 1e6, halved near 1e2–1e3 and domain learning kept up to ~1e3; 1e3 is that
+#: middle. Ω's scale moves with ξ, s², η and the step count, so choose φ on validation data.
+DEFAULT_PHI = 1e3
+ANCHORS = ("auto", "reference", "zero")
+
+
+class Regularizer:
+    """φ·Σ c_l·P_l for the model's current adapter against an :class:`Importance`.
+
+    Args:
+        model: the PEFT model being fine-tuned on the domain task.
+        importance: Ω and the reference factors from the general task.
+        phi: φ, the penalty's weight.
+        layer_weighting: ``"softmax"`` (c = softmax(‖Ω_l‖/T), Eq. 15) or ``"uniform"`` (1/L,
+            the "− layer" ablation).
+        temperature: T of the softmax. ``"auto"`` (default) is the mean of ‖Ω_l‖: raw norms with
+            T = 1 make the softmax one-hot (one matrix regularized, the others free); a number is
+            used as given (T = 1e8 with ξ = 1e-9 reproduces the authors' code).
+        anchor: what W^ref is. ``"reference"``: the reference factors (continuing the ν adapter,
+            as the authors' code; P starts at 0). ``"zero"``: a fresh adapter on the merged ν model,
+            D = s·B·A. ``"auto"``: ``"reference"`` when the adapter still equals the reference
+            factors, ``"zero"`` when B is all zeros (a fresh adapter), else an error.
+    """
+
+    def __init__(self, model: torch.nn.Module, importance: Importance, *, phi: float = DEFAULT_PHI,
+                 layer_weighting: str = "softmax", temperature: Union[str, float] = "auto",
+                 adapter: str = "default", anchor: str = "auto") -> None:
+        if not (isinstance(phi, (int, float)) and math.isfinite(phi) and phi >= 0):
+            raise ValueError(f"phi must be a non-negative number, got {phi!r}")
+        if layer_weighting not in ("softmax", "uniform"):
+            raise ValueError(f'layer_weighting must be "softmax" or "uniform", got {layer_weighting!r}')
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+        importance.check(model, adapter)
+        self.matrices = find_adapted(model, adapter)
+        self.phi = float(phi)
+        self.layer_weighting = layer_weighting
+        device = self.matrices[0].a.device
+        self.omegas: List[torch.Tensor] = [importance.matrices[m.name].to(device) for m in self.matrices]
+        self.anchor = self._resolve_anchor(anchor, importance)
+        if self.anchor == "reference":
+            self.a_ref = [importance.references[m.name][0].to(device, m.a.dtype) for m in self.matrices]
+            self.b_ref = [importance.references[m.name][1].to(device, m.b.dtype) for m in self.matrices]
+            self.scaling_ref = [float(importance.scalings.get(m.name, m.scaling)) for m in self.matrices]
+        norms = torch.tensor([float(torch.linalg.vector_norm(om.float())) for om in self.omegas], dtype=torch.float64)
+        if temperature == "auto":
+            mean = float(norms.mean())
+            self.temperature = mean if mean > 0 else 1.0
+        elif isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0:
+            self.temperature = float(temperature)
+        else:
+            raise ValueError(f'temperature must be "auto" or a positive number, got {temperature!r}')
+        self.coefficients: torch.Tensor = ops.layer_coefficients(norms, mode=layer_weighting,
+                                                                 temperature=self.temperature)
+        self._weights = [self.phi * float(c) for c in self.coefficients]
+        self.last_value: Optional[float] = None
+
+    def _resolve_anchor(self, anchor: str, importance: Importance) -> str:
+        if anchor != "auto":
+            if anchor == "reference" and not importance.references:
+                raise ValueError("anchor='reference' but the importance holds no reference factors")
+            return anchor
+        refs = importance.references
+        if refs and all(torch.equal(refs[m.name][0].to(m.a.device, m.a.dtype), m.a.detach())
+                        and torch.equal(refs[m.name][1].to(m.b.device, m.b.dtype), m.b.detach())
+                        for m in self.matrices):
+            return "reference"
+        if all(not bool(m.b.detach().any()) for m in self.matrices):
+            return "zero"
+        raise ValueError("cannot tell how the adapter relates to the importance's reference factors: "
+                         "pass anchor='reference' (continue the general-task adapter) or anchor='zero' "
+                         "(a fresh adapter on the merged model)")
+
+    @property
+    def names(self) -> List[str]:
+        return [m.name for m in self.matrices]
+
+    def coefficient_map(self) -> Dict[str, float]:
+        return {m.name: float(c) for m, c in zip(self.matrices, self.coefficients)}
+
+    def penalty(self) -> torch.Tensor:
+        """φ·Σ_l c_l·P_l as a 0-d tensor, differentiable w.r.t. every LoRA factor."""
+        refs = {"a_ref": self.a_ref, "b_ref": self.b_ref, "scaling_ref": self.scaling_ref} \
+            if self.anchor == "reference" else {}
+        value = ops.importance_penalty_many(self.omegas, [m.a for m in self.matrices], [m.b for m in self.matrices],
+                                            scaling=[m.scaling for m in self.matrices], weights=self._weights,
+                                            **refs)
+        self.last_value = float(value.detach())
+        return value

@@ -1,0 +1,202 @@
+"""The transformers Trainer integration with real Trainer runs on a tiny random Llama: hook
+placement (recomputed independently), logging, gradient accumulation, φ's effect, the mixin,
+resume, and refusing sharded training."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import hlora
+import pytest
+import torch
+from conftest import rel_err
+from hlora import reference
+from hlora.adapters import find_adapted
+from hlora.hf import (
+    RECORDER_STATE_FILE,
+    HLoRATrainer,
+    ImportanceCallback,
+    RegularizationCallback,
+    refuse_sharded_training,
+)
+from tiny import TokenData, tiny_lora_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
+                logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+                disable_tqdm=True, lr_scheduler_type="linear", max_grad_norm=1.0, dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class Spy(TrainerCallback):
+    """Snapshots what the optimizer sees at every step, for an independent float64 recomputation."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        self._pending = [(m.a.detach().double().clone(), m.b.detach().double().clone(),
+                          m.a.grad.double().clone(), m.b.grad.double().clone()) for m in find_adapted(model)]
+        self._lr = optimizer.param_groups[0]["lr"]
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw):
+        after = [(m.a.detach().double().clone(), m.b.detach().double().clone()) for m in find_adapted(model)]
+        self.steps.append((self._pending, after, self._lr))
+
+
+def _record_with_trainer(tmp_path, save_path=None, **kw):
+    model = tiny_lora_model(seed=40)
+    cb = ImportanceCallback(save_path, xi=1e-3)
+    spy = Spy()
+    trainer = Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=TokenData(64, seed=41),
+                      callbacks=[cb, spy])
+    trainer.train()
+    return model, cb, spy, trainer
+
+
+def test_importance_callback_equals_recomputation_from_what_the_optimizer_saw(tmp_path):
+    model, cb, spy, _ = _record_with_trainer(tmp_path, save_path=str(tmp_path / "imp.safetensors"))
+    mats = find_adapted(model)
+    assert len(spy.steps) == 6 and cb.importance.meta["steps"] == 6
+    assert len({lr for _, _, lr in spy.steps}) > 1, "the linear schedule changes lr: each step uses its own"
+    for i, m in enumerate(mats):
+        omega = torch.zeros(m.shape, dtype=torch.float64)
+        for before, after, lr in spy.steps:
+            a0, b0, ga, gb = before[i]
+            reference.accumulate_omega_(omega, a0, b0, ga, gb, *after[i], lr=lr, scaling=m.scaling)
+        start_a, start_b = spy.steps[0][0][i][:2]
+        want = reference.finalize_importance(omega, m.a.detach().double(), m.b.detach().double(), scaling=m.scaling,
+                                             xi=1e-3, a_start=start_a, b_start=start_b)
+        assert float(want.sum()) > 0
+        assert rel_err(cb.importance.matrices[m.name], want) <= 1e-5
+    on_disk = hlora.Importance.load(str(tmp_path / "imp.safetensors"))
+    assert all(torch.equal(on_disk.matrices[n], cb.importance.matrices[n]) for n in on_disk.names)
+
+
+def _finetune(tmp_path, importance, phi, mixin=False, gas=1, bs=4, steps=8, seed_model=40, callbacks=(), **kw):
+    model = tiny_lora_model(seed=seed_model)
+    # continue the ν adapter: load its reference factors into the fresh model
+    with torch.no_grad():
+        for m in find_adapted(model):
+            m.a.copy_(importance.references[m.name][0])
+            m.b.copy_(importance.references[m.name][1])
+    args = _args(tmp_path, max_steps=steps, gradient_accumulation_steps=gas, per_device_train_batch_size=bs,
+                 max_grad_norm=0.0, lr_scheduler_type="constant", **kw)
+    data = TokenData(64, seed=99)  # another "domain"
+    if mixin:
+        trainer = HLoRATrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks),
+                               hlora_regularizer=hlora.Regularizer(model, importance, phi=phi))
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          callbacks=[RegularizationCallback(importance, phi=phi), *callbacks])
+    trainer.train()
+    return model, trainer
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    _, cb, _, _ = _record_with_trainer(tmp_path_factory.mktemp("rec"))
+    return cb.importance
+
+
+def _weighted_drift(model, importance):
+    total = 0.0
+    for m in find_adapted(model):
+        a_ref, b_ref = importance.references[m.name]
+        total += float(reference.importance_penalty(importance.matrices[m.name].double(), m.a.detach().double(),
+                                                    m.b.detach().double(), a_ref.double(), b_ref.double(),
+                                                    scaling=m.scaling))
+    return total
+
+
+def test_penalty_reaches_log_history_and_holds_weights(tmp_path, recorded):
+    free, trainer_free = _finetune(tmp_path / "free", recorded, phi=0.0)
+    held, trainer_held = _finetune(tmp_path / "held", recorded, phi=1e6)
+    logged = [e for e in trainer_held.state.log_history if "hlora/penalty" in e]
+    assert len(logged) == 8
+    assert all("hlora/task_loss" in e and e["hlora/task_loss"] == e["loss"] for e in logged)
+    assert logged[0]["hlora/penalty"] == 0.0 and any(e["hlora/penalty"] > 0 for e in logged)
+    assert _weighted_drift(held, recorded) < 0.1 * _weighted_drift(free, recorded)
+
+
+def test_gradient_accumulation_applies_the_penalty_once_per_step(tmp_path, recorded):
+    _, one = _finetune(tmp_path / "ga1", recorded, phi=1e4, gas=1, bs=4, steps=5)
+    _, four = _finetune(tmp_path / "ga4", recorded, phi=1e4, gas=4, bs=1, steps=5)
+    p1 = [e["hlora/penalty"] for e in one.state.log_history if "hlora/penalty" in e]
+    p4 = [e["hlora/penalty"] for e in four.state.log_history if "hlora/penalty" in e]
+    assert len(p1) == len(p4) == 5
+    assert p1[-1] > 0
+    for x, y in zip(p1[1:], p4[1:]):
+        assert abs(x - y) <= 1e-3 * max(abs(x), 1e-12)
+
+
+class LogSpy(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.seen.append(dict(logs))
+
+
+def test_mixin_logs_before_callbacks_and_matches_the_callback(tmp_path, recorded):
+    cb_spy, mx_spy = LogSpy(), LogSpy()
+    _, with_cb = _finetune(tmp_path / "cb", recorded, phi=1e4, steps=4, callbacks=[cb_spy])
+    _, mixin = _finetune(tmp_path / "mx", recorded, phi=1e4, steps=4, mixin=True, callbacks=[mx_spy])
+    # Callbacks (report_to integrations among them) see the mixin's values in the logs they get.
+    assert sum("hlora/penalty" in logs for logs in mx_spy.seen) == 4
+    from_cb = [e["hlora/penalty"] for e in with_cb.state.log_history if "hlora/penalty" in e]
+    from_mx = [e["hlora/penalty"] for e in mixin.state.log_history if "hlora/penalty" in e]
+    assert len(from_mx) == 4
+    for x, y in zip(from_cb, from_mx):
+        assert abs(x - y) <= 1e-4 * max(abs(x), 1e-12)
+
+
+def test_resume_gives_the_same_importance_as_an_uninterrupted_run(tmp_path):
+    def run(out, resume=False, stop_at=None, max_steps=6):
+        model = tiny_lora_model(seed=50)
+        cb = ImportanceCallback(xi=1e-3)
+        callbacks = [cb]
+        if stop_at:
+            class Crash(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step == stop_at:
+                        raise KeyboardInterrupt("simulated crash")
+            callbacks.append(Crash())
+        args = _args(out, max_steps=max_steps, save_strategy="steps", save_steps=3, lr_scheduler_type="constant")
+        trainer = Trainer(model=model, args=args, train_dataset=TokenData(64, seed=51), callbacks=callbacks)
+        try:
+            trainer.train(resume_from_checkpoint=resume or None)
+        except KeyboardInterrupt:
+            return None
+        return cb.importance
+
+    full = run(tmp_path / "full")
+    assert run(tmp_path / "crash", stop_at=4) is None
+    assert os.path.isfile(tmp_path / "crash" / "out" / "checkpoint-3" / RECORDER_STATE_FILE)
+    resumed = run(tmp_path / "crash", resume=True)
+    assert resumed.meta["steps"] == full.meta["steps"] == 6
+    for name in full.names:
+        assert rel_err(resumed.matrices[name], full.matrices[name]) <= 1e-5
+
+
+def test_resume_without_recorder_state_is_refused(tmp_path):
+    model = tiny_lora_model(seed=52)
+    args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    Trainer(model=model, args=args, train_dataset=TokenData(32, seed=53)).train()
+    args = _args(tmp_path, max_steps=5, save_strategy="steps", save_steps=3)
+    trainer = Trainer(model=tiny_lora_model(seed=52), args=args, train_dataset=TokenData(32, seed=53),
+                      callbacks=[ImportanceCallback()])
+    with pytest.raises(FileNotFoundError, match="no hlora recorder state"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_sharded_training_is_refused():
+    with pytest.raises(ValueError, match="FSDP"):
+        refuse_sharded_training(SimpleNamespace(fsdp="full_shard", deepspeed=None))
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        refuse_sharded_training(SimpleNamespace(fsdp="", fsdp_config=None, deepspeed="ds.json"))
+    refuse_sharded_training(SimpleNamespace(fsdp="", fsdp_config=None, deepspeed=None))

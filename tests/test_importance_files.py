@@ -1,0 +1,143 @@
+"""Importance files: round trip, bfloat16 storage, atomic writes, truncated / corrupted / other
+format versions, and matching against a model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import hlora
+import pytest
+import torch
+from hlora import Importance
+from safetensors.torch import save_file
+from tiny import TokenData, batches, tiny_lora_model
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    model = tiny_lora_model(seed=21)
+    recorder = hlora.ImportanceRecorder(model, xi=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    recorder.optimizer = opt
+    for batch in list(batches(TokenData(32, seed=22), 4))[:4]:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        recorder.before_step()
+        opt.step()
+        recorder.after_step()
+    return model, recorder.finalize()
+
+
+def test_round_trip_keeps_everything(recorded, tmp_path):
+    model, imp = recorded
+    path = tmp_path / "imp.safetensors"
+    imp.save(str(path))
+    back = Importance.load(str(path))
+    assert back.names == imp.names
+    for name in imp.names:
+        assert torch.equal(back.matrices[name], imp.matrices[name])
+        assert torch.equal(back.references[name][0], imp.references[name][0])
+        assert torch.equal(back.references[name][1], imp.references[name][1])
+    assert back.scalings == imp.scalings
+    assert back.meta["xi"] == 1e-3 and back.meta["steps"] == 4 and back.meta["clamp"] == "final"
+    assert back.meta["adapter_r"] == 4 and back.meta["adapter_lora_alpha"] == 8
+    assert back.meta["base_model_fingerprint"] == imp.meta["base_model_fingerprint"]
+    back.check(model)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")], "no temporary files left behind"
+
+
+def test_bfloat16_storage_halves_omega_bytes(recorded, tmp_path):
+    _, imp = recorded
+    imp.save(str(tmp_path / "f32.safetensors"))
+    imp.save(str(tmp_path / "bf16.safetensors"), dtype=torch.bfloat16)
+    back = Importance.load(str(tmp_path / "bf16.safetensors"))
+    for name in imp.names:
+        assert back.matrices[name].dtype == torch.bfloat16
+        assert torch.allclose(back.matrices[name].float(), imp.matrices[name], rtol=1e-2, atol=0)
+    omega_bytes = sum(t.numel() for t in imp.matrices.values()) * 4
+    saved = os.path.getsize(tmp_path / "f32.safetensors") - os.path.getsize(tmp_path / "bf16.safetensors")
+    assert saved == omega_bytes // 2
+
+
+def test_truncated_corrupted_and_foreign_files_are_clear_errors(recorded, tmp_path):
+    _, imp = recorded
+    path = tmp_path / "imp.safetensors"
+    imp.save(str(path))
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        Importance.load(str(tmp_path / "trunc.safetensors"))
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF  # inside the last tensor's bytes
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted"):
+        Importance.load(str(tmp_path / "flip.safetensors"))
+    save_file({"x": torch.ones(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an hlora-importance file"):
+        Importance.load(str(tmp_path / "other.safetensors"))
+    with pytest.raises(FileNotFoundError):
+        Importance.load(str(tmp_path / "missing.safetensors"))
+
+
+def test_other_format_version_is_refused(recorded, tmp_path, monkeypatch):
+    import hlora.importance as importance_module
+
+    _, imp = recorded
+    monkeypatch.setattr(importance_module, "FORMAT_VERSION", 99)
+    imp.save(str(tmp_path / "v99.safetensors"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="format version 99"):
+        Importance.load(str(tmp_path / "v99.safetensors"))
+
+
+def test_failed_write_keeps_the_old_file(recorded, tmp_path, monkeypatch):
+    import hlora._io as io_module
+
+    _, imp = recorded
+    path = tmp_path / "imp.safetensors"
+    imp.save(str(path))
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        imp.save(str(path))
+    assert path.read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_check_names_every_problem(recorded):
+    model, imp = recorded
+    names = imp.names
+    broken = Importance(dict(imp.matrices), dict(imp.references), dict(imp.scalings), dict(imp.meta))
+    del broken.matrices[names[0]]
+    broken.matrices["base_model.model.extra.q_proj"] = torch.ones(3, 3)
+    broken.matrices[names[1]] = torch.ones(5, 7)
+    with pytest.raises(ValueError) as err:
+        broken.check(model)
+    msg = str(err.value)
+    assert f"missing: {names[0]}" in msg
+    assert "extra: base_model.model.extra.q_proj" in msg
+    assert f"mis-shaped: {names[1]}" in msg
+    other = tiny_lora_model(seed=21, r=2)
+    with pytest.raises(ValueError, match="another rank"):
+        imp.check(other)
+    fingerprinted = Importance(imp.matrices, imp.references, imp.scalings,
+                               {**imp.meta, "base_model_fingerprint": "0000"})
+    with pytest.raises(ValueError, match="another architecture"):
+        fingerprinted.check(model)
+
+
+def test_metadata_is_plain_json(recorded, tmp_path):
+    from safetensors import safe_open
+
+    _, imp = recorded
+    imp.save(str(tmp_path / "imp.safetensors"))
+    with safe_open(str(tmp_path / "imp.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "hlora-importance" and meta["format_version"] == "1"
+    assert json.loads(meta["names"]) == imp.names
+    assert "checksum" in meta and "hlora_version" in meta

@@ -1,0 +1,125 @@
+"""Regularizer: the penalty and its gradient against autograd of the reference, layer
+coefficients, temperature, and both domain set-ups (continue the adapter / fresh adapter)."""
+
+from __future__ import annotations
+
+import hlora
+import pytest
+import torch
+from conftest import rel_err
+from hlora import reference
+from hlora.adapters import find_adapted
+from peft import LoraConfig, get_peft_model
+from tiny import TokenData, batches, tiny_lora_model
+
+
+def _record(model, steps=4, seed=31):
+    recorder = hlora.ImportanceRecorder(model, xi=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    recorder.optimizer = opt
+    for batch in list(batches(TokenData(64, seed=seed), 4))[:steps]:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        recorder.before_step()
+        opt.step()
+        recorder.after_step()
+    return recorder.finalize()
+
+
+def _drift(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in find_adapted(model):
+            m.a.add_(torch.randn(m.a.shape, generator=g) * scale)
+            m.b.add_(torch.randn(m.b.shape, generator=g) * scale)
+
+
+def test_penalty_and_gradients_match_reference_autograd():
+    model = tiny_lora_model(seed=30)
+    imp = _record(model)
+    reg = hlora.Regularizer(model, imp, phi=7.0)
+    assert reg.anchor == "reference"
+    assert float(reg.penalty().detach()) == 0.0, "continuing the ν adapter: P starts at 0"
+    _drift(model)
+    model.zero_grad(set_to_none=True)
+    mats = find_adapted(model)
+    value = reg.penalty()
+    value.backward()
+    got = {m.name: (m.a.grad.clone(), m.b.grad.clone()) for m in mats}
+    total = 0
+    leaves = {}
+    for m, c in zip(mats, reg.coefficients):
+        a = m.a.detach().double().requires_grad_()
+        b = m.b.detach().double().requires_grad_()
+        leaves[m.name] = (a, b)
+        a_ref, b_ref = imp.references[m.name]
+        total = total + 7.0 * float(c) * reference.importance_penalty(
+            imp.matrices[m.name].double(), a, b, a_ref.double(), b_ref.double(), scaling=m.scaling)
+    total.backward()
+    assert rel_err(value, total) <= 1e-5
+    for name, (a, b) in leaves.items():
+        assert float(got[name][0].abs().sum()) > 0 and float(got[name][1].abs().sum()) > 0
+        assert rel_err(got[name][0], a.grad) <= 1e-5
+        assert rel_err(got[name][1], b.grad) <= 1e-5
+
+
+def test_layer_coefficients_and_temperature():
+    model = tiny_lora_model(seed=32)
+    imp = _record(model)
+    norms = torch.tensor(list(imp.norms().values()), dtype=torch.float64)
+    auto = hlora.Regularizer(model, imp)
+    assert auto.temperature == pytest.approx(float(norms.mean()))
+    assert torch.allclose(auto.coefficients, torch.softmax(norms / norms.mean(), 0), rtol=1e-6)
+    uniform = hlora.Regularizer(model, imp, layer_weighting="uniform")
+    assert torch.allclose(uniform.coefficients, torch.full((len(norms),), 1 / len(norms), dtype=torch.float64))
+    literal = hlora.Regularizer(model, imp, temperature=1e-6 * float(norms.min()))
+    assert float(literal.coefficients.max()) == pytest.approx(1.0), "tiny T: one matrix takes all the weight"
+    assert set(auto.coefficient_map()) == set(imp.names)
+    for bad in ({"phi": -1.0}, {"layer_weighting": "max"}, {"temperature": 0.0}, {"temperature": "hot"},
+                {"anchor": "middle"}):
+        with pytest.raises(ValueError):
+            hlora.Regularizer(model, imp, **bad)
+
+
+def test_fresh_adapter_on_the_merged_model():
+    model = tiny_lora_model(seed=33)
+    imp = _record(model)
+    merged = model.merge_and_unload()
+    fresh = get_peft_model(merged, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              lora_dropout=0.0))
+    reg = hlora.Regularizer(fresh, imp, phi=1.0)
+    assert reg.anchor == "zero"
+    assert float(reg.penalty().detach()) == 0.0, "B = 0: no drift from the merged model yet"
+    _drift(fresh)
+    value = reg.penalty()
+    mats = find_adapted(fresh)
+    want = sum(float(c) * reference.importance_penalty(imp.matrices[m.name].double(), m.a.detach().double(),
+                                                      m.b.detach().double(), scaling=m.scaling)
+               for m, c in zip(mats, reg.coefficients))
+    assert rel_err(value, want) <= 1e-5
+
+
+def test_ambiguous_anchor_is_an_error():
+    model = tiny_lora_model(seed=34)
+    imp = _record(model)
+    _drift(model)
+    with pytest.raises(ValueError, match="anchor='reference'"):
+        hlora.Regularizer(model, imp)
+    assert hlora.Regularizer(model, imp, anchor="reference").anchor == "reference"
+    no_refs = hlora.Importance(imp.matrices, {}, {}, imp.meta)
+    with pytest.raises(ValueError, match="no reference factors"):
+        hlora.Regularizer(model, no_refs, anchor="reference")
+
+
+def test_rslora_scaling_is_respected():
+    model = tiny_lora_model(seed=35, rslora=True)
+    imp = _record(model)
+    mats = find_adapted(model)
+    assert mats[0].scaling == pytest.approx(8 / 4**0.5)
+    _drift(model)
+    reg = hlora.Regularizer(model, imp, phi=1.0, anchor="reference")
+    want = sum(float(c) * reference.importance_penalty(
+        imp.matrices[m.name].double(), m.a.detach().double(), m.b.detach().double(),
+        imp.references[m.name][0].double(), imp.references[m.name][1].double(), scaling=m.scaling)
+        for m, c in zip(mats, reg.coefficients))
+    assert rel_err(reg.penalty(), want) <= 1e-5

@@ -1,0 +1,49 @@
+"""A tiny random Llama with a LoRA adapter and deterministic token data, for fast training tests."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+SEQ = 16
+
+
+def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 8, rslora: bool = False, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = LlamaForCausalLM(cfg).to(dtype)
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                      use_rslora=rslora)
+    return get_peft_model(base, lora)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Sequences from a fixed random Markov chain: learnable, so the loss really moves."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randint(0, VOCAB, (VOCAB,), generator=g)
+        start = torch.randint(0, VOCAB, (n,), generator=g)
+        noise = torch.rand(n, SEQ, generator=g) < 0.1
+        rand = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        seqs = torch.empty(n, SEQ, dtype=torch.long)
+        seqs[:, 0] = start
+        for t in range(1, SEQ):
+            seqs[:, t] = torch.where(noise[:, t], rand[:, t], table[seqs[:, t - 1]])
+        self.seqs = seqs
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.seqs[i], "labels": self.seqs[i].clone(),
+                "attention_mask": torch.ones(SEQ, dtype=torch.long)}
+
+
+def batches(data: TokenData, batch_size: int):
+    for i in range(0, len(data) - batch_size + 1, batch_size):
+        items = [data[j] for j in range(i, i + batch_size)]
+        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
