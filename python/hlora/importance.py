@@ -113,10 +113,10 @@ class Importance:
                 problems.append(f"mis-shaped: {name} has importance {got} but the model's weight is {want}")
             if name in self.references:
                 a_ref, b_ref = self.references[name]
-                if tuple(a_ref.shape) != tuple(adapted[name].a.shape) or tuple(b_ref.shape) != tuple(adapted[name].b.shape):
+                a, b = adapted[name].a, adapted[name].b
+                if a_ref.shape != a.shape or b_ref.shape != b.shape:
                     problems.append(f"mis-shaped: {name} reference factors {tuple(b_ref.shape)}·{tuple(a_ref.shape)} "
-                                    f"do not match the adapter's {tuple(adapted[name].b.shape)}·"
-                                    f"{tuple(adapted[name].a.shape)} (another rank?)")
+                                    f"do not match the adapter's {tuple(b.shape)}·{tuple(a.shape)} (another rank?)")
         fingerprint = self.meta.get("base_model_fingerprint")
         if fingerprint and fingerprint != model_fingerprint(model):
             problems.append("base model: the importance was recorded on a model of another architecture")
