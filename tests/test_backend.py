@@ -8,11 +8,13 @@ import subprocess
 import sys
 import textwrap
 
-import hlora
 import pytest
 import torch
-from conftest import make_step, rel_err
+
+import hlora
 from hlora import ops, reference
+
+from conftest import make_step, rel_err
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_step
+
 from hlora import ops, reference
+
+from conftest import make_step
 
 IMPLS = [ops, reference]
 

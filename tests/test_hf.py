@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-import hlora
 import pytest
 import torch
-from conftest import rel_err
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import hlora
 from hlora import reference
 from hlora.adapters import find_adapted
 from hlora.hf import (
@@ -20,8 +21,9 @@ from hlora.hf import (
     RegularizationCallback,
     refuse_sharded_training,
 )
+
+from conftest import rel_err
 from tiny import TokenData, tiny_lora_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
 
 def _args(tmp_path, **kw):

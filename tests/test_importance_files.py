@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 
-import hlora
 import pytest
 import torch
-from hlora import Importance
 from safetensors.torch import save_file
+
+import hlora
+from hlora import Importance
+
 from tiny import TokenData, batches, tiny_lora_model
 
 

@@ -3,14 +3,16 @@ gradients, in-place semantics, odd shapes, every factor dtype, both CPU paths, N
 
 from __future__ import annotations
 
-import hlora
 import numpy as np
 import pytest
 import torch
-from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, make_step, rel_err
-from hlora import ops, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import hlora
+from hlora import ops, reference
+
+from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, make_step, rel_err
 
 SHAPES = [(1, 1, 1), (7, 5, 3), (13, 1, 2), (1, 17, 4), (33, 65, 1), (40, 24, 64), (130, 129, 8),
           (576, 576, 8), (192, 576, 8)]

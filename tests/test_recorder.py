@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
-import hlora
 import pytest
 import torch
-from conftest import rel_err
+
+import hlora
 from hlora import reference
 from hlora.adapters import find_adapted
+
+from conftest import rel_err
 from tiny import TokenData, batches, tiny_lora_model
 
 

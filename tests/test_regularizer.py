@@ -3,13 +3,15 @@ coefficients, temperature, and both domain set-ups (continue the adapter / fresh
 
 from __future__ import annotations
 
-import hlora
 import pytest
 import torch
-from conftest import rel_err
+from peft import LoraConfig, get_peft_model
+
+import hlora
 from hlora import reference
 from hlora.adapters import find_adapted
-from peft import LoraConfig, get_peft_model
+
+from conftest import rel_err
 from tiny import TokenData, batches, tiny_lora_model
 
 
