@@ -1,7 +1,11 @@
 """The ``hlora`` command line.
 
-    hlora demo    the main job on the embedded defaults
-    hlora bench   kernels vs the plain-PyTorch formulas (see hlora.bench)
+    hlora demo         the whole comparison on the embedded defaults (SmolLM2, one domain, one seed)
+    hlora experiment   the multi-seed grid, resumable, with t-tests and violin plots
+    hlora record       LoRA on general text, recording importance
+    hlora finetune     fine-tune an adapter on domain MCQ data, optionally regularized
+    hlora evaluate     general perplexity and domain accuracy of a model or adapter
+    hlora bench        kernels vs the plain-PyTorch formulas (see hlora.bench)
 """
 
 from __future__ import annotations
@@ -48,24 +52,215 @@ def _quick_example() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hlora import bench
+    """The whole pipeline on the defaults: SmolLM2, one domain, every method, one seed."""
+    import os
+    import time
 
-    print(f"hlora {hlora.__version__}, backend {hlora.backend()}, torch {torch.__version__}")
-    print("1) the ops on a toy LoRA layer:")
-    _quick_example()
-    print("2) fused kernels vs the plain-PyTorch formulas (medians, 2 threads):")
-    rows = bench.run(threads=args.threads, repeats=args.repeats)
-    print(bench.format_table(rows))
+    from hlora import experiment, plots
+
+    budget = experiment.Budget(threads=args.threads)
+    if args.quick:  # for tests and notebooks: the same pipeline at a toy budget
+        budget = experiment.Budget(nu_steps=2, nu_batch=2, seq_len=64, mu_steps=2, mu_batch=2, ppl_blocks=2,
+                                   eval_items=8, threads=args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"hlora {hlora.__version__} demo — backend {hlora.backend()}, torch {torch.__version__}, "
+          f"domain {args.domain}, seed {args.seed}")
+    print(f"DEMO BUDGET (one seed; not the paper's scale): {budget.describe()}")
+    cmp = experiment.Comparison(args.domain, budget, seed=args.seed, model_name=args.model)
+    cmp.run_base()
+    cmp.run_nu()
+    cmp.measure_recording_overhead(steps=1 if args.quick else 3)
+    for method in experiment.METHODS:
+        cmp.run_method(method)
+    sweep = [] if args.no_sweep else cmp.phi_sweep(args.sweep)
+    table = experiment.results_table(cmp.results)
+    print()
+    print(f"## Demo-budget run: SmolLM2-135M, {args.domain}, seed {args.seed}")
+    print(table)
+    costs = cmp.costs
+    if "ewc_fisher_s" in costs:
+        hl = costs["hlora_recording_overhead_s"]
+        print(f"\nimportance cost — HLoRA recording overhead {hl:.1f} s (its whole ν phase "
+              f"{costs['hlora_nu_phase_s']:.1f} s), {costs['hlora_importance_bytes'] / 1e6:.1f} MB; "
+              f"EWC Fisher {costs['ewc_fisher_s']:.1f} s, {costs['ewc_fisher_bytes'] / 1e6:.1f} MB "
+              f"({costs['ewc_fisher_s'] / max(hl, 1e-9):.0f}× the recording overhead, "
+              f"{costs['ewc_fisher_s'] / costs['hlora_nu_phase_s']:.1f}× the whole ν phase)")
+    figures = {
+        "loss_curves": plots.loss_curves({m: cmp.results[m].history for m in experiment.METHODS},
+                                         os.path.join(args.out, "loss_curves.png")),
+        "importance_heatmap": plots.importance_heatmap(cmp.importance.norms(),
+                                                       os.path.join(args.out, "importance_heatmap.png")),
+    }
+    if sweep:
+        figures["phi_sweep"] = plots.phi_sweep(sweep, os.path.join(args.out, "phi_sweep.png"))
+    experiment.save_json(os.path.join(args.out, "results.json"), {
+        "kind": "demo-budget run", "domain": args.domain, "seed": args.seed, "budget": budget,
+        "results": cmp.results, "costs": costs, "phi_sweep_validation": sweep, "figures": figures,
+        "seconds": time.perf_counter() - t0})
+    print(f"\nresults.json and {len(figures)} plots in {args.out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from hlora import experiment, grid
+
+    if len(args.seeds) != len(args.domains):
+        raise SystemExit("--seeds needs one count per domain")
+    budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items, phi=args.phi, lam=args.lam)
+    if args.summary_only:
+        print(grid.summarize(args.out))
+        return 0
+    grid.run_grid(args.out, args.domains, args.seeds, budget, model_name=args.model)
+    print(grid.summarize(args.out))
+    return 0
+
+
+def _peft_model(model_name, r: int, alpha: int, rslora: bool, adapter: str = None):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hlora import models
+
+    base, tokenizer = models.load(model_name)
+    if adapter:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True), tokenizer
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_rslora=rslora)
+    return get_peft_model(base, cfg), tokenizer
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """LoRA on a general text file, recording Ω; saves the adapter and the importance file."""
+    import os
+
+    from hlora import data, experiment
+    from hlora import eval as metrics
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora)
+    text = open(args.text).read() if args.text else data.general_text("train")
+    blocks = metrics.token_blocks(tokenizer, text, args.seq_len)
+    recorder = hlora.ImportanceRecorder(model, xi=args.xi, clamp=args.clamp)
+    experiment.train(model, experiment.general_batches(blocks, args.batch, args.steps, args.seed), args.steps,
+                     args.lr, recorder=recorder, desc="recording")
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(os.path.join(args.out, "adapter"))
+    imp = recorder.finalize()
+    imp.save(os.path.join(args.out, "importance.safetensors"))
+    print(f"recorded {imp.meta['steps']} steps ({imp.meta['skipped_steps']} skipped) over {len(imp.names)} "
+          f"matrices → {args.out}/importance.safetensors, adapter in {args.out}/adapter")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tunes an adapter on a domain MCQ file (question + answer), optionally regularized."""
+    import os
+
+    from hlora import data, experiment
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, False, adapter=args.adapter)
+    items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "train")
+    penalty = None
+    if args.importance:
+        reg = hlora.Regularizer(model, hlora.Importance.load(args.importance), phi=args.phi,
+                                layer_weighting=args.layer_weighting)
+        penalty = reg.penalty
+    hist = experiment.train(model, experiment.domain_batches(tokenizer, items, args.batch, args.steps, args.seed),
+                            args.steps, args.lr, penalty=penalty, desc="fine-tuning")
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(os.path.join(args.out, "adapter"))
+    experiment.save_json(os.path.join(args.out, "history.json"), {"history": hist})
+    print(f"final task loss {hist[-1]['task_loss']:.4f}, penalty {hist[-1]['penalty']:.4g} → {args.out}/adapter")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """General perplexity on a text file and accuracy on an MCQ JSONL file, for a model or adapter."""
+    from hlora import data
+    from hlora import eval as metrics
+
+    torch.set_num_threads(args.threads)
+    if args.adapter:
+        model, tokenizer = _peft_model(args.model, 8, 32, False, adapter=args.adapter)
+    else:
+        from hlora import models
+
+        model, tokenizer = models.load(args.model)
+    text = open(args.text).read() if args.text else data.general_text("test")
+    blocks = metrics.token_blocks(tokenizer, text, args.seq_len, args.max_blocks)
+    ppl = metrics.perplexity(model, blocks, progress=True)
+    items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "test")
+    acc = metrics.mcq_accuracy(model, tokenizer, items[: args.max_items], progress=True)
+    print(f"general perplexity {ppl['ppl']:.3f} over {ppl['tokens']} tokens; domain accuracy {acc['acc']:.4f} "
+          f"(acc_norm {acc['acc_norm']:.4f}) over {acc['n']} items")
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on the embedded defaults")
+    demo = sub.add_parser("demo", help="the whole comparison on the defaults (SmolLM2, one domain, one seed)")
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M, offline)")
     demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--repeats", type=int, default=7)
+    demo.add_argument("--sweep", type=float, nargs="*", default=[1e2, 1e4])
+    demo.add_argument("--no-sweep", action="store_true")
+    demo.add_argument("--quick", action="store_true", help="a toy budget (for tests)")
     demo.set_defaults(func=cmd_demo)
+    exp = sub.add_parser("experiment", help="the multi-seed grid: domains × seeds × methods (resumable)")
+    exp.add_argument("--out", default="out/experiment")
+    exp.add_argument("--domains", nargs="+", default=["medical", "science", "physical"])
+    exp.add_argument("--seeds", nargs="+", type=int, default=[5, 3, 3], help="seed count per domain")
+    exp.add_argument("--eval-items", type=int, default=600)
+    exp.add_argument("--phi", type=float, default=1e3)
+    exp.add_argument("--lam", type=float, default=1e3)
+    exp.add_argument("--model", default=None)
+    exp.add_argument("--threads", type=int, default=2)
+    exp.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")
+    exp.set_defaults(func=cmd_experiment)
+
+    def common(p, steps, lr=8e-4):
+        p.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
+        p.add_argument("--out", required=True)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--r", type=int, default=8)
+        p.add_argument("--alpha", type=int, default=32)
+
+    rec = sub.add_parser("record", help="LoRA on general text, recording importance")
+    common(rec, 30)
+    rec.add_argument("--text", default=None, help="a plain-text file (default: the shipped general corpus)")
+    rec.add_argument("--batch", type=int, default=4)
+    rec.add_argument("--seq-len", type=int, default=128)
+    rec.add_argument("--xi", type=float, default=1e-3)
+    rec.add_argument("--clamp", default="final", choices=["final", "step", "none"])
+    rec.add_argument("--rslora", action="store_true")
+    rec.set_defaults(func=cmd_record)
+    fin = sub.add_parser("finetune", help="fine-tune an adapter on domain MCQ data, optionally regularized")
+    common(fin, 40)
+    fin.add_argument("--adapter", default=None, help="continue this saved adapter (else a fresh one)")
+    fin.add_argument("--importance", default=None, help="an importance file: regularize with it")
+    fin.add_argument("--phi", type=float, default=1e3)
+    fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"])
+    fin.add_argument("--mcq", default=None, help="JSONL of {question, options, answer} (default: --domain's)")
+    fin.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
+    fin.add_argument("--batch", type=int, default=8)
+    fin.set_defaults(func=cmd_finetune)
+    ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--adapter", default=None)
+    ev.add_argument("--text", default=None, help="general text file (default: the shipped held-out text)")
+    ev.add_argument("--mcq", default=None, help="MCQ JSONL file (default: --domain's test split)")
+    ev.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--max-blocks", type=int, default=None)
+    ev.add_argument("--max-items", type=int, default=None)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.set_defaults(func=cmd_evaluate)
     sub.add_parser("bench", help="benchmark the kernels (options: hlora bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":

@@ -1,0 +1,143 @@
+"""Data for the experiments: a general-text corpus (stand-in for the Pile) and three domain
+multiple-choice tasks (stand-ins for SciQ, PiQA and MedMCQA), built by
+``scripts/build_data.py`` from real public sources and shipped with the package (licences and
+checksums in ``files/MANIFEST.json``); plus loaders for the paper's hub datasets by name.
+
+MCQ items are dicts ``{"question": str, "options": [str, ...], "answer": int}`` — the JSONL
+schema ``hlora evaluate --mcq FILE`` reads (one item per line).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from typing import Dict, Iterable, List, Optional
+
+FILES = os.path.join(os.path.dirname(__file__), "files")
+DOMAINS = ("medical", "science", "physical")
+SPLITS = ("train", "val", "test")
+#: The paper's hub datasets and our offline stand-ins.
+HUB = {"pile": "monology/pile-uncopyrighted", "sciq": "allenai/sciq", "piqa": "ybisk/piqa",
+       "medmcqa": "openlifescienceai/medmcqa"}
+STAND_IN = {"sciq": "science", "piqa": "physical", "medmcqa": "medical"}
+
+MCQItem = Dict[str, object]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def general_text(split: str = "train") -> str:
+    """The shipped general corpus (public-domain prose); ``test`` is the held-out text for
+    perplexity, never trained on."""
+    _check_split(split)
+    with gzip.open(os.path.join(FILES, f"general_{split}.txt.gz"), "rt", encoding="utf8") as f:
+        return f.read()
+
+
+def validate_item(item: MCQItem, where: str = "item") -> MCQItem:
+    if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+        raise ValueError(f"{where}: expected an object with a string 'question'")
+    options = item.get("options")
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+        raise ValueError(f"{where}: 'options' must be a list of at least two strings")
+    answer = item.get("answer")
+    if not isinstance(answer, int) or not 0 <= answer < len(options):
+        raise ValueError(f"{where}: 'answer' must be the index of the correct option (0..{len(options) - 1})")
+    return item
+
+
+def load_mcq_file(path: str) -> List[MCQItem]:
+    """Items from a JSONL file of ``{"question", "options", "answer"}`` objects."""
+    items = []
+    with open(path, encoding="utf8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+                items.append(validate_item(row, f"{path}:{n}"))
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def mcq(domain: str, split: str = "test") -> List[MCQItem]:
+    """A shipped domain task: ``medical``, ``science`` or ``physical``."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    _check_split(split)
+    return load_mcq_file(os.path.join(FILES, f"{domain}_{split}.jsonl"))
+
+
+def training_text(item: MCQItem) -> tuple:
+    """(prompt, answer) for fine-tuning: the question, then the correct answer (loss on the answer)."""
+    return prompt(item), " " + str(item["options"][item["answer"]])
+
+
+def prompt(item: MCQItem) -> str:
+    return f"Question: {item['question']}\nAnswer:"
+
+
+# ---- the paper's datasets, by name (need internet or local files of the same schema) ----
+
+def from_sciq(row: Dict) -> MCQItem:
+    options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+    return validate_item({"question": row["question"], "options": options, "answer": 0})
+
+
+def from_piqa(row: Dict) -> MCQItem:
+    return validate_item({"question": row["goal"], "options": [row["sol1"], row["sol2"]], "answer": int(row["label"])})
+
+
+def from_medmcqa(row: Dict) -> MCQItem:
+    options = [row["opa"], row["opb"], row["opc"], row["opd"]]
+    return validate_item({"question": row["question"], "options": options, "answer": int(row["cop"])})
+
+
+CONVERTERS = {"sciq": from_sciq, "piqa": from_piqa, "medmcqa": from_medmcqa}
+
+
+def _rows(path: str) -> Iterable[Dict]:
+    with open(path, encoding="utf8") as f:
+        if path.endswith(".jsonl"):
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+        else:
+            data = json.load(f)
+            yield from (data if isinstance(data, list) else data["data"])
+
+
+def _hub_rows(name: str, split: str, path: Optional[str]) -> Iterable[Dict]:
+    if path is not None:
+        return _rows(path)
+    try:
+        import datasets  # noqa: PLC0415
+    except ImportError as err:
+        raise ImportError(f"loading {HUB[name]} from the hub needs `pip install datasets` and internet; "
+                          f"or pass path= to a local JSON/JSONL file of the same schema") from err
+    return datasets.load_dataset(HUB[name], split={"val": "validation"}.get(split, split))
+
+
+def hub_mcq(name: str, split: str = "validation", path: Optional[str] = None) -> List[MCQItem]:
+    """SciQ / PiQA / MedMCQA items, from the hub or from a local file of the same schema."""
+    if name not in CONVERTERS:
+        raise ValueError(f"name must be one of {sorted(CONVERTERS)}, got {name!r}")
+    return [CONVERTERS[name](row) for row in _hub_rows(name, split, path)]
+
+
+def hub_text(name: str = "pile", split: str = "train", path: Optional[str] = None, limit: Optional[int] = None) -> str:
+    """General text from the Pile (field ``text``), from the hub or a local file of that schema."""
+    if name != "pile":
+        raise ValueError(f"general text source must be 'pile', got {name!r}")
+    texts = []
+    for row in _hub_rows(name, split, path):
+        texts.append(row["text"])
+        if limit and len(texts) >= limit:
+            break
+    return "\n\n".join(texts)

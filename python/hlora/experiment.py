@@ -1,0 +1,315 @@
+"""The paper's comparison on a real model, offline: one general phase ν (recorded once, shared),
+then every method's domain phase μ from the same seed, evaluated on general perplexity and domain
+accuracy.
+
+Methods (Table 1): base; LoRA(μ) — a fresh adapter on the domain only; LoRA(ν+μ) — the ν adapter
+continued on the domain; rsLoRA(ν+μ) — the same with rank-stabilized scaling (its own ν run);
+EWC-LoRA — a fresh adapter with λ·Σ F ⊙ (s·B·A)², F the per-sequence Fisher on the ν data;
+HLoRA — the ν adapter continued with φ·Σ c_l·P_l; HLoRA − layer — uniform c_l.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import hlora
+from hlora import data
+from hlora import eval as metrics
+from hlora.adapters import find_adapted
+from hlora.baselines.ewc import EWCPenalty, empirical_fisher, sequences_for_budget
+
+METHODS = ("LoRA(mu)", "LoRA(nu+mu)", "rsLoRA(nu+mu)", "EWC-LoRA", "HLoRA", "HLoRA-layer")
+
+
+@dataclass
+class Budget:
+    """Everything that sizes a run; printed with every result."""
+
+    nu_steps: int = 30
+    nu_batch: int = 4
+    seq_len: int = 128
+    mu_steps: int = 40
+    mu_batch: int = 8
+    lr: float = 8e-4
+    r: int = 8
+    alpha: int = 32
+    ppl_blocks: int = 24
+    eval_items: int = 100
+    xi: float = 1e-3
+    phi: float = 1e3
+    lam: float = 1e3
+    threads: int = 2
+    targets: tuple = ("q_proj", "v_proj")
+
+    def describe(self) -> str:
+        return (f"ν: {self.nu_steps} steps × {self.nu_batch} × {self.seq_len} tokens; μ: {self.mu_steps} steps × "
+                f"{self.mu_batch} items; AdamW lr {self.lr}; LoRA r={self.r} α={self.alpha} on "
+                f"{'+'.join(self.targets)}; ξ={self.xi} φ={self.phi:g} λ={self.lam:g}; eval: {self.ppl_blocks} "
+                f"held-out blocks, {self.eval_items} test items")
+
+
+DEMO = Budget()
+
+
+@dataclass
+class Result:
+    method: str
+    ppl: float
+    acc: float
+    acc_norm: float
+    seconds: float
+    history: List[Dict[str, float]] = field(default_factory=list)
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- data
+
+def domain_batches(tokenizer, items: List[data.MCQItem], batch: int, steps: int, seed: int):
+    """Question + correct answer, loss on the answer tokens only; a seeded order, same for every method."""
+    g = torch.Generator().manual_seed(seed)
+    encoded = []
+    for item in items:
+        p, a = data.training_text(item)
+        pi = tokenizer(p, add_special_tokens=False).input_ids
+        ai = tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        encoded.append((pi + ai, [-100] * len(pi) + ai))
+    order: List[int] = []
+    while len(order) < steps * batch:
+        order += torch.randperm(len(encoded), generator=g).tolist()
+    pad = tokenizer.pad_token_id
+    for s in range(steps):
+        chunk = [encoded[i] for i in order[s * batch:(s + 1) * batch]]
+        width = max(len(x) for x, _ in chunk)
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for j, (x, y) in enumerate(chunk):
+            ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def general_batches(blocks: torch.Tensor, batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(blocks), generator=g)
+    for s in range(steps):
+        idx = order[(s * batch) % len(blocks):][:batch]
+        ids = blocks[idx]
+        yield {"input_ids": ids, "labels": ids}
+
+
+# ---------------------------------------------------------------- training
+
+def lora_state(model) -> Dict[str, tuple]:
+    return {m.name: (m.a.detach().clone(), m.b.detach().clone()) for m in find_adapted(model)}
+
+
+def load_lora_state(model, state: Dict[str, tuple]) -> None:
+    with torch.no_grad():
+        for m in find_adapted(model):
+            m.a.copy_(state[m.name][0])
+            m.b.copy_(state[m.name][1])
+
+
+def train(model, batches, steps: int, lr: float, *, recorder=None, penalty: Optional[Callable] = None,
+          desc: str = "train", progress: bool = True) -> List[Dict[str, float]]:
+    """Plain AdamW LoRA training; optional ω recording and a penalty added once per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    if recorder is not None:
+        recorder.optimizer = opt
+    device = params[0].device
+    history = []
+    model.train()
+    for step, batch in enumerate(tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        task = model(**batch).loss
+        pen = penalty() if penalty is not None else None
+        loss = task + pen if pen is not None else task
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if recorder is not None:
+            recorder.before_step()
+        opt.step()
+        if recorder is not None:
+            recorder.after_step()
+        history.append({"step": step + 1, "task_loss": float(task.detach()),
+                        "penalty": float(pen.detach()) if pen is not None else 0.0})
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------- the comparison
+
+class Comparison:
+    """One seed, one domain: shares the ν phase and the evaluation sets across methods."""
+
+    def __init__(self, domain: str = "medical", budget: Budget = DEMO, seed: int = 0, model_name: Optional[str] = None,
+                 device: Optional[str] = None, progress: bool = True,
+                 log: Callable[[str], None] = lambda s: print(s, flush=True)) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from hlora import models
+
+        torch.set_num_threads(budget.threads)
+        self.domain, self.budget, self.seed, self.progress, self.log = domain, budget, seed, progress, log
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base, self.tokenizer = models.load(model_name, device=self.device)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.general_blocks = metrics.token_blocks(self.tokenizer, data.general_text("train"), budget.seq_len)
+        self.ppl_blocks = metrics.token_blocks(self.tokenizer, data.general_text("test"), budget.seq_len,
+                                               budget.ppl_blocks)
+        self.train_items = data.mcq(domain, "train")
+        self.test_items = data.mcq(domain, "test")[: budget.eval_items]
+        self.val_items = data.mcq(domain, "val")
+        self.base = base
+        self.results: Dict[str, Result] = {}
+        self.costs: Dict[str, float] = {}
+
+        # rsLoRA gets its own copy of the untouched base (get_peft_model injects layers in place).
+        self._rs_base = copy.deepcopy(base)
+
+        def peft(rslora: bool):
+            torch.manual_seed(seed)
+            cfg = LoraConfig(r=budget.r, lora_alpha=budget.alpha, target_modules=list(budget.targets),
+                             lora_dropout=0.0, use_rslora=rslora)
+            return get_peft_model(self._rs_base if rslora else base, cfg)
+
+        self.model = peft(False)
+        self.fresh = lora_state(self.model)
+        self.rs_model = None
+        self._peft = peft
+
+    # -- evaluation
+    def evaluate(self, model, method: str, seconds: float = 0.0, history=None, **extra) -> Result:
+        ppl = metrics.perplexity(model, self.ppl_blocks, progress=self.progress)["ppl"]
+        acc = metrics.mcq_accuracy(model, self.tokenizer, self.test_items, progress=self.progress)
+        res = Result(method, ppl, acc["acc"], acc["acc_norm"], seconds, history or [], dict(extra))
+        self.results[method] = res
+        self.log(f"  {method:<14} PPL {ppl:7.2f}   acc {acc['acc']:.3f}   acc_norm {acc['acc_norm']:.3f}"
+                 f"   ({seconds:.0f} s)")
+        return res
+
+    def _nu(self, model, record: bool):
+        b = self.budget
+        recorder = hlora.ImportanceRecorder(model, xi=b.xi) if record else None
+        t0 = time.perf_counter()
+        hist = train(model, general_batches(self.general_blocks, b.nu_batch, b.nu_steps, self.seed), b.nu_steps, b.lr,
+                     recorder=recorder, desc="ν general", progress=self.progress)
+        seconds = time.perf_counter() - t0
+        return hist, seconds, recorder.finalize() if recorder else None
+
+    def run_base(self) -> Result:
+        with self.model.disable_adapter():
+            return self.evaluate(self.model, "base")
+
+    def run_nu(self) -> None:
+        """The shared general phase: LoRA on general text, recording Ω (HLoRA's whole importance cost)."""
+        load_lora_state(self.model, self.fresh)
+        hist, seconds, self.importance = self._nu(self.model, record=True)
+        self.nu_state = lora_state(self.model)
+        self.costs.update({"hlora_nu_phase_s": seconds, "hlora_importance_bytes": sum(
+            t.numel() * t.element_size() for t in self.importance.matrices.values())})
+        self.evaluate(self.model, "after ν", seconds, hist)
+
+    def measure_recording_overhead(self, steps: int = 4) -> None:
+        """Seconds of ν-phase steps without and with recording, on the same batches."""
+        b = self.budget
+        times = {}
+        for record in (False, True):
+            load_lora_state(self.model, self.fresh)
+            recorder = hlora.ImportanceRecorder(self.model, xi=b.xi) if record else None
+            t0 = time.perf_counter()
+            train(self.model, general_batches(self.general_blocks, b.nu_batch, steps, self.seed + 1), steps, b.lr,
+                  recorder=recorder, progress=False)
+            times[record] = (time.perf_counter() - t0) / steps
+        self.costs["nu_step_s"] = times[False]
+        self.costs["hlora_recording_overhead_s_per_step"] = max(0.0, times[True] - times[False])
+        self.costs["hlora_recording_overhead_s"] = self.costs["hlora_recording_overhead_s_per_step"] * b.nu_steps
+
+    def _mu(self, model, method: str, start: Dict[str, tuple], penalty_factory=None) -> Result:
+        b = self.budget
+        load_lora_state(model, start)
+        penalty = penalty_factory() if penalty_factory else None
+        t0 = time.perf_counter()
+        hist = train(model, domain_batches(self.tokenizer, self.train_items, b.mu_batch, b.mu_steps, self.seed),
+                     b.mu_steps, b.lr, penalty=penalty.penalty if penalty else None, desc=f"μ {method}",
+                     progress=self.progress)
+        return self.evaluate(model, method, time.perf_counter() - t0, hist)
+
+    def run_method(self, method: str, phi: Optional[float] = None) -> Result:
+        b = self.budget
+        phi = b.phi if phi is None else phi
+        if method == "LoRA(mu)":
+            return self._mu(self.model, method, self.fresh)
+        if method == "LoRA(nu+mu)":
+            return self._mu(self.model, method, self.nu_state)
+        if method == "rsLoRA(nu+mu)":
+            if self.rs_model is None:
+                self.rs_model = self._peft(True)
+                self.rs_fresh = lora_state(self.rs_model)
+            load_lora_state(self.rs_model, self.rs_fresh)
+            self._nu(self.rs_model, record=False)
+            return self._mu(self.rs_model, method, lora_state(self.rs_model))
+        if method == "EWC-LoRA":
+            if not hasattr(self, "fisher"):
+                seqs = sequences_for_budget(self.general_blocks[torch.randperm(
+                    len(self.general_blocks), generator=torch.Generator().manual_seed(self.seed))], b.nu_steps,
+                    b.nu_batch)
+                self.fisher = empirical_fisher(self.model, seqs, progress=self.progress)
+                self.costs.update({"ewc_fisher_s": self.fisher.seconds, "ewc_fisher_bytes": self.fisher.nbytes,
+                                   "ewc_sequences": self.fisher.sequences})
+            return self._mu(self.model, method, self.fresh, lambda: EWCPenalty(self.model, self.fisher, b.lam))
+        if method in ("HLoRA", "HLoRA-layer"):
+            weighting = "softmax" if method == "HLoRA" else "uniform"
+            load_lora_state(self.model, self.nu_state)
+            return self._mu(self.model, method, self.nu_state,
+                            lambda: hlora.Regularizer(self.model, self.importance, phi=phi, layer_weighting=weighting,
+                                                      anchor="reference"))
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+    def phi_sweep(self, phis: List[float], items: Optional[List[data.MCQItem]] = None) -> List[Dict[str, float]]:
+        """HLoRA at several φ (Fig. 6); PPL and accuracy on ``items`` (the validation split by default)."""
+        saved_items, self.test_items = self.test_items, items or self.val_items[: self.budget.eval_items]
+        saved_results = dict(self.results)
+        rows = []
+        try:
+            for phi in phis:
+                res = self.run_method("HLoRA", phi=phi)
+                rows.append({"phi": phi, "ppl": res.ppl, "acc": res.acc, "acc_norm": res.acc_norm})
+        finally:
+            self.test_items, self.results = saved_items, saved_results
+        return rows
+
+
+def results_table(results: Dict[str, Result], reference: str = "after ν") -> str:
+    ref = results.get(reference)
+    lines = ["| method | general PPL ↓ | rise vs ν | domain acc ↑ | acc_norm | μ time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        rise = f"{r.ppl - ref.ppl:+.2f}" if ref and name not in ("base", reference) else ""
+        lines.append(f"| {name} | {r.ppl:.2f} | {rise} | {r.acc:.3f} | {r.acc_norm:.3f} | {r.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def save_json(path: str, payload: Dict) -> None:
+    """Atomic JSON write (a crashed run never leaves half a results file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x)

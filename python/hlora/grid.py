@@ -1,0 +1,105 @@
+"""The multi-seed grid (``hlora experiment``): domains × seeds × methods, every (domain, seed) run
+saved atomically as it completes, so the grid resumes where it stopped, across sessions. The
+summary gives means ± sd, paired t-tests where methods share a seed's ν run, Welch t-tests (Fig. 3)
+and violin plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+from hlora import experiment, plots, stats
+
+
+def run_path(out: str, domain: str, seed: int) -> str:
+    return os.path.join(out, domain, f"seed{seed}.json")
+
+
+def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: experiment.Budget,
+             model_name: Optional[str] = None, log=print) -> None:
+    for domain, n_seeds in zip(domains, seeds):
+        os.makedirs(os.path.join(out, domain), exist_ok=True)
+        for seed in range(n_seeds):
+            path = run_path(out, domain, seed)
+            if os.path.isfile(path):
+                log(f"{domain} seed {seed}: done earlier ({path})")
+                continue
+            log(f"{domain} seed {seed}: running — {budget.describe()}")
+            cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, log=log)
+            cmp.run_base()
+            cmp.run_nu()
+            cmp.measure_recording_overhead(steps=2)
+            for method in experiment.METHODS:
+                cmp.run_method(method)
+            experiment.save_json(path, {"domain": domain, "seed": seed, "budget": budget,
+                                        "results": {k: {"ppl": r.ppl, "acc": r.acc, "acc_norm": r.acc_norm,
+                                                        "seconds": r.seconds} for k, r in cmp.results.items()},
+                                        "costs": cmp.costs})
+            summarize(out)
+
+
+def load_runs(out: str) -> Dict[str, List[Dict]]:
+    runs: Dict[str, List[Dict]] = {}
+    if not os.path.isdir(out):
+        return runs
+    for domain in sorted(os.listdir(out)):
+        folder = os.path.join(out, domain)
+        if os.path.isdir(folder):
+            files = sorted(f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json"))
+            runs[domain] = [json.load(open(os.path.join(folder, f))) for f in files]
+    return runs
+
+
+def _fmt(values: List[float], digits: int = 2) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarize(out: str) -> str:
+    """summary.md (and violin PNGs) from every finished run."""
+    lines = []
+    for domain, runs in load_runs(out).items():
+        if not runs:
+            continue
+        methods = list(runs[0]["results"])
+        rise = {m: [r["results"][m]["ppl"] - r["results"]["after ν"]["ppl"] for r in runs] for m in methods}
+        acc = {m: [r["results"][m]["acc"] for r in runs] for m in methods}
+        ppl = {m: [r["results"][m]["ppl"] for r in runs] for m in methods}
+        lines += [f"### {domain} — {len(runs)} seed(s)", "",
+                  "| method | general PPL | PPL rise vs ν | domain acc | p (rise, paired vs HLoRA) |",
+                  "|---|---:|---:|---:|---:|"]
+        tests = {}
+        for m in methods:
+            p = ""
+            if m not in ("HLoRA", "base", "after ν") and len(runs) >= 2:
+                _, pv = stats.paired(rise[m], rise["HLoRA"])
+                tests[m] = pv
+                p = f"{pv:.3g}"
+            lines.append(f"| {m} | {_fmt(ppl[m])} | {_fmt(rise[m])} | {_fmt(acc[m], 3)} | {p} |")
+        costs = [r["costs"] for r in runs if "ewc_fisher_s" in r["costs"]]
+        if costs:
+            rec = statistics.mean(c["hlora_recording_overhead_s"] for c in costs)
+            nu = statistics.mean(c["hlora_nu_phase_s"] for c in costs)
+            ewc = statistics.mean(c["ewc_fisher_s"] for c in costs)
+            lines += ["", f"Importance cost (mean over seeds): HLoRA recording overhead {rec:.1f} s, whole ν phase "
+                          f"{nu:.1f} s, {costs[0]['hlora_importance_bytes'] / 1e6:.1f} MB; EWC Fisher {ewc:.1f} s, "
+                          f"{costs[0]['ewc_fisher_bytes'] / 1e6:.1f} MB → {ewc / max(rec, 1e-9):.0f}× the recording "
+                          f"overhead, {ewc / nu:.2f}× the whole ν phase."]
+        if len(runs) >= 2:
+            compared = [m for m in methods if m not in ("base", "after ν")]
+            welch = {m: stats.welch(rise[m], rise["HLoRA"])[1] for m in compared if m != "HLoRA"}
+            plots.violins({m: rise[m] for m in compared}, os.path.join(out, f"{domain}_ppl_rise.png"),
+                          "general PPL rise over the ν model", welch)
+            plots.violins({m: acc[m] for m in compared}, os.path.join(out, f"{domain}_accuracy.png"),
+                          "domain accuracy")
+        lines.append("")
+    text = "\n".join(lines)
+    tmp = os.path.join(out, "summary.md.tmp")
+    os.makedirs(out, exist_ok=True)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, "summary.md"))
+    return text

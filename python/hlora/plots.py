@@ -1,0 +1,87 @@
+"""The paper's figures as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def loss_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> str:
+    """Fig. 4: domain task loss per step for each method, and HLoRA's φ·penalty."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, hist in histories.items():
+        if hist:
+            ax1.plot([h["step"] for h in hist], [h["task_loss"] for h in hist], label=name)
+            if any(h["penalty"] for h in hist):
+                ax2.plot([h["step"] for h in hist], [h["penalty"] for h in hist], label=name)
+    ax1.set(xlabel="optimizer step", ylabel="task loss (answer tokens)", title="Domain fine-tuning")
+    ax2.set(xlabel="optimizer step", ylabel="penalty (φ·Σ c·P, or λ·Σ F·ΔW²)", title="Regularization")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def phi_sweep(rows: Sequence[Dict[str, float]], path: str, baseline: Dict[str, float] = None) -> str:
+    """Fig. 6: general perplexity against domain accuracy as φ varies."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs, ys = [r["acc"] for r in rows], [r["ppl"] for r in rows]
+    ax.plot(xs, ys, "o-", label="HLoRA")
+    for r in rows:
+        ax.annotate(f"φ={r['phi']:g}", (r["acc"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if baseline:
+        ax.plot([baseline["acc"]], [baseline["ppl"]], "s", color="C3", label="LoRA(ν+μ) (φ = 0)")
+    ax.set(xlabel="domain accuracy (validation)", ylabel="general perplexity (held out)", title="φ sweep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def importance_heatmap(norms: Dict[str, float], path: str) -> str:
+    """Fig. 7: log10 ‖Ω_l‖_F per layer for each adapted projection."""
+    layers: Dict[str, Dict[int, float]] = {}
+    for name, value in norms.items():
+        m = re.search(r"layers\.(\d+)\..*?(\w+_proj)$", name)
+        if m:
+            layers.setdefault(m.group(2), {})[int(m.group(1))] = math.log10(max(value, 1e-30))
+    kinds = sorted(layers)
+    depth = max(max(v) for v in layers.values()) + 1
+    grid = [[layers[k].get(i, float("nan")) for i in range(depth)] for k in kinds]
+    fig, ax = plt.subplots(figsize=(min(14, 2 + depth * 0.35), 2 + 0.5 * len(kinds)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xlabel("layer")
+    ax.set_title("log10 ‖Ω‖ per adapted matrix")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def violins(per_method: Dict[str, List[float]], path: str, ylabel: str, tests: Dict[str, float] = None) -> str:
+    """Fig. 3: the spread over seeds for each method, with Welch t-test p-values against HLoRA."""
+    names = list(per_method)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.5))
+    data = [per_method[n] for n in names]
+    if all(len(d) > 1 for d in data):
+        ax.violinplot(data, showmeans=True)
+    for i, d in enumerate(data, 1):
+        ax.scatter([i] * len(d), d, s=10, color="k", zorder=3)
+    labels = [f"{n}\np={tests[n]:.3g}" if tests and n in tests else n for n in names]
+    ax.set_xticks(range(1, len(names) + 1), labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,162 @@
+"""The shipped data (checksums, disjoint splits, schema), the hub-schema loaders on local files,
+the metrics against direct computations, the EWC Fisher against per-sequence gradients, and the
+t-tests against known values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from hlora import data, stats
+from hlora import eval as metrics
+from hlora.adapters import find_adapted
+from hlora.baselines.ewc import EWCPenalty, empirical_fisher
+
+from tiny import VOCAB, tiny_lora_model
+
+
+def test_shipped_files_match_their_manifest():
+    manifest = json.load(open(os.path.join(data.FILES, "MANIFEST.json")))
+    for name, entry in manifest.items():
+        digest = hashlib.sha256(open(os.path.join(data.FILES, name), "rb").read()).hexdigest()
+        assert digest == entry["sha256"], name
+        assert entry["licence"]
+    total = sum(os.path.getsize(os.path.join(data.FILES, n)) for n in manifest)
+    assert total < 5e6, "the package ships a few MB at most"
+
+
+@pytest.mark.parametrize("domain", data.DOMAINS)
+def test_domain_splits_are_disjoint_and_valid(domain):
+    splits = {s: data.mcq(domain, s) for s in data.SPLITS}
+    questions = {s: {it["question"] for it in items} for s, items in splits.items()}
+    assert not questions["train"] & questions["test"]
+    assert not questions["train"] & questions["val"]
+    assert not questions["val"] & questions["test"]
+    for item in splits["test"]:
+        answer = item["options"][item["answer"]]
+        assert len(item["options"]) == 4 and len(set(item["options"])) == 4
+        assert not re.search(r"\b" + re.escape(answer.lower()) + r"\b", item["question"].lower())
+    if domain == "medical":
+        assert len(splits["test"]) >= 500
+
+
+def test_general_test_text_is_never_trained_on():
+    train = set(data.general_text("train").split("\n\n"))
+    test = data.general_text("test").split("\n\n")
+    assert len(test) > 100 and not train.intersection(test)
+
+
+def test_hub_schemas_from_local_files(tmp_path):
+    sciq = tmp_path / "sciq.jsonl"
+    sciq.write_text(json.dumps({"question": "What gas do plants absorb?", "correct_answer": "carbon dioxide",
+                                "distractor1": "oxygen", "distractor2": "helium", "distractor3": "neon",
+                                "support": ""}) + "\n")
+    piqa = tmp_path / "piqa.jsonl"
+    piqa.write_text(json.dumps({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "freeze it", "label": 0}) + "\n")
+    med = tmp_path / "medmcqa.json"
+    med.write_text(json.dumps([{"question": "Vitamin C deficiency causes?", "opa": "scurvy", "opb": "rickets",
+                                "opc": "beriberi", "opd": "pellagra", "cop": 0}]))
+    pile = tmp_path / "pile.jsonl"
+    pile.write_text("\n".join(json.dumps({"text": t, "meta": {}}) for t in ("first doc", "second doc")))
+    assert data.hub_mcq("sciq", path=str(sciq))[0]["options"][0] == "carbon dioxide"
+    assert data.hub_mcq("piqa", path=str(piqa))[0] == {"question": "Open a jar",
+                                                      "options": ["twist the lid", "freeze it"], "answer": 0}
+    assert data.hub_mcq("medmcqa", path=str(med))[0]["answer"] == 0
+    assert data.hub_text("pile", path=str(pile)) == "first doc\n\nsecond doc"
+    with pytest.raises(ValueError, match="name must be one of"):
+        data.hub_mcq("mmlu", path=str(sciq))
+
+
+def test_mcq_file_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "options": ["a", "b"], "answer": 2}\n')
+    with pytest.raises(ValueError, match="answer"):
+        data.load_mcq_file(str(bad))
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match=":1: not valid JSON"):
+        data.load_mcq_file(str(bad))
+    with pytest.raises(ValueError, match="domain must be one of"):
+        data.mcq("law")
+
+
+class CharTokenizer:
+    """Bytes as tokens (mod the tiny vocabulary): enough to drive the metrics on a tiny model."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    class _Out:
+        def __init__(self, ids, tensors):
+            self.input_ids = torch.tensor([ids]) if tensors == "pt" else ids
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        return self._Out([2 + (b % (VOCAB - 2)) for b in text.encode()], return_tensors)
+
+
+def test_perplexity_is_exp_of_token_mean_nll():
+    model = tiny_lora_model(seed=70)
+    blocks = metrics.token_blocks(CharTokenizer(), "hello world, " * 40, seq_len=16, max_blocks=5)
+    assert blocks.shape == (5, 16)
+    got = metrics.perplexity(model, blocks, batch_size=2)
+    with torch.no_grad():
+        want = float(model(input_ids=blocks, labels=blocks).loss)  # equal-length blocks: mean over tokens
+    assert got["tokens"] == 5 * 15
+    assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def test_mcq_scores_match_unpadded_scoring():
+    model = tiny_lora_model(seed=71)
+    tok = CharTokenizer()
+    items = [{"question": "Which?", "options": ["a", "bbb", "cc", "dddd"], "answer": 1},
+             {"question": "A much longer question here?", "options": ["x", "yy"], "answer": 0}]
+    scores = metrics.option_logprobs(model, tok, items, batch_size=3)
+    for item, s in zip(items, scores):
+        ctx = tok(data.prompt(item)).input_ids
+        for option, value in zip(item["options"], s):
+            cont = tok(" " + option).input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+            want = sum(float(logp[len(ctx) - 1 + k, c]) for k, c in enumerate(cont))
+            assert value == pytest.approx(want, abs=1e-4)
+    acc = metrics.mcq_accuracy(model, tok, items)
+    assert acc["n"] == 2 and 0 <= acc["acc"] <= 1 and 0 <= acc["acc_norm"] <= 1
+
+
+def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():
+    model = tiny_lora_model(seed=72)
+    seqs = torch.randint(2, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    fisher = empirical_fisher(model, seqs)
+    assert fisher.sequences == 3 and fisher.nbytes > 0
+    name = find_adapted(model)[0].name
+    weight = dict(model.named_modules())[name].base_layer.weight
+    per_seq = []
+    weight.requires_grad_(True)
+    with model.disable_adapter():
+        for s in seqs:
+            loss = model(input_ids=s[None], labels=s[None]).loss
+            per_seq.append(torch.autograd.grad(loss, weight)[0])
+    weight.requires_grad_(False)
+    want = torch.stack([g.square() for g in per_seq]).mean(0)
+    batch_mean_sq = torch.stack(per_seq).mean(0).square()
+    assert torch.allclose(fisher.matrices[name], want, rtol=1e-4, atol=1e-10)
+    assert not torch.allclose(fisher.matrices[name], batch_mean_sq, rtol=1e-2), "not the square of the mean"
+    assert all(p.requires_grad for m in find_adapted(model) for p in (m.a, m.b)), "LoRA params restored"
+    penalty = EWCPenalty(model, fisher, lam=2.0)
+    assert float(penalty.penalty().detach()) == 0.0  # fresh adapter: B = 0, anchored at W0
+
+
+def test_t_tests_against_known_values():
+    assert stats.t_two_sided_p(2.0, 10) == pytest.approx(0.07339, abs=1e-4)
+    assert stats.t_two_sided_p(0.0, 5) == pytest.approx(1.0)
+    t, p = stats.welch([1, 2, 3, 4, 5], [2, 3, 4, 5, 9])
+    assert t == pytest.approx(-1.1429, abs=1e-3) and p == pytest.approx(0.2937, abs=2e-3)
+    t, p = stats.paired([1, 2, 3, 4], [1.5, 2.1, 3.7, 4.2])
+    assert p == pytest.approx(0.0723, abs=1e-3)
+    with pytest.raises(ValueError):
+        stats.welch([1.0], [2.0, 3.0])

@@ -1,0 +1,68 @@
+"""The experiment commands end to end on the real model at toy budgets (slow): demo, record →
+finetune → evaluate, and the resumable grid's summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hlora import experiment, grid
+
+
+def _cli(*args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "hlora.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_results_and_plots(tmp_path):
+    out = _cli("demo", "--quick", "--out", str(tmp_path), "--sweep", "1e2")
+    assert "Demo-budget run" in out and "DEMO BUDGET" in out
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results["results"]) == {"base", "after ν", *experiment.METHODS}
+    for r in results["results"].values():
+        assert r["ppl"] > 1 and 0 <= r["acc"] <= 1
+    assert results["costs"]["ewc_fisher_bytes"] > 0 and results["costs"]["hlora_importance_bytes"] > 0
+    for name in ("loss_curves.png", "importance_heatmap.png", "phi_sweep.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_record_finetune_evaluate_commands(tmp_path):
+    _cli("record", "--out", str(tmp_path / "nu"), "--steps", "2", "--batch", "2", "--seq-len", "32")
+    assert (tmp_path / "nu" / "importance.safetensors").is_file()
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"question": f"What is {i} plus {i}?", "options": [str(2 * i), "7", "x"],
+                                           "answer": 0}) for i in range(6)))
+    out = _cli("finetune", "--out", str(tmp_path / "mu"), "--adapter", str(tmp_path / "nu" / "adapter"),
+               "--importance", str(tmp_path / "nu" / "importance.safetensors"), "--mcq", str(items),
+               "--steps", "2", "--batch", "2", "--phi", "100")
+    assert "penalty" in out and (tmp_path / "mu" / "adapter").is_dir()
+    text = tmp_path / "general.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = _cli("evaluate", "--adapter", str(tmp_path / "mu" / "adapter"), "--text", str(text), "--mcq", str(items),
+               "--seq-len", "32")
+    assert "general perplexity" in out and "over 6 items" in out
+
+
+def test_grid_summary_from_saved_runs(tmp_path):
+    methods = ["base", "after ν", *experiment.METHODS]
+    for seed, shift in enumerate([0.0, 0.5, 1.0]):
+        results = {m: {"ppl": 40 + (0 if m in ("base", "after ν", "HLoRA") else 10) + shift + i * 0.01,
+                       "acc": 0.4 + shift / 10, "acc_norm": 0.4, "seconds": 1.0} for i, m in enumerate(methods)}
+        costs = {"hlora_recording_overhead_s": 1.0, "hlora_nu_phase_s": 50.0, "hlora_importance_bytes": 4e6,
+                 "ewc_fisher_s": 60.0, "ewc_fisher_bytes": 4e6}
+        os.makedirs(tmp_path / "medical", exist_ok=True)
+        experiment.save_json(grid.run_path(str(tmp_path), "medical", seed),
+                             {"domain": "medical", "seed": seed, "results": results, "costs": costs})
+    text = grid.summarize(str(tmp_path))
+    assert "### medical — 3 seed(s)" in text and "| HLoRA |" in text
+    assert "60× the recording overhead" in text
+    assert (tmp_path / "medical_ppl_rise.png").stat().st_size > 1000
+    assert (tmp_path / "summary.md").read_text() == text
