@@ -22,7 +22,7 @@ def _cli(*args, timeout=900):
 
 @pytest.mark.slow
 def test_demo_quick_writes_results_and_plots(tmp_path):
-    out = _cli("demo", "--quick", "--out", str(tmp_path), "--sweep", "1e2")
+    out = _cli("demo", "--quick", "--out", str(tmp_path), "--sweep", "100")
     assert "Demo-budget run" in out and "DEMO BUDGET" in out
     results = json.load(open(tmp_path / "results.json"))
     assert set(results["results"]) == {"base", "after ν", *experiment.METHODS}

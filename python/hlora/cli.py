@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmp.measure_recording_overhead(steps=1 if args.quick else 3)
     for method in experiment.METHODS:
         cmp.run_method(method)
-    sweep = [] if args.no_sweep else cmp.phi_sweep(args.sweep)
+    sweep = cmp.phi_sweep(args.sweep) if args.sweep else []
     table = experiment.results_table(cmp.results)
     print()
     print(f"## Demo-budget run: SmolLM2-135M, {args.domain}, seed {args.seed}")
@@ -103,11 +103,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    import json
+
     from hlora import experiment, grid
 
     if len(args.seeds) != len(args.domains):
         raise SystemExit("--seeds needs one count per domain")
-    budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items, phi=args.phi, lam=args.lam)
+    phi, lam = args.phi, args.lam
+    if args.selection:
+        chosen = json.load(open(args.selection))
+        phi, lam = chosen["phi"], chosen["lam"]
+        print(f"φ = {phi:g} and λ = {lam:g}, chosen on the validation split ({args.selection})")
+    budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items, phi=phi, lam=lam)
     if args.summary_only:
         print(grid.summarize(args.out))
         return 0
@@ -205,8 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M, offline)")
     demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--sweep", type=float, nargs="*", default=[1e2, 1e4])
-    demo.add_argument("--no-sweep", action="store_true")
+    demo.add_argument("--sweep", type=float, nargs="*", default=[],
+                      help="also run HLoRA at these φ on the validation split (Fig. 6; ~1.5 min each)")
     demo.add_argument("--quick", action="store_true", help="a toy budget (for tests)")
     demo.set_defaults(func=cmd_demo)
     exp = sub.add_parser("experiment", help="the multi-seed grid: domains × seeds × methods (resumable)")
@@ -216,6 +223,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     exp.add_argument("--eval-items", type=int, default=600)
     exp.add_argument("--phi", type=float, default=1e3)
     exp.add_argument("--lam", type=float, default=1e3)
+    exp.add_argument("--selection", default=None,
+                     help="take φ and λ from scripts/select_hyperparameters.py's output (out/selection.json)")
     exp.add_argument("--model", default=None)
     exp.add_argument("--threads", type=int, default=2)
     exp.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")

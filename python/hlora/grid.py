@@ -28,7 +28,12 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
                 continue
             log(f"{domain} seed {seed}: running — {budget.describe()}")
             cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, log=log)
-            cmp.run_base()
+            earlier = run_path(out, domain, 0)
+            if seed > 0 and os.path.isfile(earlier):  # the base model does not depend on the seed
+                base = json.load(open(earlier))["results"]["base"]
+                cmp.results["base"] = experiment.Result("base", base["ppl"], base["acc"], base["acc_norm"], 0.0)
+            else:
+                cmp.run_base()
             cmp.run_nu()
             cmp.measure_recording_overhead(steps=2)
             for method in experiment.METHODS:

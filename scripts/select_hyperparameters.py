@@ -1,0 +1,55 @@
+"""Chooses φ (HLoRA) and λ (EWC-LoRA) on the validation split before any seeded test run.
+
+Rule: among the values whose validation accuracy is within 1 point of LoRA(ν+μ)'s (φ = 0), take
+the one with the lowest general perplexity (held-out text); the same rule for λ against LoRA(μ).
+Writes out/selection.json.
+
+    python scripts/select_hyperparameters.py [--domain medical] [--seed 1000]
+"""
+
+import argparse
+import json
+import os
+
+from hlora import experiment, plots
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--domain", default="medical")
+    parser.add_argument("--seed", type=int, default=1000, help="a seed not used by the test runs")
+    parser.add_argument("--phis", type=float, nargs="+", default=[1e2, 1e3, 1e4, 1e5])
+    parser.add_argument("--lams", type=float, nargs="+", default=[1e2, 1e4, 1e6])
+    parser.add_argument("--out", default="out/selection.json")
+    args = parser.parse_args()
+    budget = experiment.Budget()
+    cmp = experiment.Comparison(args.domain, budget, seed=args.seed, progress=False)
+    cmp.test_items = cmp.val_items[: budget.eval_items]  # everything below is scored on validation data
+    cmp.run_nu()
+    rows = {"LoRA(nu+mu)": vars(cmp.run_method("LoRA(nu+mu)")), "LoRA(mu)": vars(cmp.run_method("LoRA(mu)"))}
+    phi_rows = [dict(phi=phi, **{k: vars(cmp.run_method("HLoRA", phi=phi))[k] for k in ("ppl", "acc")})
+                for phi in args.phis]
+    lam_rows = []
+    for lam in args.lams:
+        cmp.budget.lam = lam
+        lam_rows.append(dict(lam=lam, **{k: vars(cmp.run_method("EWC-LoRA"))[k] for k in ("ppl", "acc")}))
+
+    def pick(candidates, reference_acc, key):
+        ok = [c for c in candidates if c["acc"] >= reference_acc - 0.01] or candidates
+        return min(ok, key=lambda c: c["ppl"])[key]
+
+    selection = {"domain": args.domain, "seed": args.seed, "budget": vars(budget),
+                 "reference": {k: {"ppl": v["ppl"], "acc": v["acc"]} for k, v in rows.items()},
+                 "phi_sweep": phi_rows, "lam_sweep": lam_rows,
+                 "phi": pick(phi_rows, rows["LoRA(nu+mu)"]["acc"], "phi"),
+                 "lam": pick(lam_rows, rows["LoRA(mu)"]["acc"], "lam")}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(selection, f, indent=1, default=str)
+    plots.phi_sweep(phi_rows, os.path.join(os.path.dirname(args.out), "phi_sweep_validation.png"),
+                    baseline=selection["reference"]["LoRA(nu+mu)"])
+    print(json.dumps({k: selection[k] for k in ("reference", "phi_sweep", "lam_sweep", "phi", "lam")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
