@@ -27,12 +27,15 @@ def main() -> None:
     cmp.test_items = cmp.val_items[: budget.eval_items]  # everything below is scored on validation data
     cmp.run_nu()
     rows = {"LoRA(nu+mu)": vars(cmp.run_method("LoRA(nu+mu)")), "LoRA(mu)": vars(cmp.run_method("LoRA(mu)"))}
-    phi_rows = [dict(phi=phi, **{k: vars(cmp.run_method("HLoRA", phi=phi))[k] for k in ("ppl", "acc")})
-                for phi in args.phis]
+    phi_rows = []
+    for phi in args.phis:
+        res = cmp.run_method("HLoRA", phi=phi)
+        phi_rows.append({"phi": phi, "ppl": res.ppl, "acc": res.acc})
     lam_rows = []
     for lam in args.lams:
         cmp.budget.lam = lam
-        lam_rows.append(dict(lam=lam, **{k: vars(cmp.run_method("EWC-LoRA"))[k] for k in ("ppl", "acc")}))
+        res = cmp.run_method("EWC-LoRA")
+        lam_rows.append({"lam": lam, "ppl": res.ppl, "acc": res.acc})
 
     def pick(candidates, reference_acc, key):
         ok = [c for c in candidates if c["acc"] >= reference_acc - 0.01] or candidates

@@ -13,6 +13,11 @@ from typing import Dict, List, Optional, Sequence
 from hlora import experiment, plots, stats
 
 
+def _read_json(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_path(out: str, domain: str, seed: int) -> str:
     return os.path.join(out, domain, f"seed{seed}.json")
 
@@ -30,7 +35,7 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
             cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, log=log)
             earlier = run_path(out, domain, 0)
             if seed > 0 and os.path.isfile(earlier):  # the base model does not depend on the seed
-                base = json.load(open(earlier))["results"]["base"]
+                base = _read_json(earlier)["results"]["base"]
                 cmp.results["base"] = experiment.Result("base", base["ppl"], base["acc"], base["acc_norm"], 0.0)
             else:
                 cmp.run_base()
@@ -53,7 +58,7 @@ def load_runs(out: str) -> Dict[str, List[Dict]]:
         folder = os.path.join(out, domain)
         if os.path.isdir(folder):
             files = sorted(f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json"))
-            runs[domain] = [json.load(open(os.path.join(folder, f))) for f in files]
+            runs[domain] = [_read_json(os.path.join(folder, f)) for f in files]
     return runs
 
 

@@ -40,7 +40,7 @@ __all__ = ["ImportanceCallback", "RegularizationCallback", "RegularizedTrainerMi
 
 def refuse_sharded_training(args: Any) -> None:
     """hlora needs every rank to hold whole LoRA factors and their gradients."""
-    if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
+    if getattr(args, "fsdp", None):
         raise ValueError("hlora does not support FSDP: it needs whole LoRA factors and gradients on every rank. "
                          "Supported: single-process and DDP (torchrun / torch.distributed) training.")
     if getattr(args, "deepspeed", None):

@@ -36,11 +36,10 @@ def accumulate_omega_(
     for name, t in named:
         check.tensor(t, name, check.FACTOR_DTYPES)
     out, inn, rank = check.factors("omega", omega, "a_prev", a_prev, "b_prev", b_prev)
-    for name, t in named[2:]:
-        if name.startswith("grad_a") or name.startswith("a_"):
-            check.shape(t, name, rank, inn, "like a_prev (r, in)")
-        else:
-            check.shape(t, name, out, rank, "(out, r) for omega (out, in) and A (r, in)")
+    for name, t in (("grad_a", grad_a), ("a_next", a_next)):
+        check.shape(t, name, rank, inn, "like a_prev (r, in)")
+    for name, t in (("grad_b", grad_b), ("b_next", b_next)):
+        check.shape(t, name, out, rank, "(out, r) for omega (out, in) and A (r, in)")
     check.same_device([("omega", omega), *named])
     lr, s = check.finite(lr, "lr"), check.finite(scaling, "scaling")
     dt = check.compute_dtype(omega, *(t for _, t in named))
