@@ -88,6 +88,34 @@ pub fn delta<M: Factor>(a: &M, b: &M, s: f64, anchor: Option<Anchor<'_, M>>) -> 
     }
 }
 
+/// The current factors and `delta` from them, after converting every tensor with `convert`
+/// (to `Dense` for the CPU kernels, to a compute-kind tensor for the device path). `anchor` is the
+/// start or reference pair with its scaling.
+pub fn converted_delta<M: Factor>(
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    anchor: Option<(&Tensor, &Tensor, f64)>,
+    convert: impl Fn(&Tensor) -> Result<M>,
+) -> Result<(M, M, (M, M))> {
+    let (a, b) = (convert(a)?, convert(b)?);
+    let anchor = match anchor {
+        Some((a0, b0, s0)) => Some((convert(a0)?, convert(b0)?, s0)),
+        None => None,
+    };
+    let lr = delta(
+        &a,
+        &b,
+        s,
+        anchor.as_ref().map(|(a0, b0, s0)| Anchor {
+            a: a0,
+            b: b0,
+            scaling: *s0,
+        }),
+    )?;
+    Ok((a, b, lr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

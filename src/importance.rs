@@ -2,14 +2,12 @@
 
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
-use crate::forms::{delta, Anchor};
+use crate::forms::converted_delta;
 use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
 use crate::scalar::{Real, Storage};
 use crate::simd::{multiversion, Madd};
-use crate::view::{
-    dense, finite, same_device, slice, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS,
-};
+use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, OMEGA_KINDS};
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
@@ -35,30 +33,7 @@ impl FinalizeJob {
         xi: f64,
         clamp_negative: bool,
     ) -> Result<Self> {
-        let mut kinds = vec![
-            omega.kind(OMEGA_KINDS)?,
-            a.kind(FACTOR_KINDS)?,
-            b.kind(FACTOR_KINDS)?,
-        ];
-        let (out, inn) = omega.dims2()?;
-        let (rank, a_in) = a.dims2()?;
-        if a_in != inn || rank == 0 {
-            return Err(Error::value(format!(
-                "{} must have shape (r, {inn}) with r >= 1 for omega (out, {inn}), got ({rank}, {a_in})",
-                a.name
-            )));
-        }
-        b.expect_shape(out, rank, "(out, r) for omega (out, in) and A (r, in)")?;
-        let mut all = vec![omega, a, b];
-        if let Some((a_start, b_start)) = start {
-            kinds.push(a_start.kind(FACTOR_KINDS)?);
-            kinds.push(b_start.kind(FACTOR_KINDS)?);
-            a_start.expect_shape(rank, inn, "like a")?;
-            b_start.expect_shape(out, rank, "like b")?;
-            all.push(a_start);
-            all.push(b_start);
-        }
-        same_device(&all)?;
+        let f64_math = check_factor_set(omega, OMEGA_KINDS, a, b, start)?;
         let xi = finite(xi, "xi")?;
         if xi <= 0.0 {
             return Err(Error::value(format!(
@@ -73,7 +48,7 @@ impl FinalizeJob {
             scaling: finite(scaling, "scaling")?,
             xi,
             clamp_negative,
-            f64_math: wants_f64(&kinds),
+            f64_math,
         })
     }
 
@@ -89,17 +64,8 @@ impl FinalizeJob {
     }
 
     fn run_fused<S: Storage, T: Real>(&self) -> Result<Tensor> {
-        let (a, b) = (dense::<T>(&self.a)?, dense::<T>(&self.b)?);
-        let start = match &self.start {
-            Some((a0, b0)) => Some((dense::<T>(a0)?, dense::<T>(b0)?)),
-            None => None,
-        };
-        let anchor = start.as_ref().map(|(a0, b0)| Anchor {
-            a: a0,
-            b: b0,
-            scaling: self.scaling,
-        });
-        let (l, r) = delta(&a, &b, self.scaling, anchor)?;
+        let anchor = self.start.as_ref().map(|(a0, b0)| (a0, b0, self.scaling));
+        let (_, _, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, dense::<T>)?;
         let delta = LowRank::new(l, r);
         let omega = self.omega.f_contiguous()?;
         let out = Tensor::f_empty(omega.size(), (omega.f_kind()?, omega.device()))?;
@@ -117,17 +83,8 @@ impl FinalizeJob {
             Kind::Float
         };
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
-        let (a, b) = (c(&self.a)?, c(&self.b)?);
-        let start = match &self.start {
-            Some((a0, b0)) => Some((c(a0)?, c(b0)?)),
-            None => None,
-        };
-        let anchor = start.as_ref().map(|(a0, b0)| Anchor {
-            a: a0,
-            b: b0,
-            scaling: self.scaling,
-        });
-        let (l, r) = delta(&a, &b, self.scaling, anchor)?;
+        let anchor = self.start.as_ref().map(|(a0, b0)| (a0, b0, self.scaling));
+        let (_, _, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, c)?;
         let d = l.f_mm(&r)?;
         let denom = d.f_square()?.f_add_scalar(self.xi)?;
         let mut omega = self.omega.f_detach()?.f_to_kind(kind)?.f_div(&denom)?;

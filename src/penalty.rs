@@ -2,15 +2,13 @@
 //! analytic gradients ∂P/∂B = 2s·(Ω⊙D)·Aᵀ and ∂P/∂A = 2s·Bᵀ·(Ω⊙D), in one pass over Ω.
 
 use crate::dispatch::{path_for, Path};
-use crate::error::{Error, Result};
-use crate::forms::{delta, Anchor};
+use crate::error::Result;
+use crate::forms::converted_delta;
 use crate::lowrank::{rows_per_task, Dense, LowRank, ROW_BLOCK, TILE_COLS};
 use crate::pool;
 use crate::scalar::{Real, Storage};
 use crate::simd::{multiversion, Madd};
-use crate::view::{
-    dense, finite, same_device, slice, wants_f64, Arg, FACTOR_KINDS, STORED_OMEGA_KINDS,
-};
+use crate::view::{check_factor_set, dense, finite, slice, Arg, STORED_OMEGA_KINDS};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
@@ -40,30 +38,7 @@ impl PenaltyJob {
         scaling: f64,
         scaling_ref: Option<f64>,
     ) -> Result<Self> {
-        let mut kinds = vec![
-            omega.kind(STORED_OMEGA_KINDS)?,
-            a.kind(FACTOR_KINDS)?,
-            b.kind(FACTOR_KINDS)?,
-        ];
-        let (out, inn) = omega.dims2()?;
-        let (rank, a_in) = a.dims2()?;
-        if a_in != inn || rank == 0 {
-            return Err(Error::value(format!(
-                "{} must have shape (r, {inn}) with r >= 1 for Omega (out, {inn}), got ({rank}, {a_in})",
-                a.name
-            )));
-        }
-        b.expect_shape(out, rank, "(out, r) for Omega (out, in) and A (r, in)")?;
-        let mut all = vec![omega, a, b];
-        if let Some((a_ref, b_ref)) = reference {
-            kinds.push(a_ref.kind(FACTOR_KINDS)?);
-            kinds.push(b_ref.kind(FACTOR_KINDS)?);
-            a_ref.expect_shape(rank, inn, "like a")?;
-            b_ref.expect_shape(out, rank, "like b")?;
-            all.push(a_ref);
-            all.push(b_ref);
-        }
-        same_device(&all)?;
+        let f64_math = check_factor_set(omega, STORED_OMEGA_KINDS, a, b, reference)?;
         let scaling = finite(scaling, "scaling")?;
         let scaling_ref = finite(scaling_ref.unwrap_or(scaling), "scaling_ref")?;
         Ok(PenaltyJob {
@@ -73,7 +48,7 @@ impl PenaltyJob {
             reference: reference.map(|(a0, b0)| (a0.share(), b0.share())),
             scaling,
             scaling_ref,
-            f64_math: wants_f64(&kinds),
+            f64_math,
         })
     }
 
@@ -102,17 +77,11 @@ impl PenaltyJob {
     }
 
     fn run_fused<S: Storage, T: Real>(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
-        let (a, b) = (dense::<T>(&self.a)?, dense::<T>(&self.b)?);
-        let reference = match &self.reference {
-            Some((a0, b0)) => Some((dense::<T>(a0)?, dense::<T>(b0)?)),
-            None => None,
-        };
-        let anchor = reference.as_ref().map(|(a0, b0)| Anchor {
-            a: a0,
-            b: b0,
-            scaling: self.scaling_ref,
-        });
-        let (l, r) = delta(&a, &b, self.scaling, anchor)?;
+        let anchor = self
+            .reference
+            .as_ref()
+            .map(|(a0, b0)| (a0, b0, self.scaling_ref));
+        let (a, b, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, dense::<T>)?;
         let d = LowRank::new(l, r);
         let omega = self.omega.f_contiguous()?;
         // SAFETY: contiguous CPU tensor of dtype S, only read.
@@ -135,17 +104,11 @@ impl PenaltyJob {
     fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
         let kind = self.compute_kind();
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
-        let (a, b) = (c(&self.a)?, c(&self.b)?);
-        let reference = match &self.reference {
-            Some((a0, b0)) => Some((c(a0)?, c(b0)?)),
-            None => None,
-        };
-        let anchor = reference.as_ref().map(|(a0, b0)| Anchor {
-            a: a0,
-            b: b0,
-            scaling: self.scaling_ref,
-        });
-        let (l, r) = delta(&a, &b, self.scaling, anchor)?;
+        let anchor = self
+            .reference
+            .as_ref()
+            .map(|(a0, b0)| (a0, b0, self.scaling_ref));
+        let (a, b, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, c)?;
         let d = l.f_mm(&r)?;
         let g = c(&self.omega)?.f_mul(&d)?;
         let value = g.f_mul(&d)?.f_sum(kind)?.f_mul_scalar(weight)?;

@@ -238,6 +238,47 @@ pub fn same_device(args: &[&Arg]) -> Result<Device> {
     Ok(device)
 }
 
+/// Checks Ω or ω `(out, in)` against factors `A (r, in)`, `B (out, r)` and an optional second
+/// pair of the same shapes (start or reference factors): dtypes, shapes, one device. Returns
+/// whether the maths runs in float64.
+pub fn check_factor_set(
+    omega: &Arg,
+    omega_kinds: &[Kind],
+    a: &Arg,
+    b: &Arg,
+    pair: Option<(&Arg, &Arg)>,
+) -> Result<bool> {
+    let mut kinds = vec![
+        omega.kind(omega_kinds)?,
+        a.kind(FACTOR_KINDS)?,
+        b.kind(FACTOR_KINDS)?,
+    ];
+    let (out, inn) = omega.dims2()?;
+    let (rank, a_in) = a.dims2()?;
+    if a_in != inn || rank == 0 {
+        return Err(Error::value(format!(
+            "{} must have shape (r, {inn}) with r >= 1 for {} (out, {inn}), got ({rank}, {a_in})",
+            a.name, omega.name
+        )));
+    }
+    b.expect_shape(
+        out,
+        rank,
+        &format!("(out, r) for {} (out, in) and A (r, in)", omega.name),
+    )?;
+    let mut all = vec![omega, a, b];
+    if let Some((a2, b2)) = pair {
+        kinds.push(a2.kind(FACTOR_KINDS)?);
+        kinds.push(b2.kind(FACTOR_KINDS)?);
+        a2.expect_shape(rank, inn, "like a")?;
+        b2.expect_shape(out, rank, "like b")?;
+        all.push(a2);
+        all.push(b2);
+    }
+    same_device(&all)?;
+    Ok(wants_f64(&kinds))
+}
+
 /// Whether the maths runs in float64: when any input is float64 (DESIGN §1).
 pub fn wants_f64(kinds: &[Kind]) -> bool {
     kinds.contains(&Kind::Double)

@@ -51,6 +51,25 @@ def factors(omega_name: str, omega: torch.Tensor, a_name: str, a: torch.Tensor,
     return out, inn, rank
 
 
+def factor_set(omega_name: str, omega: torch.Tensor, omega_dtypes: Sequence[torch.dtype], a: torch.Tensor,
+               b: torch.Tensor, pair_names: tuple, pair: tuple) -> torch.dtype:
+    """Ω or ω (out, in), A (r, in), B (out, r) and an optional second pair of the same shapes (start or
+    reference factors): dtypes, shapes, one device. Returns the compute dtype."""
+    tensor(omega, omega_name, omega_dtypes)
+    tensor(a, "a", FACTOR_DTYPES)
+    tensor(b, "b", FACTOR_DTYPES)
+    out, inn, rank = factors(omega_name, omega, "a", a, "b", b)
+    named = [(omega_name, omega), ("a", a), ("b", b)]
+    if pair_given(pair[0], pair[1], f"{pair_names[0]} and {pair_names[1]}"):
+        tensor(pair[0], pair_names[0], FACTOR_DTYPES)
+        tensor(pair[1], pair_names[1], FACTOR_DTYPES)
+        shape(pair[0], pair_names[0], rank, inn, "like a")
+        shape(pair[1], pair_names[1], out, rank, "like b")
+        named += [(pair_names[0], pair[0]), (pair_names[1], pair[1])]
+    same_device(named)
+    return compute_dtype(*(t for _, t in named))
+
+
 def same_device(named: Sequence[tuple]) -> None:
     first_name, first = named[0]
     for name, t in named:
@@ -69,7 +88,7 @@ def finite(x: float, name: str) -> float:
     return float(x)
 
 
-def pair(a: Optional[torch.Tensor], b: Optional[torch.Tensor], names: str) -> bool:
+def pair_given(a: Optional[torch.Tensor], b: Optional[torch.Tensor], names: str) -> bool:
     if (a is None) != (b is None):
         raise ValueError(f"{names} must be given together (or neither, for a fresh adapter)")
     return a is not None

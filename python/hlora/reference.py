@@ -78,23 +78,11 @@ def finalize_importance(
     b_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Ω = ω / (Δ² + ξ) (Eq. 13), a new tensor of ω's dtype; ω is left unchanged."""
-    check.tensor(omega, "omega", check.OMEGA_DTYPES)
-    check.tensor(a, "a", check.FACTOR_DTYPES)
-    check.tensor(b, "b", check.FACTOR_DTYPES)
-    out, inn, rank = check.factors("omega", omega, "a", a, "b", b)
-    named = [("omega", omega), ("a", a), ("b", b)]
-    if check.pair(a_start, b_start, "a_start and b_start"):
-        check.tensor(a_start, "a_start", check.FACTOR_DTYPES)
-        check.tensor(b_start, "b_start", check.FACTOR_DTYPES)
-        check.shape(a_start, "a_start", rank, inn, "like a")
-        check.shape(b_start, "b_start", out, rank, "like b")
-        named += [("a_start", a_start), ("b_start", b_start)]
-    check.same_device(named)
+    dt = check.factor_set("omega", omega, check.OMEGA_DTYPES, a, b, ("a_start", "b_start"), (a_start, b_start))
     s = check.finite(scaling, "scaling")
     xi = check.finite(xi, "xi")
     if xi <= 0:
         raise ValueError(f"xi must be a positive number, got {xi}")
-    dt = check.compute_dtype(*(t for _, t in named))
     with torch.no_grad():
         cast = [None if t is None else t.detach().to(dt) for t in (a, b, a_start, b_start)]
         delta = _delta(cast[0], cast[1], s, cast[2], cast[3], s)
@@ -135,21 +123,9 @@ def importance_penalty(
     scaling_ref: Optional[float] = None,
 ) -> torch.Tensor:
     """P = Σ Ω ⊙ D² (Eq. 14), D = s·B·A − s_ref·B_ref·A_ref; differentiable w.r.t. a and b."""
-    check.tensor(Omega, "Omega", check.FACTOR_DTYPES)
-    check.tensor(a, "a", check.FACTOR_DTYPES)
-    check.tensor(b, "b", check.FACTOR_DTYPES)
-    out, inn, rank = check.factors("Omega", Omega, "a", a, "b", b)
-    named = [("Omega", Omega), ("a", a), ("b", b)]
-    if check.pair(a_ref, b_ref, "a_ref and b_ref"):
-        check.tensor(a_ref, "a_ref", check.FACTOR_DTYPES)
-        check.tensor(b_ref, "b_ref", check.FACTOR_DTYPES)
-        check.shape(a_ref, "a_ref", rank, inn, "like a")
-        check.shape(b_ref, "b_ref", out, rank, "like b")
-        named += [("a_ref", a_ref), ("b_ref", b_ref)]
-    check.same_device(named)
+    dt = check.factor_set("Omega", Omega, check.FACTOR_DTYPES, a, b, ("a_ref", "b_ref"), (a_ref, b_ref))
     s = check.finite(scaling, "scaling")
     s_ref = s if scaling_ref is None else check.finite(scaling_ref, "scaling_ref")
-    dt = check.compute_dtype(*(t for _, t in named))
     refs = [None if t is None else t.detach().to(dt) for t in (a_ref, b_ref)]
     d = _delta(a.to(dt), b.to(dt), s, refs[0], refs[1], s_ref)
     return (Omega.detach().to(dt) * d * d).sum()
@@ -198,7 +174,7 @@ def importance_penalty_many(Omega, a, b, a_ref=None, b_ref=None, *, scaling: Sca
     n = _lists(None, Omega=Omega, a=a, b=b)
     if n == 0:
         raise ValueError("Omega must hold at least one matrix")
-    if check.pair(a_ref, b_ref, "a_ref and b_ref"):
+    if check.pair_given(a_ref, b_ref, "a_ref and b_ref"):
         _lists(n, a_ref=a_ref, b_ref=b_ref)
     scalings = _per_matrix(scaling, "scaling", n)
     refs = _per_matrix(scaling_ref, "scaling_ref", n) or [None] * n
