@@ -185,6 +185,31 @@ def test_resume_gives_the_same_importance_as_an_uninterrupted_run(tmp_path):
         assert rel_err(resumed.matrices[name], full.matrices[name]) <= 1e-5
 
 
+def test_regularized_run_resumes_with_its_anchor(tmp_path, recorded):
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("simulated crash")
+
+    def trainer(callbacks, steps=5):
+        model = tiny_lora_model(seed=40)
+        with torch.no_grad():
+            for m in find_adapted(model):
+                m.a.copy_(recorded.references[m.name][0])
+                m.b.copy_(recorded.references[m.name][1])
+        args = _args(tmp_path, max_steps=steps, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
+        return Trainer(model=model, args=args, train_dataset=TokenData(64, seed=99),
+                       callbacks=[RegularizationCallback(recorded, phi=1e4), *callbacks])
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer([Crash()]).train()
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-2" / "hlora_regularizer.json")
+    resumed = trainer([])
+    resumed.train(resume_from_checkpoint=True)  # "auto" alone would refuse the moved adapter
+    logged = [e["hlora/penalty"] for e in resumed.state.log_history if "hlora/penalty" in e]
+    assert logged and logged[-1] > 0
+
+
 def test_resume_without_recorder_state_is_refused(tmp_path):
     model = tiny_lora_model(seed=52)
     args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)

@@ -22,6 +22,7 @@ that run before yours) should see the hlora values.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional, Union
 
@@ -33,9 +34,12 @@ from hlora.recorder import DEFAULT_XI, ImportanceRecorder
 from hlora.regularizer import DEFAULT_PHI, Regularizer
 
 RECORDER_STATE_FILE = "hlora_recorder.safetensors"
+#: The regularizer's resolved anchor, saved with checkpoints: after a resume the adapter has moved
+#: away from the reference factors, so "auto" could no longer tell the two set-ups apart.
+REGULARIZER_STATE_FILE = "hlora_regularizer.json"
 
 __all__ = ["ImportanceCallback", "RegularizationCallback", "RegularizedTrainerMixin", "HLoRATrainer",
-           "RECORDER_STATE_FILE"]
+           "RECORDER_STATE_FILE", "REGULARIZER_STATE_FILE"]
 
 
 def refuse_sharded_training(args: Any) -> None:
@@ -132,7 +136,19 @@ class RegularizationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_sharded_training(args)
         if self.regularizer is None:
-            self.regularizer = Regularizer(model, self.importance, **self.options)
+            options = dict(self.options)
+            saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", REGULARIZER_STATE_FILE)
+            if state.global_step > 0 and options["anchor"] == "auto" and os.path.isfile(saved):
+                with open(saved) as f:
+                    options["anchor"] = json.load(f)["anchor"]
+            self.regularizer = Regularizer(model, self.importance, **options)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.regularizer is not None:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", REGULARIZER_STATE_FILE)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"anchor": self.regularizer.anchor}, f)
+            os.replace(path + ".tmp", path)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         value = self.regularizer.penalty()
