@@ -52,6 +52,23 @@ impl FinalizeJob {
         })
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.omega.device()
+    }
+
+    /// The same finalization for the fused CUDA kernels.
+    pub fn cuda_mat(&self) -> crate::cuda::FinalizeMat<'_> {
+        crate::cuda::FinalizeMat {
+            omega: &self.omega,
+            a: &self.a,
+            b: &self.b,
+            start: self.start.as_ref().map(|(a0, b0)| (a0, b0)),
+            scaling: self.scaling,
+            xi: self.xi,
+            f64_math: self.f64_math,
+        }
+    }
+
     pub fn run(&self) -> Result<Tensor> {
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),

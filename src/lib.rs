@@ -2,6 +2,7 @@
 //! builds a job that owns shallow handles to the caller's tensors, and runs it with the GIL
 //! released. The maths lives in one module per kernel family: omega, importance, penalty.
 
+mod cuda;
 mod dispatch;
 mod error;
 mod forms;
@@ -21,7 +22,21 @@ use penalty::PenaltyJob;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 use pyo3_tch::PyTensor;
+use std::sync::Arc;
+use tch::Device;
 use view::{arg, opt_arg, Arg};
+
+/// The fused CUDA kernels when every tensor of a call is on one CUDA device that can run them.
+fn cuda_route(
+    py: Python<'_>,
+    devices: impl IntoIterator<Item = Device>,
+) -> PyResult<Option<(Arc<cuda::Kernels>, u64)>> {
+    let devices: Vec<Device> = devices.into_iter().collect();
+    match devices.first() {
+        Some(&d) if devices.iter().all(|&x| x == d) => dispatch::cuda_route(py, d),
+        _ => Ok(None),
+    }
+}
 
 /// The libtorch version tch 0.24 links against; Python refuses any other torch.
 const TORCH_VERSION: &str = "2.11.0";
@@ -58,6 +73,16 @@ fn args_of<'py>(
         .enumerate()
         .map(|(i, o)| arg(o, &format!("{name}[{i}]"), writable))
         .collect()
+}
+
+fn optional_list<'py>(
+    obj: Option<&Bound<'py, PyAny>>,
+    name: &str,
+    n: usize,
+) -> Result<Option<Vec<Arg<'py>>>, Error> {
+    obj.filter(|v| !v.is_none())
+        .map(|v| args_of(v, name, false, Some(n)))
+        .transpose()
 }
 
 fn per_matrix(values: Vec<f64>, name: &str, n: usize) -> Result<Vec<f64>, Error> {
@@ -103,7 +128,12 @@ fn accumulate_omega_(
         b_next: &bn,
     };
     let job = OmegaJob::new(args, lr, scaling, clamp_negative)?;
-    py.allow_threads(move || job.run())?;
+    match cuda_route(py, [job.device()])? {
+        Some((k, stream)) => py.allow_threads(move || {
+            cuda::omega_many(&k, stream, &[job.cuda_mat()], clamp_negative)
+        })?,
+        None => py.allow_threads(move || job.run())?,
+    }
     Ok(())
 }
 
@@ -146,7 +176,13 @@ fn accumulate_omega_many_(
             OmegaJob::new(args, lr, scaling[i], clamp_negative)
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    py.allow_threads(move || jobs.iter().try_for_each(OmegaJob::run))?;
+    match cuda_route(py, jobs.iter().map(OmegaJob::device))? {
+        Some((k, stream)) => py.allow_threads(move || {
+            let mats: Vec<_> = jobs.iter().map(OmegaJob::cuda_mat).collect();
+            cuda::omega_many(&k, stream, &mats, clamp_negative)
+        })?,
+        None => py.allow_threads(move || jobs.iter().try_for_each(OmegaJob::run))?,
+    }
     Ok(())
 }
 
@@ -181,7 +217,99 @@ fn finalize_importance(
         }
     };
     let job = FinalizeJob::new(&o, &a, &b, start, scaling, xi, clamp_negative)?;
-    Ok(PyTensor(py.allow_threads(move || job.run())?))
+    let result = match cuda_route(py, [job.device()])? {
+        Some((k, stream)) => py.allow_threads(move || {
+            let out = cuda::finalize_many(&k, stream, &[job.cuda_mat()], clamp_negative)?;
+            out.omegas
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::value("no result"))
+        })?,
+        None => py.allow_threads(move || job.run())?,
+    };
+    Ok(PyTensor(result))
+}
+
+type FinalizeManyResult = (Vec<PyTensor>, PyTensor);
+
+/// Ω for every matrix, plus ‖Ω_l‖² per matrix (float64) from the same pass on CUDA.
+#[pyfunction]
+#[pyo3(signature = (omega, a, b, a_start=None, b_start=None, *, scaling, xi, clamp_negative=true))]
+#[allow(clippy::too_many_arguments)]
+fn finalize_importance_many(
+    py: Python<'_>,
+    omega: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    a_start: Option<&Bound<'_, PyAny>>,
+    b_start: Option<&Bound<'_, PyAny>>,
+    scaling: Vec<f64>,
+    xi: f64,
+    clamp_negative: bool,
+) -> PyResult<FinalizeManyResult> {
+    let o = args_of(omega, "omega", false, None)?;
+    let n = o.len();
+    if n == 0 {
+        return Err(Error::value("omega must hold at least one matrix").into());
+    }
+    let av = args_of(a, "a", false, Some(n))?;
+    let bv = args_of(b, "b", false, Some(n))?;
+    let (a0, b0) = (
+        optional_list(a_start, "a_start", n)?,
+        optional_list(b_start, "b_start", n)?,
+    );
+    if a0.is_some() != b0.is_some() {
+        return Err(Error::value(
+            "a_start and b_start must be given together (or neither, for fresh adapters)",
+        )
+        .into());
+    }
+    let scaling = per_matrix(scaling, "scaling", n)?;
+    let mut jobs = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = match (&a0, &b0) {
+            (Some(x), Some(y)) => Some((&x[i], &y[i])),
+            _ => None,
+        };
+        jobs.push(FinalizeJob::new(
+            &o[i],
+            &av[i],
+            &bv[i],
+            start,
+            scaling[i],
+            xi,
+            clamp_negative,
+        )?);
+    }
+    let out = match cuda_route(py, jobs.iter().map(FinalizeJob::device))? {
+        Some((k, stream)) => py.allow_threads(move || {
+            let mats: Vec<_> = jobs.iter().map(FinalizeJob::cuda_mat).collect();
+            cuda::finalize_many(&k, stream, &mats, clamp_negative)
+        })?,
+        None => py.allow_threads(move || -> Result<cuda::FinalizeOut, Error> {
+            let omegas = jobs
+                .iter()
+                .map(FinalizeJob::run)
+                .collect::<Result<Vec<_>, Error>>()?;
+            let sq: Vec<f64> = omegas
+                .iter()
+                .map(|t| {
+                    Ok(t.f_to_kind(tch::Kind::Double)?
+                        .f_square()?
+                        .f_sum(tch::Kind::Double)?
+                        .f_double_value(&[])?)
+                })
+                .collect::<Result<_, Error>>()?;
+            Ok(cuda::FinalizeOut {
+                omegas,
+                sq_norms: tch::Tensor::f_from_slice(&sq)?,
+            })
+        })?,
+    };
+    Ok((
+        out.omegas.into_iter().map(PyTensor).collect(),
+        PyTensor(out.sq_norms),
+    ))
 }
 
 #[pyfunction]
@@ -237,7 +365,16 @@ fn importance_penalty(
     let (ar, br) = (opt_arg(a_ref, "a_ref")?, opt_arg(b_ref, "b_ref")?);
     let job = PenaltyJob::new(&o, &a, &b, reference_pair(&ar, &br)?, scaling, scaling_ref)?;
     let weight = view::finite(weight, "weight")?;
-    let out = py.allow_threads(move || job.run(weight, compute_grads))?;
+    let out = match cuda_route(py, [job.device()])? {
+        Some((k, stream)) => py.allow_threads(move || {
+            let out = cuda::penalty_many(&k, stream, &[job.cuda_mat(weight)], compute_grads)?;
+            Ok::<_, Error>(penalty::PenaltyOut {
+                value: out.total,
+                grads: out.grads.and_then(|g| g.into_iter().next()),
+            })
+        })?,
+        None => py.allow_threads(move || job.run(weight, compute_grads))?,
+    };
     let (ga, gb) = out.grads.map_or((None, None), |(x, y)| {
         (Some(PyTensor(x)), Some(PyTensor(y)))
     });
@@ -268,14 +405,8 @@ fn importance_penalty_many(
     }
     let av = args_of(a, "a", false, Some(n))?;
     let bv = args_of(b, "b", false, Some(n))?;
-    let ar = a_ref
-        .filter(|v| !v.is_none())
-        .map(|x| args_of(x, "a_ref", false, Some(n)))
-        .transpose()?;
-    let br = b_ref
-        .filter(|v| !v.is_none())
-        .map(|x| args_of(x, "b_ref", false, Some(n)))
-        .transpose()?;
+    let ar = optional_list(a_ref, "a_ref", n)?;
+    let br = optional_list(b_ref, "b_ref", n)?;
     if ar.is_some() != br.is_some() {
         return Err(Error::value(
             "a_ref and b_ref must be given together (or neither, for fresh adapters)",
@@ -300,6 +431,23 @@ fn importance_penalty_many(
             w,
         ));
     }
+    if let Some((k, stream)) = cuda_route(py, jobs.iter().map(|(j, _)| j.device()))? {
+        let out = py.allow_threads(move || {
+            let mats: Vec<_> = jobs.iter().map(|(j, w)| j.cuda_mat(*w)).collect();
+            cuda::penalty_many(&k, stream, &mats, compute_grads)
+        })?;
+        let (grads_a, grads_b) = match out.grads {
+            Some(g) => g
+                .into_iter()
+                .map(|(ga, gb)| (Some(PyTensor(ga)), Some(PyTensor(gb))))
+                .unzip(),
+            None => (
+                (0..n).map(|_| None).collect(),
+                (0..n).map(|_| None).collect(),
+            ),
+        };
+        return Ok((PyTensor(out.total), grads_a, grads_b));
+    }
     let outs = py.allow_threads(move || {
         jobs.iter()
             .map(|(job, w)| job.run(*w, compute_grads))
@@ -322,13 +470,50 @@ fn importance_penalty_many(
     Ok((PyTensor(total), grads_a, grads_b))
 }
 
-/// Routes CPU tensors through the fused kernels ("fused", the default) or the tch path
-/// ("tch", the one CUDA tensors take) — for tests of the device path without a GPU.
+/// Routes CPU tensors through the fused kernels ("fused", the default), the tch path ("tch",
+/// the CUDA fallback) or the CUDA kernels on their CPU emulator ("cuda-emulator", with the
+/// emulator library built from src/cuda/emulator.cpp) — tests of the device paths without a GPU.
 #[pyfunction]
-fn set_cpu_path(path: &str) -> PyResult<()> {
+#[pyo3(signature = (path, emulator=None))]
+fn set_cpu_path(path: &str, emulator: Option<&str>) -> PyResult<()> {
+    match (path, emulator) {
+        ("fused", None) => dispatch::set_cpu_path(false, None),
+        ("tch", None) => dispatch::set_cpu_path(true, None),
+        ("cuda-emulator", Some(lib)) => {
+            let kernels = cuda::Kernels::emulator(lib)?;
+            dispatch::set_cpu_path(false, Some(Arc::new(kernels)));
+        }
+        ("cuda-emulator", None) => {
+            return Err(Error::value("path \"cuda-emulator\" needs emulator=<library path>").into())
+        }
+        (other, _) => {
+            return Err(Error::value(format!(
+                "path must be \"fused\", \"tch\" or \"cuda-emulator\", got {other:?}"
+            ))
+            .into())
+        }
+    }
+    Ok(())
+}
+
+/// The `-D` options with the host's table sizes (for building the emulator).
+#[pyfunction]
+fn cuda_size_defines() -> Vec<String> {
+    cuda::size_defines()
+}
+
+#[pyfunction]
+fn cpu_path() -> &'static str {
+    dispatch::cpu_path_name()
+}
+
+/// Routes CUDA tensors through the fused CUDA kernels ("fused", the default) or the tch
+/// path ("tch") — to compare the two on a GPU.
+#[pyfunction]
+fn set_cuda_path(path: &str) -> PyResult<()> {
     match path {
-        "fused" => dispatch::set_cpu_path(false),
-        "tch" => dispatch::set_cpu_path(true),
+        "fused" => dispatch::set_cuda_path(false),
+        "tch" => dispatch::set_cuda_path(true),
         other => {
             return Err(
                 Error::value(format!("path must be \"fused\" or \"tch\", got {other:?}")).into(),
@@ -339,8 +524,27 @@ fn set_cpu_path(path: &str) -> PyResult<()> {
 }
 
 #[pyfunction]
-fn cpu_path() -> &'static str {
-    dispatch::cpu_path_name()
+fn cuda_path() -> &'static str {
+    dispatch::cuda_path_name()
+}
+
+/// Compiles the CUDA kernels for `arch` with NVRTC and returns the cubin's size in bytes.
+/// Needs NVRTC only (no GPU): the check CI runs on CPU-only machines.
+#[pyfunction]
+fn cuda_compile(py: Python<'_>, arch: &str) -> PyResult<usize> {
+    py.import("hlora._nvrtc")?.call_method0("preload")?;
+    let arch = arch.to_string();
+    Ok(py.allow_threads(move || cuda::compile(&arch))?.len())
+}
+
+/// Whether the fused CUDA kernels run on CUDA device `device`, or why not.
+#[pyfunction]
+fn cuda_status(py: Python<'_>, device: i32) -> PyResult<String> {
+    py.import("hlora._nvrtc")?.call_method0("preload")?;
+    Ok(match cuda::kernels(device) {
+        Ok(k) => format!("fused ({} on device {})", k.arch, k.device),
+        Err(reason) => format!("unavailable: {reason}"),
+    })
 }
 
 #[pyfunction]
@@ -365,6 +569,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(importance_penalty_many, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_path, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_path, m)?)?;
+    m.add_function(wrap_pyfunction!(finalize_importance_many, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cuda_path, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_path, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_size_defines, m)?)?;
     m.add_function(wrap_pyfunction!(torch_version, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())

@@ -92,6 +92,28 @@ impl OmegaJob {
         })
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.omega.device()
+    }
+
+    /// The same update for the fused CUDA kernels.
+    pub fn cuda_mat(&self) -> crate::cuda::OmegaMat<'_> {
+        crate::cuda::OmegaMat {
+            omega: &self.omega,
+            factors: [
+                &self.a_prev,
+                &self.b_prev,
+                &self.grad_a,
+                &self.grad_b,
+                &self.a_next,
+                &self.b_next,
+            ],
+            lr: self.lr,
+            scaling: self.scaling,
+            f64_math: self.f64_math,
+        }
+    }
+
     pub fn run(&self) -> Result<()> {
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),

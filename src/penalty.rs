@@ -52,6 +52,24 @@ impl PenaltyJob {
         })
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.omega.device()
+    }
+
+    /// The same term, weighted by `weight`, for the fused CUDA kernels.
+    pub fn cuda_mat(&self, weight: f64) -> crate::cuda::PenaltyMat<'_> {
+        crate::cuda::PenaltyMat {
+            omega: &self.omega,
+            a: &self.a,
+            b: &self.b,
+            reference: self.reference.as_ref().map(|(a0, b0)| (a0, b0)),
+            scaling: self.scaling,
+            scaling_ref: self.scaling_ref,
+            weight,
+            f64_math: self.f64_math,
+        }
+    }
+
     /// `weight` multiplies the value and the gradients (the layer coefficient times φ).
     pub fn run(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
         tch::no_grad(|| match path_for(self.omega.device()) {

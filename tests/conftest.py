@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
 import torch
 
 import hlora
+
+REPO = Path(__file__).resolve().parents[1]
 
 FACTOR_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -83,15 +88,55 @@ def _backend_is_what_ci_asked_for():
     yield
 
 
-@pytest.fixture(params=["fused", "tch"])
+def build_cuda_emulator(folder: Path) -> Path:
+    """Compiles src/cuda/emulator.cpp (the CUDA kernels' source, run on CPU threads) with the
+    native module's table sizes, so a layout drift fails here as it would under NVRTC."""
+    native = pytest.importorskip("hlora._native")
+    compiler = shutil.which("g++")
+    if compiler is None:  # the Rust build (torch-sys) needs g++ too, so CI always has it
+        raise RuntimeError("g++ is needed to build the CUDA kernel emulator")
+    target = folder / "hlora_cuda_emulator.so"
+    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+           *native.cuda_size_defines(), "-o", str(target), str(REPO / "src" / "cuda" / "emulator.cpp")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator(tmp_path_factory) -> Path:
+    return build_cuda_emulator(tmp_path_factory.mktemp("cuda_emulator"))
+
+
+@pytest.fixture(params=["fused", "tch", "cuda-emulator"])
 def cpu_path(request):
-    """Runs a test on the fused CPU kernels and on the tch path (the one CUDA tensors take)."""
+    """Runs a test on the fused CPU kernels, on the tch path (the CUDA fallback) and on the
+    CUDA kernels executed by their CPU emulator (the code CUDA tensors take)."""
     native = pytest.importorskip("hlora._native")
     if hlora.backend() != "rust":
         pytest.skip("native backend not active")
-    native.set_cpu_path(request.param)
+    if request.param == "cuda-emulator":
+        native.set_cpu_path("cuda-emulator", emulator=str(request.getfixturevalue("cuda_emulator")))
+    else:
+        native.set_cpu_path(request.param)
     yield request.param
     native.set_cpu_path("fused")
+
+
+#: The emulator runs a GPU's threads on two cores: keep it to shapes of up to this many entries
+#: (the odd shapes are what it is for; the large ones run on the fused/tch paths and on a GPU).
+EMULATOR_MAX_ENTRIES = 600_000
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        shape = params.get("shape")
+        too_big = isinstance(shape, tuple) and len(shape) == 3 and shape[0] * shape[1] > EMULATOR_MAX_ENTRIES
+        (drop if params.get("cpu_path") == "cuda-emulator" and too_big else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,7 @@ written in place, zero-copy); results for NumPy inputs come back as NumPy arrays
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ __all__ = [
     "accumulate_omega_",
     "accumulate_omega_many_",
     "finalize_importance",
+    "finalize_importance_many",
     "layer_coefficients",
     "importance_penalty",
     "importance_penalty_many",
@@ -142,6 +143,31 @@ def finalize_importance(
         result = NATIVE.finalize_importance(omega, a, b, scaling=scaling, xi=xi, clamp_negative=clamp_negative,
                                             a_start=a_start, b_start=b_start)
     return result.numpy() if isinstance(omega, np.ndarray) else result
+
+
+def finalize_importance_many(
+    omega: Sequence[torch.Tensor],
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    a_start: Optional[Sequence[torch.Tensor]] = None,
+    b_start: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    scaling: Scalars,
+    xi: float,
+    clamp_negative: bool = True,
+) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """:func:`finalize_importance` over lists of matrices (one launch on CUDA), plus the
+    Frobenius norms ‖Ω_l‖ (float64, on Ω's device) that :func:`layer_coefficients` takes —
+    computed in the same pass over ω on CUDA."""
+    if NATIVE is None:
+        return reference.finalize_importance_many(omega, a, b, a_start, b_start, scaling=scaling, xi=xi,
+                                                  clamp_negative=clamp_negative)
+    results, sq_norms = NATIVE.finalize_importance_many(
+        _as_list(omega, "omega"), _as_list(a, "a"), _as_list(b, "b"),
+        None if a_start is None else _as_list(a_start, "a_start"),
+        None if b_start is None else _as_list(b_start, "b_start"),
+        scaling=_scalars(scaling), xi=xi, clamp_negative=clamp_negative)
+    return results, sq_norms.sqrt()
 
 
 def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: float = 1.0) -> Array:

@@ -136,10 +136,13 @@ class ImportanceRecorder:
         task), with the current factors as reference. Resets ω and the start point, so the
         recorder can go on into another general task (merge the results with ``Importance.merge``)."""
         matrices, references, scalings = {}, {}, {}
-        for m, om, (a0, b0) in zip(self.matrices, self.omega, self._start):
-            a, b = m.a.detach(), m.b.detach()
-            matrices[m.name] = ops.finalize_importance(om, a, b, scaling=m.scaling, xi=self.xi,
-                                                       clamp_negative=self.clamp != "none", a_start=a0, b_start=b0)
+        factors = [(m.a.detach(), m.b.detach()) for m in self.matrices]
+        results, _ = ops.finalize_importance_many(
+            self.omega, [a for a, _ in factors], [b for _, b in factors],
+            [a0 for a0, _ in self._start], [b0 for _, b0 in self._start],
+            scaling=[m.scaling for m in self.matrices], xi=self.xi, clamp_negative=self.clamp != "none")
+        for m, (a, b), big_omega in zip(self.matrices, factors, results):
+            matrices[m.name] = big_omega
             references[m.name] = (a.clone(), b.clone())
             scalings[m.name] = m.scaling
         meta = {"xi": self.xi, "clamp": self.clamp, "steps": self.steps, "skipped_steps": self.skipped,

@@ -7,7 +7,7 @@ also the fallback backend. Autograd provides the penalty's gradients.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -90,6 +90,22 @@ def finalize_importance(
         if clamp_negative:
             result = result.clamp_min(0.0)
         return result.to(omega.dtype)
+
+
+def finalize_importance_many(omega, a, b, a_start=None, b_start=None, *, scaling: Scalars, xi: float,
+                             clamp_negative: bool = True) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Ω for every matrix, and the Frobenius norms ‖Ω_l‖ (float64) the layer coefficients use."""
+    n = _lists(None, omega=omega, a=a, b=b)
+    if n == 0:
+        raise ValueError("omega must hold at least one matrix")
+    if check.pair_given(a_start, b_start, "a_start and b_start"):
+        _lists(n, a_start=a_start, b_start=b_start)
+    scalings = _per_matrix(scaling, "scaling", n)
+    results = [finalize_importance(omega[i], a[i], b[i], scaling=scalings[i], xi=xi, clamp_negative=clamp_negative,
+                                   a_start=None if a_start is None else a_start[i],
+                                   b_start=None if b_start is None else b_start[i]) for i in range(n)]
+    norms = torch.tensor([float(torch.linalg.vector_norm(r.double())) for r in results], dtype=torch.float64)
+    return results, norms
 
 
 def layer_coefficients(norms: torch.Tensor, *, mode: str = "softmax", temperature: float = 1.0) -> torch.Tensor:

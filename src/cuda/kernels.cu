@@ -1,0 +1,466 @@
+// hlora's fused CUDA kernels (DESIGN §1), compiled at first use by NVRTC (src/cuda/mod.rs).
+//
+// Every kernel covers many matrices in one launch: its one parameter is a table of per-matrix
+// pointers (multi-tensor apply), passed by value as a __grid_constant__ so it stays in the
+// parameter bank. A block finds its matrix by a scan over the table's first-block offsets.
+// Tiles are TM rows x TN columns of the (out, in) matrix; 256 threads: thread (tx, ty) owns
+// column tx and rows ty*RPT .. ty*RPT+RPT-1 of the tile, so each warp reads/writes 32
+// consecutive elements of a row (coalesced) and reads the same left factors (broadcast).
+// The low-rank products are formed in registers from the rank-r factors, k in chunks of KC.
+//
+// No headers: bfloat16/float16 are converted by hand, so the program needs no include path.
+// The host mirrors these structs (#[repr(C)] in src/cuda/tables.rs); HL_*_BYTES, defined by
+// the host at compile time, make a layout mismatch a compile error instead of a wrong result.
+
+#define HL_THREADS 256
+#define HL_TN 128
+#define HL_KC 8
+#ifndef HL_MAX_MATS
+#define HL_MAX_MATS 64
+#endif
+
+struct bf16_t { unsigned short bits; };
+struct f16_t { unsigned short bits; };
+
+template <typename M> __device__ __forceinline__ M ld(const float* p, long long i) { return (M)p[i]; }
+template <typename M> __device__ __forceinline__ M ld(const double* p, long long i) { return (M)p[i]; }
+template <typename M> __device__ __forceinline__ M ld(const bf16_t* p, long long i) {
+    return (M)__uint_as_float(((unsigned int)p[i].bits) << 16);
+}
+#ifndef HL_HOST_EMULATION  // the emulator (emulator.cpp) brings its own
+__device__ __forceinline__ float hl_half_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#endif
+template <typename M> __device__ __forceinline__ M ld(const f16_t* p, long long i) {
+    return (M)hl_half_to_float(p[i].bits);
+}
+
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(float* p, long long i, double v) { p[i] = (float)v; }
+__device__ __forceinline__ void st(double* p, long long i, double v) { p[i] = v; }
+__device__ __forceinline__ void st(double* p, long long i, float v) { p[i] = (double)v; }
+
+// The block's matrix: the last entry whose first block is <= blockIdx.x (entries are sorted).
+template <typename Table>
+__device__ __forceinline__ int find_matrix(const Table& t) {
+    int m = 0;
+    while (m + 1 < t.count && (int)blockIdx.x >= t.m[m + 1].first_block) ++m;
+    return m;
+}
+
+// Deterministic block sum (fixed tree order); the result is valid in thread 0.
+__device__ double block_sum(double v) {
+    __shared__ double warp_sums[HL_THREADS / 32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // warp_sums may still be read by a previous call
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    double s = 0.0;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < HL_THREADS / 32; ++w) s += warp_sums[w];
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// ω accumulation (Eq. 11-12): ω -= g~ ⊙ dθ with
+//   g~ = s·(gB·(A0 − η·gA) + B0·gA),   dθ = s·((B1 − B0)·A1 + B0·(A1 − A0)).
+// One read and one write of ω; everything else comes from the rank-r factors.
+struct OmegaEntry {
+    void* omega;  // (out, in), W
+    const void* a0; const void* b0; const void* ga; const void* gb; const void* a1; const void* b1;
+    int out, in, r, tiles_col;
+    int first_block, pad;
+    double lr, scaling;
+};
+struct OmegaTable { OmegaEntry m[HL_MAX_MATS]; int count; int clamp_negative; };
+
+template <typename F, typename W, typename M>
+__device__ void omega_update(const OmegaTable& t) {
+    constexpr int TM = 32, RPT = TM / (HL_THREADS / HL_TN);
+    __shared__ M left[TM][HL_KC][3];  // gB, B0, B1 − B0
+    const OmegaEntry e = t.m[find_matrix(t)];
+    const int tile = blockIdx.x - e.first_block;
+    const int row0 = (tile / e.tiles_col) * TM, col0 = (tile % e.tiles_col) * HL_TN;
+    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
+    const int j = col0 + tx;
+    const bool col_ok = j < e.in;
+    const F *a0 = (const F*)e.a0, *b0 = (const F*)e.b0, *ga = (const F*)e.ga;
+    const F *gb = (const F*)e.gb, *a1 = (const F*)e.a1, *b1 = (const F*)e.b1;
+    const M eta = (M)e.lr;
+    M g[RPT], d[RPT];
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) { g[q] = 0; d[q] = 0; }
+    for (int k0 = 0; k0 < e.r; k0 += HL_KC) {
+        __syncthreads();  // the previous chunk's left factors are consumed
+        for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
+            const int i = idx / HL_KC, kk = idx % HL_KC, row = row0 + i, k = k0 + kk;
+            M vg = 0, v0 = 0, v1 = 0;
+            if (row < e.out && k < e.r) {
+                const long long o = (long long)row * e.r + k;
+                vg = ld<M>(gb, o); v0 = ld<M>(b0, o); v1 = ld<M>(b1, o);
+            }
+            left[i][kk][0] = vg; left[i][kk][1] = v0; left[i][kk][2] = v1 - v0;
+        }
+        __syncthreads();
+        M rg1[HL_KC], rg2[HL_KC], rd1[HL_KC], rd2[HL_KC];
+#pragma unroll
+        for (int kk = 0; kk < HL_KC; ++kk) {
+            const int k = k0 + kk;
+            M va0 = 0, vga = 0, va1 = 0;
+            if (col_ok && k < e.r) {
+                const long long o = (long long)k * e.in + j;
+                va0 = ld<M>(a0, o); vga = ld<M>(ga, o); va1 = ld<M>(a1, o);
+            }
+            rg1[kk] = va0 - eta * vga; rg2[kk] = vga; rd1[kk] = va1; rd2[kk] = va1 - va0;
+        }
+#pragma unroll
+        for (int q = 0; q < RPT; ++q) {
+            const int i = ty * RPT + q;
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) {
+                const M lg = left[i][kk][0], lb = left[i][kk][1], ld1 = left[i][kk][2];
+                g[q] += lg * rg1[kk] + lb * rg2[kk];
+                d[q] += ld1 * rd1[kk] + lb * rd2[kk];
+            }
+        }
+    }
+    if (!col_ok) return;
+    W* omega = (W*)e.omega;
+    const M s2 = (M)e.scaling * (M)e.scaling;
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) {
+        const int row = row0 + ty * RPT + q;
+        if (row >= e.out) break;
+        const long long o = (long long)row * e.in + j;
+        M w = (M)omega[o] - s2 * g[q] * d[q];
+        if (t.clamp_negative && w < (M)0) w = 0;  // NaN stays NaN, as in torch.clamp
+        st(omega, o, w);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Finalization (Eq. 13): Ω = max(ω, 0) / (Δ² + ξ), Δ = s·((B − Bs)·A + Bs·(A − As)) or s·B·A
+// for a fresh adapter (no start factors), and per block the partial Σ Ω² for the layer norms.
+struct FinalizeEntry {
+    const void* omega;  // (out, in), W
+    void* result;       // (out, in), W
+    const void* a; const void* b; const void* a_start; const void* b_start;  // start: null = fresh
+    double* sq_partial;  // one per block of this matrix
+    int out, in, r, tiles_col;
+    int first_block, pad;
+    double scaling, xi;
+};
+struct FinalizeTable { FinalizeEntry m[HL_MAX_MATS]; int count; int clamp_negative; };
+
+template <typename F, typename W, typename M>
+__device__ void finalize(const FinalizeTable& t) {
+    constexpr int TM = 32, RPT = TM / (HL_THREADS / HL_TN);
+    __shared__ M left[TM][HL_KC][2];  // B − Bs, Bs
+    const FinalizeEntry e = t.m[find_matrix(t)];
+    const int tile = blockIdx.x - e.first_block;
+    const int row0 = (tile / e.tiles_col) * TM, col0 = (tile % e.tiles_col) * HL_TN;
+    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
+    const int j = col0 + tx;
+    const bool col_ok = j < e.in, fresh = e.a_start == nullptr;
+    const F *a = (const F*)e.a, *b = (const F*)e.b;
+    const F *as = (const F*)e.a_start, *bs = (const F*)e.b_start;
+    M delta[RPT];
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) delta[q] = 0;
+    for (int k0 = 0; k0 < e.r; k0 += HL_KC) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
+            const int i = idx / HL_KC, kk = idx % HL_KC, row = row0 + i, k = k0 + kk;
+            M vb = 0, vs = 0;
+            if (row < e.out && k < e.r) {
+                const long long o = (long long)row * e.r + k;
+                vb = ld<M>(b, o);
+                if (!fresh) vs = ld<M>(bs, o);
+            }
+            left[i][kk][0] = vb - vs; left[i][kk][1] = vs;
+        }
+        __syncthreads();
+        M r1[HL_KC], r2[HL_KC];
+#pragma unroll
+        for (int kk = 0; kk < HL_KC; ++kk) {
+            const int k = k0 + kk;
+            M va = 0, vs = 0;
+            if (col_ok && k < e.r) {
+                const long long o = (long long)k * e.in + j;
+                va = ld<M>(a, o);
+                if (!fresh) vs = ld<M>(as, o);
+            }
+            r1[kk] = va; r2[kk] = va - vs;
+        }
+#pragma unroll
+        for (int q = 0; q < RPT; ++q) {
+            const int i = ty * RPT + q;
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) delta[q] += left[i][kk][0] * r1[kk] + left[i][kk][1] * r2[kk];
+        }
+    }
+    double sq = 0.0;
+    if (col_ok) {
+        const W* omega = (const W*)e.omega;
+        W* result = (W*)e.result;
+        const M s = (M)e.scaling, xi = (M)e.xi;
+#pragma unroll
+        for (int q = 0; q < RPT; ++q) {
+            const int row = row0 + ty * RPT + q;
+            if (row >= e.out) break;
+            const long long o = (long long)row * e.in + j;
+            M w = (M)omega[o];
+            if (t.clamp_negative && w < (M)0) w = 0;
+            const M dl = s * delta[q];
+            const M v = w / (dl * dl + xi);
+            st(result, o, v);
+            sq += (double)v * (double)v;
+        }
+    }
+    sq = block_sum(sq);
+    if (threadIdx.x == 0) e.sq_partial[tile] = sq;
+}
+
+// ---------------------------------------------------------------------------------------
+// Penalty (Eq. 14, 16) forward and backward in one pass over Ω:
+//   D = L1·R1 + L2·R2 (rank ≤ 2r; the host picks the cancellation-free form via `mode`),
+//   E = Ω ⊙ D, P = Σ Ω·D², and the block's partials of E·Aᵀ (per row) and Bᵀ·E (per column).
+// The partials go to a workspace; penalty_grads sums them over tiles in a fixed order, so
+// results are bit-for-bit reproducible (no atomics).
+//   mode 0: no reference   D = s·B·A                       L1 = s·B, R1 = A, L2 = 0
+//   mode 1: s == s_ref     D = s·((B − Br)·A + Br·(A − Ar)) L1 = s·(B − Br), R1 = A, L2 = s·Br, R2 = A − Ar
+//   mode 2: s != s_ref     D = s·B·A − s_ref·Br·Ar          L1 = s·B, R1 = A, L2 = −s_ref·Br, R2 = Ar
+struct PenaltyEntry {
+    const void* omega;  // (out, in), O
+    const void* a; const void* b; const void* a_ref; const void* b_ref;
+    void* gb_part;  // [tiles_col][out][r], M
+    void* ga_part;  // [tiles_row][r][in], M
+    double* value_part;  // one per block of this matrix
+    int out, in, r, tiles_col;
+    int first_block, mode;
+    double scaling, scaling_ref;
+};
+struct PenaltyTable { PenaltyEntry m[HL_MAX_MATS]; int count; int grads; };
+
+template <typename M> struct PenaltyTile { static constexpr int TM = 64; };
+template <> struct PenaltyTile<double> { static constexpr int TM = 32; };  // fits 48 KB of shared
+
+template <typename F, typename O, typename M>
+__device__ void penalty(const PenaltyTable& t) {
+    constexpr int TM = PenaltyTile<M>::TM, RPT = TM / (HL_THREADS / HL_TN);
+    __shared__ M lf[TM][HL_KC][2];          // L1, L2 of this chunk
+    __shared__ M et[TM][HL_TN + 1];         // E = Ω ⊙ D (padded: no bank conflicts down a column)
+    __shared__ M at[HL_KC][HL_TN + 1];      // A chunk, for E·Aᵀ
+    __shared__ M bt[TM][HL_KC];             // B chunk, for Bᵀ·E
+    const PenaltyEntry e = t.m[find_matrix(t)];
+    const int tile = blockIdx.x - e.first_block;
+    const int trow = tile / e.tiles_col, tcol = tile % e.tiles_col;
+    const int row0 = trow * TM, col0 = tcol * HL_TN;
+    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
+    const int j = col0 + tx;
+    const bool col_ok = j < e.in;
+    const F *a = (const F*)e.a, *b = (const F*)e.b;
+    const F *ar = (const F*)e.a_ref, *br = (const F*)e.b_ref;
+    const M s = (M)e.scaling, sr = (M)e.scaling_ref;
+    M dv[RPT];
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) dv[q] = 0;
+    for (int k0 = 0; k0 < e.r; k0 += HL_KC) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
+            const int i = idx / HL_KC, kk = idx % HL_KC, row = row0 + i, k = k0 + kk;
+            M l1 = 0, l2 = 0;
+            if (row < e.out && k < e.r) {
+                const long long o = (long long)row * e.r + k;
+                const M vb = ld<M>(b, o);
+                if (e.mode == 0) { l1 = s * vb; }
+                else if (e.mode == 1) { const M vr = ld<M>(br, o); l1 = s * (vb - vr); l2 = s * vr; }
+                else { l1 = s * vb; l2 = -sr * ld<M>(br, o); }
+            }
+            lf[i][kk][0] = l1; lf[i][kk][1] = l2;
+        }
+        __syncthreads();
+        M r1[HL_KC], r2[HL_KC];
+#pragma unroll
+        for (int kk = 0; kk < HL_KC; ++kk) {
+            const int k = k0 + kk;
+            M va = 0, v2 = 0;
+            if (col_ok && k < e.r) {
+                const long long o = (long long)k * e.in + j;
+                va = ld<M>(a, o);
+                if (e.mode == 1) v2 = va - ld<M>(ar, o);
+                else if (e.mode == 2) v2 = ld<M>(ar, o);
+            }
+            r1[kk] = va; r2[kk] = v2;
+        }
+#pragma unroll
+        for (int q = 0; q < RPT; ++q) {
+            const int i = ty * RPT + q;
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) dv[q] += lf[i][kk][0] * r1[kk] + lf[i][kk][1] * r2[kk];
+        }
+    }
+    // E = Ω ⊙ D into shared memory (zero outside the matrix), P's partial in double.
+    double p = 0.0;
+    const O* omega = (const O*)e.omega;
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) {
+        const int i = ty * RPT + q, row = row0 + i;
+        M ev = 0;
+        if (col_ok && row < e.out) {
+            const M w = ld<M>(omega, (long long)row * e.in + j);
+            ev = w * dv[q];
+            p += (double)ev * (double)dv[q];
+        }
+        et[i][tx] = ev;
+    }
+    p = block_sum(p);
+    if (threadIdx.x == 0) e.value_part[tile] = p;
+    if (!t.grads) return;
+    M* gb_part = (M*)e.gb_part;
+    M* ga_part = (M*)e.ga_part;
+    for (int k0 = 0; k0 < e.r; k0 += HL_KC) {
+        __syncthreads();  // et complete / previous chunk consumed
+        for (int idx = threadIdx.x; idx < HL_KC * HL_TN; idx += HL_THREADS) {
+            const int kk = idx / HL_TN, jj = idx % HL_TN, k = k0 + kk, col = col0 + jj;
+            at[kk][jj] = (k < e.r && col < e.in) ? ld<M>(a, (long long)k * e.in + col) : (M)0;
+        }
+        for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
+            const int i = idx / HL_KC, kk = idx % HL_KC, k = k0 + kk, row = row0 + i;
+            bt[i][kk] = (k < e.r && row < e.out) ? ld<M>(b, (long long)row * e.r + k) : (M)0;
+        }
+        __syncthreads();
+        // (E·Aᵀ)[i][k] over this tile's columns.
+        for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
+            const int i = idx / HL_KC, kk = idx % HL_KC, k = k0 + kk, row = row0 + i;
+            M acc = 0;
+#pragma unroll 8
+            for (int jj = 0; jj < HL_TN; ++jj) acc += et[i][jj] * at[kk][jj];
+            if (k < e.r && row < e.out)
+                gb_part[((long long)tcol * e.out + row) * e.r + k] = acc;
+        }
+        // (Bᵀ·E)[k][j] over this tile's rows.
+        for (int idx = threadIdx.x; idx < HL_KC * HL_TN; idx += HL_THREADS) {
+            const int kk = idx / HL_TN, jj = idx % HL_TN, k = k0 + kk, col = col0 + jj;
+            M acc = 0;
+#pragma unroll 8
+            for (int i = 0; i < TM; ++i) acc += bt[i][kk] * et[i][jj];
+            if (k < e.r && col < e.in)
+                ga_part[((long long)trow * e.r + k) * e.in + col] = acc;
+        }
+    }
+}
+
+// Second stage: ∂P/∂B = scale·Σ_tcol gb_part, ∂P/∂A = scale·Σ_trow ga_part (scale = 2·s·weight),
+// one thread per gradient element, tiles summed in order.
+struct GradEntry {
+    const void* gb_part; const void* ga_part;
+    void* grad_b; void* grad_a;  // (out, r), (r, in), M
+    int out, in, r, tiles_row, tiles_col;
+    int first_block;
+    double scale;
+};
+struct GradTable { GradEntry m[HL_MAX_MATS]; int count; int pad; };
+
+template <typename M>
+__device__ void penalty_grads(const GradTable& t) {
+    const GradEntry e = t.m[find_matrix(t)];
+    const long long idx = (long long)(blockIdx.x - e.first_block) * HL_THREADS + threadIdx.x;
+    const long long nb = (long long)e.out * e.r, na = (long long)e.r * e.in;
+    const M scale = (M)e.scale;
+    if (idx < nb) {
+        const M* part = (const M*)e.gb_part;
+        M acc = 0;
+        for (int c = 0; c < e.tiles_col; ++c) acc += part[c * nb + idx];
+        ((M*)e.grad_b)[idx] = scale * acc;
+    } else if (idx < nb + na) {
+        const long long i = idx - nb;
+        const M* part = (const M*)e.ga_part;
+        M acc = 0;
+        for (int rt = 0; rt < e.tiles_row; ++rt) acc += part[rt * na + i];
+        ((M*)e.grad_a)[i] = scale * acc;
+    }
+}
+
+// Per-matrix sums of block partials (Σ Ω² for finalization, P for the penalty), in block
+// order, times a weight; out[count] holds the weighted total. One block does it all.
+struct SumTable { int first[HL_MAX_MATS + 1]; double weight[HL_MAX_MATS]; int count; int pad; };
+
+template <typename M>
+__device__ void segment_sums(const SumTable& t, const double* partial, M* out) {
+    double total = 0.0;
+    for (int m = 0; m < t.count; ++m) {
+        double v = 0.0;
+        for (int i = t.first[m] + threadIdx.x; i < t.first[m + 1]; i += HL_THREADS) v += partial[i];
+        v = block_sum(v) * t.weight[m];
+        if (threadIdx.x == 0) { out[m] = (M)v; total += v; }
+    }
+    if (threadIdx.x == 0) out[t.count] = (M)total;
+}
+
+#if defined(HL_OMEGA_TABLE_BYTES)
+static_assert(sizeof(OmegaTable) == HL_OMEGA_TABLE_BYTES, "OmegaTable layout differs from the host's");
+static_assert(sizeof(FinalizeTable) == HL_FINALIZE_TABLE_BYTES, "FinalizeTable layout differs from the host's");
+static_assert(sizeof(PenaltyTable) == HL_PENALTY_TABLE_BYTES, "PenaltyTable layout differs from the host's");
+static_assert(sizeof(GradTable) == HL_GRAD_TABLE_BYTES, "GradTable layout differs from the host's");
+static_assert(sizeof(SumTable) == HL_SUM_TABLE_BYTES, "SumTable layout differs from the host's");
+#endif
+
+// Entry points: one per dtype combination (names are what the host looks up).
+//   factors F: f32 f64 bf16 f16; ω/Ω W: f32 f64; stored Ω O: f32 f64 bf16 f16;
+//   maths M: f64 when any input is float64, else f32.
+#define HL_GC const __grid_constant__
+#define HL_OMEGA(name, F, W, M) \
+    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC OmegaTable t) { omega_update<F, W, M>(t); }
+#define HL_FINALIZE(name, F, W, M) \
+    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC FinalizeTable t) { finalize<F, W, M>(t); }
+#define HL_PENALTY(name, F, O, M) \
+    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC PenaltyTable t) { penalty<F, O, M>(t); }
+
+HL_OMEGA(omega_f32_f32, float, float, float)
+HL_OMEGA(omega_f64_f32, double, float, double)
+HL_OMEGA(omega_bf16_f32, bf16_t, float, float)
+HL_OMEGA(omega_f16_f32, f16_t, float, float)
+HL_OMEGA(omega_f32_f64, float, double, double)
+HL_OMEGA(omega_f64_f64, double, double, double)
+HL_OMEGA(omega_bf16_f64, bf16_t, double, double)
+HL_OMEGA(omega_f16_f64, f16_t, double, double)
+
+HL_FINALIZE(finalize_f32_f32, float, float, float)
+HL_FINALIZE(finalize_f64_f32, double, float, double)
+HL_FINALIZE(finalize_bf16_f32, bf16_t, float, float)
+HL_FINALIZE(finalize_f16_f32, f16_t, float, float)
+HL_FINALIZE(finalize_f32_f64, float, double, double)
+HL_FINALIZE(finalize_f64_f64, double, double, double)
+HL_FINALIZE(finalize_bf16_f64, bf16_t, double, double)
+HL_FINALIZE(finalize_f16_f64, f16_t, double, double)
+
+HL_PENALTY(penalty_f32_f32, float, float, float)
+HL_PENALTY(penalty_f64_f32, double, float, double)
+HL_PENALTY(penalty_bf16_f32, bf16_t, float, float)
+HL_PENALTY(penalty_f16_f32, f16_t, float, float)
+HL_PENALTY(penalty_f32_f64, float, double, double)
+HL_PENALTY(penalty_f64_f64, double, double, double)
+HL_PENALTY(penalty_bf16_f64, bf16_t, double, double)
+HL_PENALTY(penalty_f16_f64, f16_t, double, double)
+HL_PENALTY(penalty_f32_bf16, float, bf16_t, float)
+HL_PENALTY(penalty_f64_bf16, double, bf16_t, double)
+HL_PENALTY(penalty_bf16_bf16, bf16_t, bf16_t, float)
+HL_PENALTY(penalty_f16_bf16, f16_t, bf16_t, float)
+HL_PENALTY(penalty_f32_f16, float, f16_t, float)
+HL_PENALTY(penalty_f64_f16, double, f16_t, double)
+HL_PENALTY(penalty_bf16_f16, bf16_t, f16_t, float)
+HL_PENALTY(penalty_f16_f16, f16_t, f16_t, float)
+
+extern "C" __global__ void __launch_bounds__(HL_THREADS) penalty_grads_f32(HL_GC GradTable t) { penalty_grads<float>(t); }
+extern "C" __global__ void __launch_bounds__(HL_THREADS) penalty_grads_f64(HL_GC GradTable t) { penalty_grads<double>(t); }
+extern "C" __global__ void __launch_bounds__(HL_THREADS) segment_sums_f32(HL_GC SumTable t, const double* partial, float* out) {
+    segment_sums<float>(t, partial, out);
+}
+extern "C" __global__ void __launch_bounds__(HL_THREADS) segment_sums_f64(HL_GC SumTable t, const double* partial, double* out) {
+    segment_sums<double>(t, partial, out);
+}
