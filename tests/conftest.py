@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -88,23 +87,14 @@ def _backend_is_what_ci_asked_for():
     yield
 
 
-def build_cuda_emulator(folder: Path) -> Path:
-    """Compiles src/cuda/emulator.cpp (the CUDA kernels' source, run on CPU threads) with the
-    native module's table sizes, so a layout drift fails here as it would under NVRTC."""
-    native = pytest.importorskip("hlora._native")
-    compiler = shutil.which("g++")
-    if compiler is None:  # the Rust build (torch-sys) needs g++ too, so CI always has it
-        raise RuntimeError("g++ is needed to build the CUDA kernel emulator")
-    target = folder / "hlora_cuda_emulator.so"
-    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
-           *native.cuda_size_defines(), "-o", str(target), str(REPO / "src" / "cuda" / "emulator.cpp")]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return target
-
-
 @pytest.fixture(scope="session")
 def cuda_emulator(tmp_path_factory) -> Path:
-    return build_cuda_emulator(tmp_path_factory.mktemp("cuda_emulator"))
+    """The CUDA kernels' source built to run on CPU threads (scripts/cuda_emulator.py)."""
+    pytest.importorskip("hlora._native")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import cuda_emulator as emulator
+
+    return emulator.build(tmp_path_factory.mktemp("cuda_emulator"))
 
 
 @pytest.fixture(params=["fused", "tch", "cuda-emulator"])

@@ -1,8 +1,8 @@
 """Overhead of hlora per LoRA training step: plain step vs. step + recording (before/after
 hooks, the batched ω update) vs. step + penalty (forward + backward), medians over steps.
 
-    python -m hlora.bench_training [--model tiny|smollm2] [--steps 8] [--batch 4] [--seq 256]
-        [--device cpu|cuda] [--dtype float32|bfloat16]
+    python -m hlora.bench_training [--model tiny|smollm2|llama-3b-shape|gptj-6b-shape] [--steps 8]
+        [--batch 4] [--seq 256] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ import torch
 import hlora
 from hlora.adapters import find_adapted
 
+#: Random-weight models with the shapes of the paper's GPU models (DESIGN §5).
+SHAPE_MODELS = {
+    "llama-3b-shape": ("llama", dict(vocab_size=32000, hidden_size=3072, intermediate_size=8192,
+                                     num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8)),
+    "gptj-6b-shape": ("gptj", dict(vocab_size=50400, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                                   n_positions=4096)),
+}
+
 
 def _model(name: str, dtype: torch.dtype, device: str, r: int):
     from peft import LoraConfig, get_peft_model
@@ -27,12 +35,14 @@ def _model(name: str, dtype: torch.dtype, device: str, r: int):
         torch.manual_seed(0)
         base = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256,
                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
-    elif name == "llama-3b-shape":
-        from transformers import LlamaConfig, LlamaForCausalLM
+    elif name in SHAPE_MODELS:
+        from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
+        family, kwargs = SHAPE_MODELS[name]
+        config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (GPTJConfig, GPTJForCausalLM)
         torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=3072, intermediate_size=8192,
-                                            num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8))
+        with torch.device(device):  # initialise on the device: billions of weights
+            base = model_cls(config_cls(**kwargs))
     else:
         from hlora import models
 
@@ -89,7 +99,8 @@ def run(model_name: str = "tiny", steps: int = 8, batch: int = 4, seq: int = 256
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hlora bench-training", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | llama-3b-shape | an HF name or path")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny | smollm2 | llama-3b-shape | gptj-6b-shape | an HF name or path")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)

@@ -19,6 +19,10 @@ DEFAULT_PHI = 1e3
 ANCHORS = ("auto", "reference", "zero")
 
 
+#: Ω storage dtypes the penalty kernels read (None: keep the recorded dtype).
+OMEGA_STORAGE = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 class Regularizer:
     """φ·Σ c_l·P_l for the model's current adapter against an :class:`Importance`.
 
@@ -39,13 +43,16 @@ class Regularizer:
 
     def __init__(self, model: torch.nn.Module, importance: Importance, *, phi: float = DEFAULT_PHI,
                  layer_weighting: str = "softmax", temperature: Union[str, float] = "auto",
-                 adapter: str = "default", anchor: str = "auto") -> None:
+                 adapter: str = "default", anchor: str = "auto",
+                 omega_dtype: Optional[torch.dtype] = None) -> None:
         if not (isinstance(phi, (int, float)) and math.isfinite(phi) and phi >= 0):
             raise ValueError(f"phi must be a non-negative number, got {phi!r}")
         if layer_weighting not in ("softmax", "uniform"):
             raise ValueError(f'layer_weighting must be "softmax" or "uniform", got {layer_weighting!r}')
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+        if omega_dtype not in OMEGA_STORAGE:
+            raise TypeError(f"omega_dtype must be one of {OMEGA_STORAGE}, got {omega_dtype!r}")
         importance.check(model, adapter)
         self.matrices = find_adapted(model, adapter)
         self.phi = float(phi)
@@ -58,6 +65,8 @@ class Regularizer:
             self.b_ref = [importance.references[m.name][1].to(device, m.b.dtype) for m in self.matrices]
             self.scaling_ref = [float(importance.scalings.get(m.name, m.scaling)) for m in self.matrices]
         norms = torch.tensor([float(torch.linalg.vector_norm(om.float())) for om in self.omegas], dtype=torch.float64)
+        if omega_dtype is not None:
+            self.omegas = [om.to(omega_dtype) for om in self.omegas]
         if temperature == "auto":
             mean = float(norms.mean())
             self.temperature = mean if mean > 0 else 1.0
