@@ -486,6 +486,9 @@ fn set_cpu_path(path: &str, emulator: Option<&str>) -> PyResult<()> {
         ("cuda-emulator", None) => {
             return Err(Error::value("path \"cuda-emulator\" needs emulator=<library path>").into())
         }
+        ("fused" | "tch", Some(_)) => {
+            return Err(Error::value("emulator is only used with path \"cuda-emulator\"").into())
+        }
         (other, _) => {
             return Err(Error::value(format!(
                 "path must be \"fused\", \"tch\" or \"cuda-emulator\", got {other:?}"

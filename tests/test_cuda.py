@@ -36,6 +36,11 @@ def test_cuda_path_switch_is_validated():
         native.set_cuda_path("fast")
     with pytest.raises(ValueError, match="emulator"):
         native.set_cpu_path("cuda-emulator")
+    with pytest.raises(ValueError, match="emulator"):
+        native.set_cpu_path("fused", emulator="/nonexistent.so")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        native.set_cpu_path("cuda-emulator", emulator="/nonexistent.so")
+    assert native.cpu_path() == "fused"
     assert native.cuda_path() == "fused"
 
 

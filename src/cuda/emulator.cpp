@@ -10,6 +10,7 @@
 #include <barrier>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -90,6 +91,8 @@ static bool bind_kernel(const std::string& name, void** p, Call& call) {
 extern "C" int hl_emulate(const char* name, unsigned blocks, void** params) {
     Call call;
     if (!bind_kernel(name, params, call)) return 1;
+    static std::mutex one_launch_at_a_time;  // the statics below are the one "GPU"
+    std::lock_guard<std::mutex> lock(one_launch_at_a_time);
     std::barrier<> barrier(HL_THREADS);
     hl_barrier = &barrier;
     std::vector<std::thread> threads;
