@@ -104,7 +104,7 @@ def finalize_importance_many(omega, a, b, a_start=None, b_start=None, *, scaling
     results = [finalize_importance(omega[i], a[i], b[i], scaling=scalings[i], xi=xi, clamp_negative=clamp_negative,
                                    a_start=None if a_start is None else a_start[i],
                                    b_start=None if b_start is None else b_start[i]) for i in range(n)]
-    norms = torch.tensor([float(torch.linalg.vector_norm(r.double())) for r in results], dtype=torch.float64)
+    norms = torch.stack([torch.linalg.vector_norm(r.double()) for r in results])
     return results, norms
 
 
