@@ -44,6 +44,17 @@ fn factor_set(factors: &[&Tensor], math: Kind) -> Result<(Vec<Tensor>, Kind)> {
     Ok((out, target))
 }
 
+/// Indices of `names` grouped by kernel (one dtype combination each), every group split into
+/// launches of at most `MAX_MATS` matrices (the parameter table's size).
+fn launches(names: &[&str]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&x, &y| names[x].cmp(names[y])); // stable: call order within a group
+    order
+        .chunk_by(|&x, &y| names[x] == names[y])
+        .flat_map(|group| group.chunks(MAX_MATS).map(<[usize]>::to_vec))
+        .collect()
+}
+
 fn math_kind(f64_math: bool) -> Kind {
     if f64_math {
         Kind::Double
@@ -127,44 +138,41 @@ pub fn omega_many(k: &Kernels, stream: u64, mats: &[OmegaMat], clamp: bool) -> R
             scaling: m.scaling,
         });
     }
-    let mut order: Vec<usize> = (0..prepared.len()).collect();
-    order.sort_by(|&x, &y| prepared[x].name.cmp(&prepared[y].name));
-    for group in order.chunk_by(|&x, &y| prepared[x].name == prepared[y].name) {
-        for chunk in group.chunks(MAX_MATS) {
-            let mut table = tables::zeroed::<OmegaTable>();
-            let mut blocks = 0usize;
-            for (slot, &i) in chunk.iter().enumerate() {
-                let p = &prepared[i];
-                let size = p.omega.size();
-                let (out, inn) = (size[0] as usize, size[1] as usize);
-                let r = p.factors[0].size()[0] as usize;
-                let tiles_col = ceil_div(inn, TILE_COLS);
-                let f = &p.factors;
-                table.m[slot] = OmegaEntry {
-                    omega: ptr_mut(&p.omega),
-                    a0: ptr(&f[0]),
-                    b0: ptr(&f[1]),
-                    ga: ptr(&f[2]),
-                    gb: ptr(&f[3]),
-                    a1: ptr(&f[4]),
-                    b1: ptr(&f[5]),
-                    out: dim(out, "out")?,
-                    inn: dim(inn, "in")?,
-                    r: dim(r, "r")?,
-                    tiles_col: dim(tiles_col, "tiles")?,
-                    first_block: dim(blocks, "blocks")?,
-                    pad: 0,
-                    lr: p.lr,
-                    scaling: p.scaling,
-                };
-                blocks += ceil_div(out, OMEGA_ROWS) * tiles_col;
-            }
-            table.count = chunk.len() as i32;
-            table.clamp_negative = clamp as i32;
-            let mut params = [&mut *table as *mut OmegaTable as *mut c_void];
-            let name = &prepared[chunk[0]].name;
-            k.launch(name, dim(blocks, "blocks")? as u32, stream, &mut params)?;
+    let names: Vec<&str> = prepared.iter().map(|p| p.name.as_str()).collect();
+    for chunk in &launches(&names) {
+        let mut table = tables::zeroed::<OmegaTable>();
+        let mut blocks = 0usize;
+        for (slot, &i) in chunk.iter().enumerate() {
+            let p = &prepared[i];
+            let size = p.omega.size();
+            let (out, inn) = (size[0] as usize, size[1] as usize);
+            let r = p.factors[0].size()[0] as usize;
+            let tiles_col = ceil_div(inn, TILE_COLS);
+            let f = &p.factors;
+            table.m[slot] = OmegaEntry {
+                omega: ptr_mut(&p.omega),
+                a0: ptr(&f[0]),
+                b0: ptr(&f[1]),
+                ga: ptr(&f[2]),
+                gb: ptr(&f[3]),
+                a1: ptr(&f[4]),
+                b1: ptr(&f[5]),
+                out: dim(out, "out")?,
+                inn: dim(inn, "in")?,
+                r: dim(r, "r")?,
+                tiles_col: dim(tiles_col, "tiles")?,
+                first_block: dim(blocks, "blocks")?,
+                pad: 0,
+                lr: p.lr,
+                scaling: p.scaling,
+            };
+            blocks += ceil_div(out, OMEGA_ROWS) * tiles_col;
         }
+        table.count = chunk.len() as i32;
+        table.clamp_negative = clamp as i32;
+        let mut params = [&mut *table as *mut OmegaTable as *mut c_void];
+        let name = &prepared[chunk[0]].name;
+        k.launch(name, dim(blocks, "blocks")? as u32, stream, &mut params)?;
     }
     for p in prepared {
         if let Some(mut dst) = p.copy_back {
@@ -224,78 +232,75 @@ pub fn finalize_many(
         );
         prepared.push((i, name, omega, factors));
     }
-    let mut order: Vec<usize> = (0..prepared.len()).collect();
-    order.sort_by(|&x, &y| prepared[x].1.cmp(&prepared[y].1));
-    for group in order.chunk_by(|&x, &y| prepared[x].1 == prepared[y].1) {
-        for chunk in group.chunks(MAX_MATS) {
-            // Block counts first: one Σ Ω² partial per block.
-            let tiles: Vec<usize> = chunk
-                .iter()
-                .map(|&p| {
-                    let s = prepared[p].2.size();
-                    ceil_div(s[0] as usize, FINALIZE_ROWS) * ceil_div(s[1] as usize, TILE_COLS)
-                })
-                .collect();
-            let blocks: usize = tiles.iter().sum();
-            let partial = Tensor::f_empty([blocks as i64], (Kind::Double, device))?;
-            let mut table = tables::zeroed::<FinalizeTable>();
-            let mut sums = tables::zeroed::<SumTable>();
-            let mut first = 0usize;
-            for (slot, &p) in chunk.iter().enumerate() {
-                let (i, _, omega, f) = &prepared[p];
-                let size = omega.size();
-                let (out, inn) = (size[0] as usize, size[1] as usize);
-                let m = &mats[*i];
-                let (a_start, b_start) = if f.len() == 4 {
-                    (ptr(&f[2]), ptr(&f[3]))
-                } else {
-                    (std::ptr::null(), std::ptr::null())
-                };
-                table.m[slot] = FinalizeEntry {
-                    omega: ptr(omega),
-                    result: ptr_mut(&results[*i]),
-                    a: ptr(&f[0]),
-                    b: ptr(&f[1]),
-                    a_start,
-                    b_start,
-                    sq_partial: (partial.data_ptr() as *mut f64).wrapping_add(first),
-                    out: dim(out, "out")?,
-                    inn: dim(inn, "in")?,
-                    r: dim(f[0].size()[0] as usize, "r")?,
-                    tiles_col: dim(ceil_div(inn, TILE_COLS), "tiles")?,
-                    first_block: dim(first, "blocks")?,
-                    pad: 0,
-                    scaling: m.scaling,
-                    xi: m.xi,
-                };
-                sums.first[slot] = dim(first, "blocks")?;
-                sums.weight[slot] = 1.0;
-                first += tiles[slot];
-            }
-            table.count = chunk.len() as i32;
-            table.clamp_negative = clamp as i32;
-            sums.first[chunk.len()] = dim(first, "blocks")?;
-            sums.count = chunk.len() as i32;
-            let mut params = [&mut *table as *mut FinalizeTable as *mut c_void];
-            k.launch(
-                &prepared[chunk[0]].1,
-                dim(blocks, "blocks")? as u32,
-                stream,
-                &mut params,
-            )?;
-            let out = Tensor::f_empty([chunk.len() as i64 + 1], (Kind::Double, device))?;
-            let (mut pp, mut op) = (partial.data_ptr(), out.data_ptr());
-            let mut params = [
-                &mut *sums as *mut SumTable as *mut c_void,
-                &mut pp as *mut PtrMut as *mut c_void,
-                &mut op as *mut PtrMut as *mut c_void,
-            ];
-            k.launch("segment_sums_f64", 1, stream, &mut params)?;
-            let index: Vec<i64> = chunk.iter().map(|&p| prepared[p].0 as i64).collect();
-            let index = Tensor::f_from_slice(&index)?.f_to_device(device)?;
-            let mut sq = sq_norms.shallow_clone();
-            let _ = sq.f_index_copy_(0, &index, &out.f_narrow(0, 0, chunk.len() as i64)?)?;
+    let names: Vec<&str> = prepared.iter().map(|p| p.1.as_str()).collect();
+    for chunk in &launches(&names) {
+        // Block counts first: one Σ Ω² partial per block.
+        let tiles: Vec<usize> = chunk
+            .iter()
+            .map(|&p| {
+                let s = prepared[p].2.size();
+                ceil_div(s[0] as usize, FINALIZE_ROWS) * ceil_div(s[1] as usize, TILE_COLS)
+            })
+            .collect();
+        let blocks: usize = tiles.iter().sum();
+        let partial = Tensor::f_empty([blocks as i64], (Kind::Double, device))?;
+        let mut table = tables::zeroed::<FinalizeTable>();
+        let mut sums = tables::zeroed::<SumTable>();
+        let mut first = 0usize;
+        for (slot, &p) in chunk.iter().enumerate() {
+            let (i, _, omega, f) = &prepared[p];
+            let size = omega.size();
+            let (out, inn) = (size[0] as usize, size[1] as usize);
+            let m = &mats[*i];
+            let (a_start, b_start) = if f.len() == 4 {
+                (ptr(&f[2]), ptr(&f[3]))
+            } else {
+                (std::ptr::null(), std::ptr::null())
+            };
+            table.m[slot] = FinalizeEntry {
+                omega: ptr(omega),
+                result: ptr_mut(&results[*i]),
+                a: ptr(&f[0]),
+                b: ptr(&f[1]),
+                a_start,
+                b_start,
+                sq_partial: (partial.data_ptr() as *mut f64).wrapping_add(first),
+                out: dim(out, "out")?,
+                inn: dim(inn, "in")?,
+                r: dim(f[0].size()[0] as usize, "r")?,
+                tiles_col: dim(ceil_div(inn, TILE_COLS), "tiles")?,
+                first_block: dim(first, "blocks")?,
+                pad: 0,
+                scaling: m.scaling,
+                xi: m.xi,
+            };
+            sums.first[slot] = dim(first, "blocks")?;
+            sums.weight[slot] = 1.0;
+            first += tiles[slot];
         }
+        table.count = chunk.len() as i32;
+        table.clamp_negative = clamp as i32;
+        sums.first[chunk.len()] = dim(first, "blocks")?;
+        sums.count = chunk.len() as i32;
+        let mut params = [&mut *table as *mut FinalizeTable as *mut c_void];
+        k.launch(
+            &prepared[chunk[0]].1,
+            dim(blocks, "blocks")? as u32,
+            stream,
+            &mut params,
+        )?;
+        let out = Tensor::f_empty([chunk.len() as i64 + 1], (Kind::Double, device))?;
+        let (mut pp, mut op) = (partial.data_ptr(), out.data_ptr());
+        let mut params = [
+            &mut *sums as *mut SumTable as *mut c_void,
+            &mut pp as *mut PtrMut as *mut c_void,
+            &mut op as *mut PtrMut as *mut c_void,
+        ];
+        k.launch("segment_sums_f64", 1, stream, &mut params)?;
+        let index: Vec<i64> = chunk.iter().map(|&p| prepared[p].0 as i64).collect();
+        let index = Tensor::f_from_slice(&index)?.f_to_device(device)?;
+        let mut sq = sq_norms.shallow_clone();
+        let _ = sq.f_index_copy_(0, &index, &out.f_narrow(0, 0, chunk.len() as i64)?)?;
     }
     Ok(FinalizeOut {
         omegas: results,
@@ -393,118 +398,115 @@ pub fn penalty_many(
             mkind,
         });
     }
-    let mut order: Vec<usize> = (0..prepared.len()).collect();
-    order.sort_by(|&x, &y| prepared[x].name.cmp(&prepared[y].name));
-    for group in order.chunk_by(|&x, &y| prepared[x].name == prepared[y].name) {
-        for chunk in group.chunks(MAX_MATS) {
-            let mkind = prepared[chunk[0]].mkind;
-            let f64_math = mkind == Kind::Double;
-            let elem = if f64_math { 8 } else { 4 };
-            let rows_per_tile = penalty_rows(f64_math);
-            // Layout: per matrix its gB and gA partials, then one value partial per block.
-            let mut ws = Workspace::new();
-            let mut blocks = 0usize;
-            let mut shapes = Vec::new();
-            for &p in chunk {
-                let s = prepared[p].omega.size();
-                let (out, inn) = (s[0] as usize, s[1] as usize);
-                let r = prepared[p].factors[0].size()[0] as usize;
-                let (tr, tc) = (ceil_div(out, rows_per_tile), ceil_div(inn, TILE_COLS));
-                let (gb_bytes, ga_bytes) = if grads {
-                    (tc * out * r * elem, tr * r * inn * elem)
-                } else {
-                    (0, 0)
-                };
-                let gb_at = ws.reserve(gb_bytes);
-                let ga_at = ws.reserve(ga_bytes);
-                shapes.push((out, inn, r, tr, tc, gb_at, ga_at, blocks));
-                blocks += tr * tc;
-            }
-            let values_at = ws.reserve(blocks * 8);
-            let base = ws.allocate(device)?;
-            let mut table = tables::zeroed::<PenaltyTable>();
-            let mut gtable = tables::zeroed::<GradTable>();
-            let mut sums = tables::zeroed::<SumTable>();
-            let mut grad_blocks = 0usize;
-            for (slot, &p) in chunk.iter().enumerate() {
-                let pr = &prepared[p];
-                let m = &mats[pr.index];
-                let (out, inn, r, tr, tc, gb_at, ga_at, first) = shapes[slot];
-                let f = &pr.factors;
-                let (a_ref, b_ref) = if f.len() == 4 {
-                    (ptr(&f[2]), ptr(&f[3]))
-                } else {
-                    (std::ptr::null(), std::ptr::null())
-                };
-                table.m[slot] = PenaltyEntry {
-                    omega: ptr(&pr.omega),
-                    a: ptr(&f[0]),
-                    b: ptr(&f[1]),
-                    a_ref,
-                    b_ref,
+    let names: Vec<&str> = prepared.iter().map(|p| p.name.as_str()).collect();
+    for chunk in &launches(&names) {
+        let mkind = prepared[chunk[0]].mkind;
+        let f64_math = mkind == Kind::Double;
+        let elem = if f64_math { 8 } else { 4 };
+        let rows_per_tile = penalty_rows(f64_math);
+        // Layout: per matrix its gB and gA partials, then one value partial per block.
+        let mut ws = Workspace::new();
+        let mut blocks = 0usize;
+        let mut shapes = Vec::new();
+        for &p in chunk {
+            let s = prepared[p].omega.size();
+            let (out, inn) = (s[0] as usize, s[1] as usize);
+            let r = prepared[p].factors[0].size()[0] as usize;
+            let (tr, tc) = (ceil_div(out, rows_per_tile), ceil_div(inn, TILE_COLS));
+            let (gb_bytes, ga_bytes) = if grads {
+                (tc * out * r * elem, tr * r * inn * elem)
+            } else {
+                (0, 0)
+            };
+            let gb_at = ws.reserve(gb_bytes);
+            let ga_at = ws.reserve(ga_bytes);
+            shapes.push((out, inn, r, tr, tc, gb_at, ga_at, blocks));
+            blocks += tr * tc;
+        }
+        let values_at = ws.reserve(blocks * 8);
+        let base = ws.allocate(device)?;
+        let mut table = tables::zeroed::<PenaltyTable>();
+        let mut gtable = tables::zeroed::<GradTable>();
+        let mut sums = tables::zeroed::<SumTable>();
+        let mut grad_blocks = 0usize;
+        for (slot, &p) in chunk.iter().enumerate() {
+            let pr = &prepared[p];
+            let m = &mats[pr.index];
+            let (out, inn, r, tr, tc, gb_at, ga_at, first) = shapes[slot];
+            let f = &pr.factors;
+            let (a_ref, b_ref) = if f.len() == 4 {
+                (ptr(&f[2]), ptr(&f[3]))
+            } else {
+                (std::ptr::null(), std::ptr::null())
+            };
+            table.m[slot] = PenaltyEntry {
+                omega: ptr(&pr.omega),
+                a: ptr(&f[0]),
+                b: ptr(&f[1]),
+                a_ref,
+                b_ref,
+                gb_part: at(&base, gb_at),
+                ga_part: at(&base, ga_at),
+                value_part: (at(&base, values_at) as *mut f64).wrapping_add(first),
+                out: dim(out, "out")?,
+                inn: dim(inn, "in")?,
+                r: dim(r, "r")?,
+                tiles_col: dim(tc, "tiles")?,
+                first_block: dim(first, "blocks")?,
+                mode: pr.mode,
+                scaling: m.scaling,
+                scaling_ref: m.scaling_ref,
+            };
+            sums.first[slot] = dim(first, "blocks")?;
+            sums.weight[slot] = m.weight;
+            if grads {
+                let (ga, gb) = &grad_out[pr.index];
+                gtable.m[slot] = GradEntry {
                     gb_part: at(&base, gb_at),
                     ga_part: at(&base, ga_at),
-                    value_part: (at(&base, values_at) as *mut f64).wrapping_add(first),
+                    grad_b: ptr_mut(gb),
+                    grad_a: ptr_mut(ga),
                     out: dim(out, "out")?,
                     inn: dim(inn, "in")?,
                     r: dim(r, "r")?,
+                    tiles_row: dim(tr, "tiles")?,
                     tiles_col: dim(tc, "tiles")?,
-                    first_block: dim(first, "blocks")?,
-                    mode: pr.mode,
-                    scaling: m.scaling,
-                    scaling_ref: m.scaling_ref,
+                    first_block: dim(grad_blocks, "blocks")?,
+                    scale: 2.0 * m.scaling * m.weight,
                 };
-                sums.first[slot] = dim(first, "blocks")?;
-                sums.weight[slot] = m.weight;
-                if grads {
-                    let (ga, gb) = &grad_out[pr.index];
-                    gtable.m[slot] = GradEntry {
-                        gb_part: at(&base, gb_at),
-                        ga_part: at(&base, ga_at),
-                        grad_b: ptr_mut(gb),
-                        grad_a: ptr_mut(ga),
-                        out: dim(out, "out")?,
-                        inn: dim(inn, "in")?,
-                        r: dim(r, "r")?,
-                        tiles_row: dim(tr, "tiles")?,
-                        tiles_col: dim(tc, "tiles")?,
-                        first_block: dim(grad_blocks, "blocks")?,
-                        scale: 2.0 * m.scaling * m.weight,
-                    };
-                    grad_blocks += ceil_div(out * r + r * inn, THREADS as usize);
-                }
+                grad_blocks += ceil_div(out * r + r * inn, THREADS as usize);
             }
-            let n = chunk.len();
-            table.count = n as i32;
-            table.grads = grads as i32;
-            gtable.count = n as i32;
-            sums.first[n] = dim(blocks, "blocks")?;
-            sums.count = n as i32;
-            let name = &prepared[chunk[0]].name;
-            let mut params = [&mut *table as *mut PenaltyTable as *mut c_void];
-            k.launch(name, dim(blocks, "blocks")? as u32, stream, &mut params)?;
-            if grads {
-                let tag = if f64_math { "f64" } else { "f32" };
-                let mut params = [&mut *gtable as *mut GradTable as *mut c_void];
-                let gname = format!("penalty_grads_{tag}");
-                k.launch(
-                    &gname,
-                    dim(grad_blocks, "blocks")? as u32,
-                    stream,
-                    &mut params,
-                )?;
-            }
-            let values = Tensor::f_empty([n as i64 + 1], (mkind, device))?;
-            let (mut pp, mut op) = (at(&base, values_at), values.data_ptr());
-            let mut params = [
-                &mut *sums as *mut SumTable as *mut c_void,
-                &mut pp as *mut PtrMut as *mut c_void,
-                &mut op as *mut PtrMut as *mut c_void,
-            ];
-            let sname = format!("segment_sums_{}", if f64_math { "f64" } else { "f32" });
-            k.launch(&sname, 1, stream, &mut params)?;
-            totals.push(values.f_select(0, n as i64)?);
         }
+        let n = chunk.len();
+        table.count = n as i32;
+        table.grads = grads as i32;
+        gtable.count = n as i32;
+        sums.first[n] = dim(blocks, "blocks")?;
+        sums.count = n as i32;
+        let name = &prepared[chunk[0]].name;
+        let mut params = [&mut *table as *mut PenaltyTable as *mut c_void];
+        k.launch(name, dim(blocks, "blocks")? as u32, stream, &mut params)?;
+        if grads {
+            let tag = if f64_math { "f64" } else { "f32" };
+            let mut params = [&mut *gtable as *mut GradTable as *mut c_void];
+            let gname = format!("penalty_grads_{tag}");
+            k.launch(
+                &gname,
+                dim(grad_blocks, "blocks")? as u32,
+                stream,
+                &mut params,
+            )?;
+        }
+        let values = Tensor::f_empty([n as i64 + 1], (mkind, device))?;
+        let (mut pp, mut op) = (at(&base, values_at), values.data_ptr());
+        let mut params = [
+            &mut *sums as *mut SumTable as *mut c_void,
+            &mut pp as *mut PtrMut as *mut c_void,
+            &mut op as *mut PtrMut as *mut c_void,
+        ];
+        let sname = format!("segment_sums_{}", if f64_math { "f64" } else { "f32" });
+        k.launch(&sname, 1, stream, &mut params)?;
+        totals.push(values.f_select(0, n as i64)?);
     }
     // One group (the usual case): no extra launch unless the dtype must change.
     let mut total = match totals.pop() {
@@ -518,4 +520,24 @@ pub fn penalty_many(
         total,
         grads: grads.then_some(grad_out),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launches_group_by_kernel_and_split_at_the_table_size() {
+        let names: Vec<&str> = (0..140)
+            .map(|i| if i % 70 == 3 { "b" } else { "a" })
+            .collect();
+        let got = launches(&names);
+        let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![MAX_MATS, MAX_MATS, 138 - 2 * MAX_MATS, 2]);
+        assert!(got[..3].iter().flatten().all(|&i| names[i] == "a"));
+        assert_eq!(got[3], vec![3, 73]);
+        let mut all: Vec<usize> = got.into_iter().flatten().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..140).collect::<Vec<_>>());
+    }
 }
