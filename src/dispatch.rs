@@ -69,6 +69,17 @@ pub fn cuda_path_name() -> &'static str {
     }
 }
 
+/// NVRTC ships in torch's nvidia/cu13/lib, which is not on the loader path: `hlora._nvrtc`
+/// preloads it. Done once per process, off the per-call path.
+pub fn preload_nvrtc(py: Python<'_>) -> PyResult<()> {
+    static PRELOADED: AtomicBool = AtomicBool::new(false);
+    if !PRELOADED.load(Ordering::Relaxed) {
+        py.import("hlora._nvrtc")?.call_method0("preload")?;
+        PRELOADED.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// The fused CUDA kernels and torch's current stream for tensors on `device`, or `None`
 /// for the tch path: a CPU device, `set_cuda_path("tch")`, or kernels that cannot load
 /// (no driver, no NVRTC, an old GPU) — the last said once, as a warning with the reason.
@@ -80,8 +91,7 @@ pub fn cuda_route(py: Python<'_>, device: Device) -> PyResult<Option<(Arc<Kernel
     if CUDA_VIA_TCH.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    // NVRTC ships in torch's nvidia/cu13/lib, which is not on the loader path: preload it.
-    py.import("hlora._nvrtc")?.call_method0("preload")?;
+    preload_nvrtc(py)?;
     match crate::cuda::kernels(index as i32) {
         Ok(k) => {
             let stream: u64 = py

@@ -85,6 +85,42 @@ fn optional_list<'py>(
         .transpose()
 }
 
+/// An optional pair of factors (start or reference): both or neither.
+fn given_pair<'a, 'py>(
+    first: &'a Option<Arg<'py>>,
+    second: &'a Option<Arg<'py>>,
+    names: &str,
+) -> Result<Option<(&'a Arg<'py>, &'a Arg<'py>)>, Error> {
+    match (first, second) {
+        (Some(x), Some(y)) => Ok(Some((x, y))),
+        (None, None) => Ok(None),
+        _ => Err(Error::value(format!(
+            "{names} must be given together (or neither, for a fresh adapter)"
+        ))),
+    }
+}
+
+type PairLists<'py> = (Vec<Arg<'py>>, Vec<Arg<'py>>);
+
+/// The list form of [`given_pair`]: two optional lists of `n` factors, both or neither.
+fn given_pair_lists<'py>(
+    first: Option<&Bound<'py, PyAny>>,
+    second: Option<&Bound<'py, PyAny>>,
+    (name1, name2): (&str, &str),
+    n: usize,
+) -> Result<Option<PairLists<'py>>, Error> {
+    match (
+        optional_list(first, name1, n)?,
+        optional_list(second, name2, n)?,
+    ) {
+        (Some(x), Some(y)) => Ok(Some((x, y))),
+        (None, None) => Ok(None),
+        _ => Err(Error::value(format!(
+            "{name1} and {name2} must be given together (or neither, for fresh adapters)"
+        ))),
+    }
+}
+
 fn per_matrix(values: Vec<f64>, name: &str, n: usize) -> Result<Vec<f64>, Error> {
     match values.len() {
         len if len == n => Ok(values),
@@ -206,16 +242,7 @@ fn finalize_importance(
         arg(b, "b", false)?,
     );
     let (a0, b0) = (opt_arg(a_start, "a_start")?, opt_arg(b_start, "b_start")?);
-    let start = match (&a0, &b0) {
-        (Some(x), Some(y)) => Some((x, y)),
-        (None, None) => None,
-        _ => {
-            return Err(Error::value(
-                "a_start and b_start must be given together (or neither, for a fresh adapter)",
-            )
-            .into())
-        }
-    };
+    let start = given_pair(&a0, &b0, "a_start and b_start")?;
     let job = FinalizeJob::new(&o, &a, &b, start, scaling, xi, clamp_negative)?;
     let result = match cuda_route(py, [job.device()])? {
         Some((k, stream)) => py.allow_threads(move || {
@@ -254,23 +281,11 @@ fn finalize_importance_many(
     }
     let av = args_of(a, "a", false, Some(n))?;
     let bv = args_of(b, "b", false, Some(n))?;
-    let (a0, b0) = (
-        optional_list(a_start, "a_start", n)?,
-        optional_list(b_start, "b_start", n)?,
-    );
-    if a0.is_some() != b0.is_some() {
-        return Err(Error::value(
-            "a_start and b_start must be given together (or neither, for fresh adapters)",
-        )
-        .into());
-    }
+    let starts = given_pair_lists(a_start, b_start, ("a_start", "b_start"), n)?;
     let scaling = per_matrix(scaling, "scaling", n)?;
     let mut jobs = Vec::with_capacity(n);
     for i in 0..n {
-        let start = match (&a0, &b0) {
-            (Some(x), Some(y)) => Some((&x[i], &y[i])),
-            _ => None,
-        };
+        let start = starts.as_ref().map(|(x, y)| (&x[i], &y[i]));
         jobs.push(FinalizeJob::new(
             &o[i],
             &av[i],
@@ -329,19 +344,6 @@ fn layer_coefficients(
 
 type PenaltyResult = (PyTensor, Option<PyTensor>, Option<PyTensor>);
 
-fn reference_pair<'a, 'py>(
-    a_ref: &'a Option<Arg<'py>>,
-    b_ref: &'a Option<Arg<'py>>,
-) -> Result<Option<(&'a Arg<'py>, &'a Arg<'py>)>, Error> {
-    match (a_ref, b_ref) {
-        (Some(x), Some(y)) => Ok(Some((x, y))),
-        (None, None) => Ok(None),
-        _ => Err(Error::value(
-            "a_ref and b_ref must be given together (or neither, for a fresh adapter)",
-        )),
-    }
-}
-
 #[pyfunction]
 #[pyo3(signature = (omega, a, b, a_ref=None, b_ref=None, *, scaling, scaling_ref=None, weight=1.0, compute_grads=true))]
 #[allow(clippy::too_many_arguments)]
@@ -363,7 +365,14 @@ fn importance_penalty(
         arg(b, "b", false)?,
     );
     let (ar, br) = (opt_arg(a_ref, "a_ref")?, opt_arg(b_ref, "b_ref")?);
-    let job = PenaltyJob::new(&o, &a, &b, reference_pair(&ar, &br)?, scaling, scaling_ref)?;
+    let job = PenaltyJob::new(
+        &o,
+        &a,
+        &b,
+        given_pair(&ar, &br, "a_ref and b_ref")?,
+        scaling,
+        scaling_ref,
+    )?;
     let weight = view::finite(weight, "weight")?;
     let out = match cuda_route(py, [job.device()])? {
         Some((k, stream)) => py.allow_threads(move || {
@@ -405,14 +414,7 @@ fn importance_penalty_many(
     }
     let av = args_of(a, "a", false, Some(n))?;
     let bv = args_of(b, "b", false, Some(n))?;
-    let ar = optional_list(a_ref, "a_ref", n)?;
-    let br = optional_list(b_ref, "b_ref", n)?;
-    if ar.is_some() != br.is_some() {
-        return Err(Error::value(
-            "a_ref and b_ref must be given together (or neither, for fresh adapters)",
-        )
-        .into());
-    }
+    let refs = given_pair_lists(a_ref, b_ref, ("a_ref", "b_ref"), n)?;
     let scaling = per_matrix(scaling, "scaling", n)?;
     let scaling_ref = scaling_ref
         .map(|s| per_matrix(s, "scaling_ref", n))
@@ -420,10 +422,7 @@ fn importance_penalty_many(
     let weights = per_matrix(weights.unwrap_or_else(|| vec![1.0]), "weights", n)?;
     let mut jobs = Vec::with_capacity(n);
     for i in 0..n {
-        let reference = match (&ar, &br) {
-            (Some(x), Some(y)) => Some((&x[i], &y[i])),
-            _ => None,
-        };
+        let reference = refs.as_ref().map(|(x, y)| (&x[i], &y[i]));
         let s_ref = scaling_ref.as_ref().map(|s| s[i]);
         let w = view::finite(weights[i], &format!("weights[{i}]"))?;
         jobs.push((
@@ -535,7 +534,7 @@ fn cuda_path() -> &'static str {
 /// Needs NVRTC only (no GPU): the check CI runs on CPU-only machines.
 #[pyfunction]
 fn cuda_compile(py: Python<'_>, arch: &str) -> PyResult<usize> {
-    py.import("hlora._nvrtc")?.call_method0("preload")?;
+    dispatch::preload_nvrtc(py)?;
     let arch = arch.to_string();
     Ok(py.allow_threads(move || cuda::compile(&arch))?.len())
 }
@@ -543,7 +542,7 @@ fn cuda_compile(py: Python<'_>, arch: &str) -> PyResult<usize> {
 /// Whether the fused CUDA kernels run on CUDA device `device`, or why not.
 #[pyfunction]
 fn cuda_status(py: Python<'_>, device: i32) -> PyResult<String> {
-    py.import("hlora._nvrtc")?.call_method0("preload")?;
+    dispatch::preload_nvrtc(py)?;
     Ok(match cuda::kernels(device) {
         Ok(k) => format!("fused ({} on device {})", k.arch, k.device),
         Err(reason) => format!("unavailable: {reason}"),

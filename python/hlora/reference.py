@@ -95,11 +95,7 @@ def finalize_importance(
 def finalize_importance_many(omega, a, b, a_start=None, b_start=None, *, scaling: Scalars, xi: float,
                              clamp_negative: bool = True) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Ω for every matrix, and the Frobenius norms ‖Ω_l‖ (float64) the layer coefficients use."""
-    n = _lists(None, omega=omega, a=a, b=b)
-    if n == 0:
-        raise ValueError("omega must hold at least one matrix")
-    if check.pair_given(a_start, b_start, "a_start and b_start"):
-        _lists(n, a_start=a_start, b_start=b_start)
+    n = _factor_lists("omega", omega, a, b, ("a_start", "b_start"), (a_start, b_start))
     scalings = _per_matrix(scaling, "scaling", n)
     results = [finalize_importance(omega[i], a[i], b[i], scaling=scalings[i], xi=xi, clamp_negative=clamp_negative,
                                    a_start=None if a_start is None else a_start[i],
@@ -171,6 +167,18 @@ def _lists(n: Optional[int], **named: object) -> int:
     return n or 0
 
 
+def _factor_lists(omega_name: str, omega: object, a: object, b: object, pair_names: Tuple[str, str],
+                  pair: Tuple[object, object]) -> int:
+    """Checks the lists of a `_many` call (Ω/ω, A, B and an optional start/reference pair) and
+    returns the matrix count."""
+    n = _lists(None, **{omega_name: omega, "a": a, "b": b})
+    if n == 0:
+        raise ValueError(f"{omega_name} must hold at least one matrix")
+    if check.pair_given(pair[0], pair[1], " and ".join(pair_names)):
+        _lists(n, **dict(zip(pair_names, pair)))
+    return n
+
+
 def accumulate_omega_many_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next, *, lr: float,
                            scaling: Scalars, clamp_negative: bool = False) -> list:
     """:func:`accumulate_omega_` over lists (one entry per adapted matrix)."""
@@ -187,11 +195,7 @@ def importance_penalty_many(Omega, a, b, a_ref=None, b_ref=None, *, scaling: Sca
                             scaling_ref: Optional[Scalars] = None,
                             weights: Optional[Scalars] = None) -> torch.Tensor:
     """Σ_l w_l · P_l over lists of matrices (w_l = 1 unless given)."""
-    n = _lists(None, Omega=Omega, a=a, b=b)
-    if n == 0:
-        raise ValueError("Omega must hold at least one matrix")
-    if check.pair_given(a_ref, b_ref, "a_ref and b_ref"):
-        _lists(n, a_ref=a_ref, b_ref=b_ref)
+    n = _factor_lists("Omega", Omega, a, b, ("a_ref", "b_ref"), (a_ref, b_ref))
     scalings = _per_matrix(scaling, "scaling", n)
     refs = _per_matrix(scaling_ref, "scaling_ref", n) or [None] * n
     w = _per_matrix(weights, "weights", n) or [1.0] * n
