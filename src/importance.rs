@@ -8,7 +8,6 @@ use crate::pool;
 use crate::scalar::{Real, Storage};
 use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, OMEGA_KINDS};
-use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 /// Ω = ω / (Δ² + ξ), Δ = s·B·A − s·B_start·A_start (or s·B·A for a fresh adapter).
@@ -89,7 +88,7 @@ impl FinalizeJob {
         // SAFETY: both contiguous CPU tensors of dtype S; `out` is fresh and unshared.
         let (src, dst) = unsafe { (slice::<S>(&omega), slice_mut::<S>(&out)) };
         let (xi, clamp) = (T::from_f64_lossy(self.xi), self.clamp_negative);
-        pool::install(|| finalize_rows(src, dst, &delta, xi, clamp))?;
+        finalize_rows(src, dst, &delta, xi, clamp)?;
         Ok(out)
     }
 
@@ -118,16 +117,20 @@ fn finalize_rows<S: Storage, T: Real>(
     delta: &LowRank<T>,
     xi: T,
     clamp: bool,
-) {
+) -> Result<()> {
     let (rows, cols) = (delta.rows, delta.cols);
     if rows == 0 || cols == 0 {
-        return;
+        return Ok(());
     }
     let rpt = rows_per_task(rows, cols);
-    dst.par_chunks_mut(rpt * cols)
-        .zip(src.par_chunks(rpt * cols))
-        .enumerate()
-        .for_each(|(task, (out, inp))| finalize_task(task * rpt, inp, out, delta, xi, clamp));
+    let tasks = dst
+        .chunks_mut(rpt * cols)
+        .zip(src.chunks(rpt * cols))
+        .collect();
+    pool::run_items(tasks, |task, (out, inp)| {
+        finalize_task(task * rpt, inp, out, delta, xi, clamp)
+    })?;
+    Ok(())
 }
 
 multiversion!(fn finalize_task<S: Storage, T: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<T>, xi: T, clamp: bool) = finalize_task_body);
@@ -213,9 +216,9 @@ mod tests {
         );
         let src = vec![2.0f32, 4.0, -1.0, 8.0, -5.0, 3.0];
         let mut dst = vec![0.0f32; 6];
-        pool::install(|| finalize_rows(&src, &mut dst, &delta, 1.0, false)).unwrap();
+        finalize_rows(&src, &mut dst, &delta, 1.0, false).unwrap();
         assert_eq!(dst, vec![1.0, 2.0, -1.0, 8.0 / 5.0, -1.0, 3.0]);
-        pool::install(|| finalize_rows(&src, &mut dst, &delta, 1.0, true)).unwrap();
+        finalize_rows(&src, &mut dst, &delta, 1.0, true).unwrap();
         assert_eq!(dst, vec![1.0, 2.0, 0.0, 8.0 / 5.0, 0.0, 3.0]);
     }
 }

@@ -509,6 +509,12 @@ fn cpu_path() -> &'static str {
     dispatch::cpu_path_name()
 }
 
+/// The instruction set the CPU kernels use: "avx2" or "plain" (`HLORA_SIMD=plain` forces it).
+#[pyfunction]
+fn simd_level() -> &'static str {
+    simd::level().name()
+}
+
 /// Routes CUDA tensors through the fused CUDA kernels ("fused", the default) or the tch
 /// path ("tch") — to compare the two on a GPU.
 #[pyfunction]
@@ -571,6 +577,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(importance_penalty_many, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_path, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_path, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(finalize_importance_many, m)?)?;
     m.add_function(wrap_pyfunction!(set_cuda_path, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_path, m)?)?;

@@ -16,10 +16,34 @@ pub struct LowRank<T> {
     pub rows: usize,
     pub cols: usize,
     pub k: usize,
-    /// (rows, k), row-major.
-    pub left: Vec<T>,
-    /// (k, cols), row-major.
-    pub right: Vec<T>,
+    /// Lᵀ: (k, rows) with row stride `left_stride` — so the RB coefficients a row block needs
+    /// for one term q are contiguous (one bounds check per term in the micro-kernel).
+    left_t: Vec<T>,
+    left_stride: usize,
+    /// R: (k, cols) with row stride `right_stride`.
+    right: Vec<T>,
+    right_stride: usize,
+}
+
+/// A row stride of at least `n` elements spanning an odd number of 64-byte lines, so the k rows
+/// a micro-kernel walks fall in k different L1 sets. (A width like 1024 or 3072 floats is a
+/// multiple of 4 KiB: all k rows would then compete for one 8-way set and miss every time.)
+pub fn conflict_free_stride<T>(n: usize) -> usize {
+    let size = std::mem::size_of::<T>().max(1);
+    let per_line = (64 / size).max(1);
+    let lines = n.div_ceil(per_line);
+    (lines | 1) * per_line
+}
+
+/// `data` (rows × cols, row-major) copied into rows of `stride` elements, zero-padded.
+fn with_stride<T: Real>(data: &[T], rows: usize, cols: usize, stride: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); rows * stride];
+    if cols > 0 {
+        for (dst, src) in out.chunks_exact_mut(stride).zip(data.chunks_exact(cols)) {
+            dst[..cols].copy_from_slice(src);
+        }
+    }
+    out
 }
 
 /// A dense row-major matrix of compute-precision values (the thin factors).
@@ -88,13 +112,34 @@ impl<T: Real> Dense<T> {
 impl<T: Real> LowRank<T> {
     pub fn new(left: Dense<T>, right: Dense<T>) -> Self {
         debug_assert_eq!(left.cols, right.rows);
-        LowRank {
-            rows: left.rows,
-            cols: right.cols,
-            k: left.cols,
-            left: left.data,
-            right: right.data,
+        let (rows, k, cols) = (left.rows, left.cols, right.cols);
+        let left_stride = conflict_free_stride::<T>(rows);
+        let mut left_t = vec![T::zero(); k * left_stride];
+        for (i, lrow) in left.data.chunks_exact(k.max(1)).enumerate() {
+            for (q, &x) in lrow.iter().enumerate() {
+                left_t[q * left_stride + i] = x;
+            }
         }
+        let right_stride = conflict_free_stride::<T>(cols);
+        LowRank {
+            rows,
+            cols,
+            k,
+            left_t,
+            left_stride,
+            right: with_stride(&right.data, k, cols, right_stride),
+            right_stride,
+        }
+    }
+
+    /// L[i, q].
+    pub fn left(&self, i: usize, q: usize) -> T {
+        self.left_t[q * self.left_stride + i]
+    }
+
+    /// R[q, j].
+    pub fn right(&self, q: usize, j: usize) -> T {
+        self.right[q * self.right_stride + j]
     }
 
     /// For `RB` consecutive rows i0.., `bufs[rr][j] = Σ_q L[i0+rr,q]·R[q,j0+j]` for j < n.
@@ -111,18 +156,18 @@ impl<T: Real> LowRank<T> {
         bufs: &mut [[T; TILE_COLS]; RB],
     ) {
         const W: usize = 16;
-        let k = self.k;
-        let left = &self.left[i0 * k..(i0 + RB) * k];
+        let n = n.min(TILE_COLS);
         let mut jb = 0;
         while jb + W <= n {
             let mut acc = [[T::zero(); W]; RB];
-            for q in 0..k {
-                let start = q * self.cols + j0 + jb;
-                let r = &self.right[start..start + W];
+            let terms = (self.left_t.chunks_exact(self.left_stride))
+                .zip(self.right.chunks_exact(self.right_stride));
+            for (lrow, rrow) in terms {
+                let c = &lrow[i0..i0 + RB];
+                let r = &rrow[j0 + jb..j0 + jb + W];
                 for rr in 0..RB {
-                    let c = left[rr * k + q];
                     for l in 0..W {
-                        acc[rr][l] = M::madd(c, r[l], acc[rr][l]);
+                        acc[rr][l] = M::madd(c[rr], r[l], acc[rr][l]);
                     }
                 }
             }
@@ -136,8 +181,8 @@ impl<T: Real> LowRank<T> {
         for j in jb..n {
             for rr in 0..RB {
                 let mut acc = T::zero();
-                for q in 0..k {
-                    acc = M::madd(left[rr * k + q], self.right[q * self.cols + j0 + j], acc);
+                for q in 0..self.k {
+                    acc = M::madd(self.left(i0 + rr, q), self.right(q, j0 + j), acc);
                 }
                 bufs[rr][j] = acc;
             }
@@ -234,6 +279,18 @@ mod tests {
         lr.rows_tile_into::<Plain, 2>(1, 1, 2, &mut tiles);
         assert_eq!(tiles[0][..2], [4.0, 18.0]);
         assert_eq!(tiles[1][..2], [6.0, 28.0]);
+    }
+
+    #[test]
+    fn strides_cover_the_row_and_span_an_odd_number_of_lines() {
+        for n in [0usize, 1, 15, 16, 17, 576, 1024, 3072] {
+            let s32 = conflict_free_stride::<f32>(n);
+            let s64 = conflict_free_stride::<f64>(n);
+            assert!(s32 >= n && s64 >= n);
+            assert_eq!((s32 / 16) % 2, 1);
+            assert_eq!((s64 / 8) % 2, 1);
+        }
+        assert_eq!(conflict_free_stride::<f32>(1024), 1040);
     }
 
     #[test]

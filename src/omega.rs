@@ -10,7 +10,6 @@ use crate::simd::{multiversion, Madd};
 use crate::view::{
     dense, finite, same_device, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS,
 };
-use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 /// One matrix's update, validated and detached from Python (safe to run without the GIL).
@@ -142,7 +141,7 @@ impl OmegaJob {
         // SAFETY: contiguous CPU tensor of dtype S (checked in `new`), exclusively ours here.
         let omega = unsafe { slice_mut::<S>(&target) };
         let clamp = self.clamp_negative;
-        pool::install(|| update_rows(omega, &g, &d, clamp))?;
+        update_rows(omega, &g, &d, clamp)?;
         if !contiguous {
             let mut dst = self.omega.shallow_clone();
             dst.f_copy_(&target)?;
@@ -187,16 +186,22 @@ impl OmegaJob {
 
 /// The fused update: per tile of rows, g~ and dθ are formed in L1 buffers from the thin
 /// factors, and ω is read and written once.
-fn update_rows<S: Storage, T: Real>(omega: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool) {
+fn update_rows<S: Storage, T: Real>(
+    omega: &mut [S],
+    g: &LowRank<T>,
+    d: &LowRank<T>,
+    clamp: bool,
+) -> Result<()> {
     let (rows, cols) = (g.rows, g.cols);
     if rows == 0 || cols == 0 {
-        return;
+        return Ok(());
     }
     let rpt = rows_per_task(rows, cols);
-    omega
-        .par_chunks_mut(rpt * cols)
-        .enumerate()
-        .for_each(|(task, chunk)| update_task(task * rpt, chunk, g, d, clamp));
+    let tasks = omega.chunks_mut(rpt * cols).collect();
+    pool::run_items(tasks, |task, chunk| {
+        update_task(task * rpt, chunk, g, d, clamp)
+    })?;
+    Ok(())
 }
 
 multiversion!(fn update_task<S: Storage, T: Real>(row0: usize, chunk: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool) = update_task_body);
@@ -236,15 +241,15 @@ mod tests {
             Dense::new(1, 300, vec![1.0; 300]),
         );
         let mut omega = vec![1.0f32; 900];
-        pool::install(|| update_rows(&mut omega, &g, &d, false)).unwrap();
+        update_rows(&mut omega, &g, &d, false).unwrap();
         for i in 0..3 {
             for j in 0..300 {
-                let want = 1.0 - g.left[i] * g.right[j] * d.left[i] * d.right[j];
+                let want = 1.0 - g.left(i, 0) * g.right(0, j) * d.left(i, 0) * d.right(0, j);
                 assert!((omega[i * 300 + j] as f64 - want).abs() < 1e-5);
             }
         }
         let mut clamped = vec![0.0f64; 900];
-        pool::install(|| update_rows(&mut clamped, &g, &d, true)).unwrap();
+        update_rows(&mut clamped, &g, &d, true).unwrap();
         assert!(clamped.iter().all(|&x| x >= 0.0));
         assert!(clamped.iter().any(|&x| x > 0.0));
     }

@@ -4,13 +4,12 @@
 use crate::dispatch::{path_for, Path};
 use crate::error::Result;
 use crate::forms::converted_delta;
-use crate::lowrank::{rows_per_task, Dense, LowRank, ROW_BLOCK, TILE_COLS};
+use crate::lowrank::{conflict_free_stride, rows_per_task, Dense, LowRank, ROW_BLOCK, TILE_COLS};
 use crate::pool;
 use crate::scalar::{Real, Storage};
 use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, Arg, STORED_OMEGA_KINDS};
 use half::{bf16, f16};
-use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 pub struct PenaltyJob {
@@ -104,7 +103,7 @@ impl PenaltyJob {
         let omega = self.omega.f_contiguous()?;
         // SAFETY: contiguous CPU tensor of dtype S, only read.
         let om = unsafe { slice::<S>(&omega) };
-        let (p, ga, gb) = pool::install(|| penalty_rows(om, &d, &a, &b, grads))?;
+        let (p, ga, gb) = penalty_rows(om, &d, &a, &b, grads)?;
         let value = Tensor::f_from_slice(&[T::from_f64_lossy(p * weight)])?.f_reshape([0i64; 0])?;
         let grads = if grads {
             let g = 2.0 * self.scaling * weight;
@@ -151,36 +150,78 @@ fn penalty_rows<S: Storage, T: Real>(
     a: &Dense<T>,
     b: &Dense<T>,
     grads: bool,
-) -> (f64, Dense<T>, Dense<T>) {
+) -> Result<(f64, Dense<T>, Dense<T>)> {
     let (rows, cols, r) = (d.rows, d.cols, a.rows);
     let mut gb = vec![T::zero(); rows * r];
     let mut ga = vec![T::zero(); r * cols];
     if rows == 0 || cols == 0 {
-        return (0.0, Dense::new(r, cols, ga), Dense::new(rows, r, gb));
+        return Ok((0.0, Dense::new(r, cols, ga), Dense::new(rows, r, gb)));
     }
-    let mut a_pad = a.data.clone();
-    a_pad.resize(r.div_ceil(8) * 8 * cols, T::zero());
+    let layout = GradLayout::new::<T>(r, cols);
+    let a_packed = layout.pack(a);
     // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
     let rpt = rows_per_task(rows, cols).max(rows.div_ceil(32));
-    let partials: Vec<(f64, Vec<T>)> = omega
-        .par_chunks(rpt * cols)
-        .zip(gb.par_chunks_mut(rpt * r))
-        .enumerate()
-        .map(|(task, (om, gb_rows))| penalty_task(task * rpt, om, gb_rows, d, a, &a_pad, b, grads))
+    let tasks = omega
+        .chunks(rpt * cols)
+        .zip(gb.chunks_mut(rpt * r))
         .collect();
+    let partials = pool::run_items(tasks, |task, (om, gb_rows)| {
+        penalty_task(task * rpt, om, gb_rows, d, b, &layout, &a_packed, grads)
+    })?;
     let mut total = 0.0f64;
     for (p, part) in partials {
         total += p;
         if grads {
-            for (acc, &x) in ga.iter_mut().zip(&part) {
-                *acc = *acc + x;
+            for (acc_row, part_row) in ga
+                .chunks_exact_mut(cols)
+                .zip(part.chunks_exact(layout.ga_stride))
+            {
+                for (acc, &x) in acc_row.iter_mut().zip(part_row) {
+                    *acc = *acc + x;
+                }
             }
         }
     }
-    (total, Dense::new(r, cols, ga), Dense::new(rows, r, gb))
+    Ok((total, Dense::new(r, cols, ga), Dense::new(rows, r, gb)))
 }
 
-multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: &mut [T], d: &LowRank<T>, a: &Dense<T>, a_pad: &[T], b: &Dense<T>, grads: bool) -> (f64, Vec<T>) = penalty_task_body);
+/// Memory layouts of the gradient pass, chosen so its inner loops are unit-stride, free of
+/// bounds checks and of cache-set conflicts.
+struct GradLayout {
+    r: usize,
+    /// r rounded up to even: the row-gradient loop takes the rank terms two at a time.
+    r_pad: usize,
+    /// Row stride of a task's Bᵀ·G partial (≥ cols rounded up to 16; odd number of lines).
+    ga_stride: usize,
+}
+
+/// Columns of G are processed in blocks of this many (G's tile buffers are zeroed up to it).
+const GRAD_BLOCK: usize = 16;
+
+impl GradLayout {
+    fn new<T>(r: usize, cols: usize) -> Self {
+        GradLayout {
+            r,
+            r_pad: r.div_ceil(2) * 2,
+            ga_stride: conflict_free_stride::<T>(cols.div_ceil(GRAD_BLOCK) * GRAD_BLOCK),
+        }
+    }
+
+    /// A packed by blocks of 8 columns: block c holds A[q, 8c..8c+8] for q < r_pad, one after
+    /// the other (zeros beyond r and beyond the last column, up to a whole `GRAD_BLOCK`).
+    fn pack<T: Real>(&self, a: &Dense<T>) -> Vec<T> {
+        let blocks = a.cols.div_ceil(GRAD_BLOCK) * GRAD_BLOCK / 8;
+        let mut packed = vec![T::zero(); blocks * self.r_pad * 8];
+        for q in 0..self.r {
+            for (j, &x) in a.row(q).iter().enumerate() {
+                packed[((j / 8) * self.r_pad + q) * 8 + j % 8] = x;
+            }
+        }
+        packed
+    }
+}
+
+multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: &mut [T], d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T], grads: bool) -> (f64, Vec<T>) = penalty_task_body);
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -189,25 +230,24 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
     om: &[S],
     gb_rows: &mut [T],
     d: &LowRank<T>,
-    a: &Dense<T>,
-    a_pad: &[T],
     b: &Dense<T>,
+    layout: &GradLayout,
+    a_packed: &[T],
     grads: bool,
 ) -> (f64, Vec<T>) {
-    let (cols, r) = (d.cols, a.rows);
-    let nrows = om.len() / cols;
+    let nrows = om.len() / d.cols;
     let mut task = PenaltyTask {
         row0,
         om,
         gb_rows,
         d,
-        a,
         b,
-        a_pad,
-        r_pad: a_pad.len() / cols,
-        gb_lanes: vec![[T::zero(); 8]; ROW_BLOCK * (a_pad.len() / cols)],
+        layout,
+        a_packed,
+        gb_lanes: vec![[T::zero(); 8]; ROW_BLOCK * layout.r_pad],
+        coefs: vec![[T::zero(); ROW_BLOCK]; layout.r],
         ga: if grads {
-            vec![T::zero(); r * cols]
+            vec![T::zero(); layout.r * layout.ga_stride]
         } else {
             Vec::new()
         },
@@ -231,25 +271,33 @@ struct PenaltyTask<'a, S, T> {
     om: &'a [S],
     gb_rows: &'a mut [T],
     d: &'a LowRank<T>,
-    a: &'a Dense<T>,
     b: &'a Dense<T>,
-    /// A with its rows padded by zeros to a multiple of 8 (r_pad × in).
-    a_pad: &'a [T],
-    r_pad: usize,
+    layout: &'a GradLayout,
+    /// A in `GradLayout::pack`'s layout.
+    a_packed: &'a [T],
     /// Row-gradient lanes of the current group: (ROW_BLOCK × r_pad) × 8.
     gb_lanes: Vec<[T; 8]>,
+    /// B[row, q] of the current group's rows, by q.
+    coefs: Vec<[T; ROW_BLOCK]>,
+    /// This task's Bᵀ·G partial: r rows of `ga_stride`.
     ga: Vec<T>,
     p: f64,
 }
 
 impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
     /// Rows li..li+RB (task-local): D tile by tile, then G = Ω⊙D in place, then P, the RB×r
-    /// row gradients (dots over the tile) and the r×tile column gradients (RB FMAs per load
-    /// and store of the partial).
+    /// row gradients and the r×tile column gradients.
     #[inline(always)]
     fn group<M: Madd, const RB: usize>(&mut self, li: usize, grads: bool) {
-        let (cols, r) = (self.d.cols, self.a.rows);
+        let cols = self.d.cols;
         let mut g = [[T::zero(); TILE_COLS]; RB];
+        if grads {
+            for (q, c) in self.coefs.iter_mut().enumerate() {
+                for (rr, x) in c.iter_mut().take(RB).enumerate() {
+                    *x = self.b.row(self.row0 + li + rr)[q];
+                }
+            }
+        }
         for j0 in (0..cols).step_by(TILE_COLS) {
             let n = TILE_COLS.min(cols - j0);
             self.d
@@ -275,44 +323,22 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
                 }
                 self.p += (lanes.iter().fold(T::zero(), |s, &x| s + x) + tail).to_f64();
             }
-            if !grads {
-                continue;
-            }
-            self.row_gradients::<M, RB>(&g, j0, n);
-            for q in 0..r {
-                let mut coef = [T::zero(); RB];
-                for (rr, c) in coef.iter_mut().enumerate() {
-                    *c = self.b.row(self.row0 + li + rr)[q];
+            if grads {
+                // Whole blocks of columns: G's last tile is padded with zeros (A's packing too).
+                let n16 = n.div_ceil(GRAD_BLOCK) * GRAD_BLOCK;
+                for g_row in g.iter_mut() {
+                    g_row[n..n16].fill(T::zero());
                 }
-                let ga_row = &mut self.ga[q * cols + j0..q * cols + j0 + n];
-                let whole = n - n % 16;
-                // Blocks of 16 through a local copy: no aliasing for the compiler to fear,
-                // so the RB FMAs per element vectorize.
-                for (c, chunk) in ga_row[..whole].chunks_exact_mut(16).enumerate() {
-                    let mut v = [T::zero(); 16];
-                    v.copy_from_slice(chunk);
-                    for rr in 0..RB {
-                        let gr = &g[rr][c * 16..c * 16 + 16];
-                        for l in 0..16 {
-                            v[l] = M::madd(coef[rr], gr[l], v[l]);
-                        }
-                    }
-                    chunk.copy_from_slice(&v);
-                }
-                for (j, acc) in ga_row.iter_mut().enumerate().skip(whole) {
-                    let mut v = *acc;
-                    for rr in 0..RB {
-                        v = M::madd(coef[rr], g[rr][j], v);
-                    }
-                    *acc = v;
-                }
+                self.row_gradients::<M, RB>(&g, j0, n16);
+                self.column_gradients::<M, RB>(&g, j0, n16);
             }
         }
         if grads {
             // Fold the row-gradient lanes into G·Aᵀ and clear them for the next group.
+            let (r, r_pad) = (self.layout.r, self.layout.r_pad);
             for rr in 0..RB {
                 for q in 0..r {
-                    let lanes = &mut self.gb_lanes[rr * self.r_pad + q];
+                    let lanes = &mut self.gb_lanes[rr * r_pad + q];
                     let slot = &mut self.gb_rows[(li + rr) * r + q];
                     *slot = *slot + lanes.iter().fold(T::zero(), |acc, &x| acc + x);
                     *lanes = [T::zero(); 8];
@@ -322,37 +348,66 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
     }
 
     /// (G·Aᵀ)[row, q] partial sums over one tile, kept as 8 lanes per (row, q) until the group
-    /// ends: for each 8 columns of G, eight rows of A feed eight independent FMA chains.
+    /// ends. Two rank terms at a time for all RB rows: each 8 columns of G and of two rows of A
+    /// loaded feed 2·RB independent FMA chains.
     #[inline(always)]
     fn row_gradients<M: Madd, const RB: usize>(
         &mut self,
         g: &[[T; TILE_COLS]; RB],
         j0: usize,
-        n: usize,
+        n16: usize,
     ) {
-        let cols = self.d.cols;
-        let whole = n - n % 8;
-        for (rr, g_row) in g.iter().enumerate() {
-            for qb in (0..self.r_pad).step_by(8) {
-                let base = rr * self.r_pad + qb;
-                let mut acc = [[T::zero(); 8]; 8];
-                acc.copy_from_slice(&self.gb_lanes[base..base + 8]);
-                for c in (0..whole).step_by(8) {
-                    let gv = &g_row[c..c + 8];
-                    for (qq, acc_q) in acc.iter_mut().enumerate() {
-                        let start = (qb + qq) * cols + j0 + c;
-                        let av = &self.a_pad[start..start + 8];
-                        for l in 0..8 {
-                            acc_q[l] = M::madd(gv[l], av[l], acc_q[l]);
-                        }
+        let r_pad = self.layout.r_pad;
+        let block = 8 * r_pad;
+        let a_tile = &self.a_packed[j0 * r_pad..(j0 + n16) * r_pad];
+        for qp in (0..r_pad).step_by(2) {
+            let mut acc = [[[T::zero(); 8]; 2]; RB];
+            for (rr, acc_r) in acc.iter_mut().enumerate() {
+                acc_r[0] = self.gb_lanes[rr * r_pad + qp];
+                acc_r[1] = self.gb_lanes[rr * r_pad + qp + 1];
+            }
+            for (c, a_block) in a_tile.chunks_exact(block).enumerate() {
+                let av = &a_block[qp * 8..qp * 8 + 16];
+                for (acc_r, g_row) in acc.iter_mut().zip(g) {
+                    let gv = &g_row[(c * 8) % TILE_COLS..][..8];
+                    for l in 0..8 {
+                        acc_r[0][l] = M::madd(gv[l], av[l], acc_r[0][l]);
+                        acc_r[1][l] = M::madd(gv[l], av[8 + l], acc_r[1][l]);
                     }
                 }
-                for (c, &gv) in g_row.iter().enumerate().take(n).skip(whole) {
-                    for (qq, acc_q) in acc.iter_mut().enumerate() {
-                        acc_q[0] = M::madd(gv, self.a_pad[(qb + qq) * cols + j0 + c], acc_q[0]);
+            }
+            for (rr, acc_r) in acc.iter().enumerate() {
+                self.gb_lanes[rr * r_pad + qp] = acc_r[0];
+                self.gb_lanes[rr * r_pad + qp + 1] = acc_r[1];
+            }
+        }
+    }
+
+    /// (Bᵀ·G)[q, tile] += Σ_rows B[row, q]·G[row, tile]: per 16 columns, the RB rows of G stay
+    /// in registers while every rank term's partial is loaded, updated and stored once.
+    #[inline(always)]
+    fn column_gradients<M: Madd, const RB: usize>(
+        &mut self,
+        g: &[[T; TILE_COLS]; RB],
+        j0: usize,
+        n16: usize,
+    ) {
+        let stride = self.layout.ga_stride;
+        for c in (0..n16).step_by(GRAD_BLOCK) {
+            let mut gv = [[T::zero(); GRAD_BLOCK]; RB];
+            for (dst, g_row) in gv.iter_mut().zip(g) {
+                dst.copy_from_slice(&g_row[c % TILE_COLS..][..GRAD_BLOCK]);
+            }
+            for (ga_row, coef) in self.ga.chunks_exact_mut(stride).zip(&self.coefs) {
+                let dst = &mut ga_row[j0 + c..j0 + c + GRAD_BLOCK];
+                let mut v = [T::zero(); GRAD_BLOCK];
+                v.copy_from_slice(dst);
+                for (rr, g_row) in gv.iter().enumerate() {
+                    for l in 0..GRAD_BLOCK {
+                        v[l] = M::madd(coef[rr], g_row[l], v[l]);
                     }
                 }
-                self.gb_lanes[base..base + 8].copy_from_slice(&acc);
+                dst.copy_from_slice(&v);
             }
         }
     }
@@ -362,25 +417,51 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
 mod tests {
     use super::*;
 
+    /// Deterministic values in [-1, 1), never all equal.
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+            })
+            .collect()
+    }
+
     #[test]
     fn penalty_and_gradients_match_dense_maths() {
-        // D = B·A with B (2×1), A (1×3); Ω all 2.
-        let a = Dense::new(1, 3, vec![1.0f64, -2.0, 0.5]);
-        let b = Dense::new(2, 1, vec![3.0f64, -1.0]);
+        // 7 rows: one block of ROW_BLOCK and three single rows; 300 columns: two whole tiles and
+        // a tail that is not a whole GRAD_BLOCK; odd rank (padded to even in the row pass).
+        let (rows, cols, r) = (7, 300, 3);
+        let a = Dense::new(r, cols, values(r * cols, 1));
+        let b = Dense::new(rows, r, values(rows * r, 2));
         let d = LowRank::new(b.clone(), a.clone());
-        let omega = vec![2.0f64; 6];
-        let (p, ga, gb) = pool::install(|| penalty_rows(&omega, &d, &a, &b, true)).unwrap();
+        let omega: Vec<f64> = values(rows * cols, 3).iter().map(|x| x.abs()).collect();
+        let (p, ga, gb) = penalty_rows(&omega, &d, &a, &b, true).unwrap();
         let dd = d.to_dense();
-        let want_p: f64 = dd.data.iter().map(|x| 2.0 * x * x).sum();
-        assert!((p - want_p).abs() < 1e-12);
-        // (Bᵀ·G)[0, j] = Σ_i B[i]·2·D[i,j]; (G·Aᵀ)[i] = Σ_j 2·D[i,j]·A[j]
-        for j in 0..3 {
-            let want: f64 = (0..2).map(|i| b.data[i] * 2.0 * dd.data[i * 3 + j]).sum();
-            assert!((ga.data[j] - want).abs() < 1e-12);
+        let g: Vec<f64> = omega.iter().zip(&dd.data).map(|(o, x)| o * x).collect();
+        let want_p: f64 = g.iter().zip(&dd.data).map(|(g, x)| g * x).sum();
+        assert!((p - want_p).abs() < 1e-12 * want_p.abs().max(1.0));
+        // (Bᵀ·G)[q, j] = Σ_i B[i, q]·G[i, j]; (G·Aᵀ)[i, q] = Σ_j G[i, j]·A[q, j]
+        for q in 0..r {
+            for j in 0..cols {
+                let want: f64 = (0..rows).map(|i| b.data[i * r + q] * g[i * cols + j]).sum();
+                assert!((ga.data[q * cols + j] - want).abs() < 1e-12);
+            }
         }
-        for i in 0..2 {
-            let want: f64 = (0..3).map(|j| 2.0 * dd.data[i * 3 + j] * a.data[j]).sum();
-            assert!((gb.data[i] - want).abs() < 1e-12);
+        for i in 0..rows {
+            for q in 0..r {
+                let want: f64 = (0..cols)
+                    .map(|j| g[i * cols + j] * a.data[q * cols + j])
+                    .sum();
+                assert!((gb.data[i * r + q] - want).abs() < 1e-11);
+            }
         }
+        let (p_only, _, _) = penalty_rows(&omega, &d, &a, &b, false).unwrap();
+        assert_eq!(p_only, p);
     }
 }
