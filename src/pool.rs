@@ -123,6 +123,30 @@ mod tests {
     }
 
     #[test]
+    fn a_panicking_item_reaches_the_caller() {
+        let caught = std::panic::catch_unwind(|| {
+            run_items((0..64).collect::<Vec<u32>>(), |_, x| {
+                assert!(x != 40, "item 40 fails");
+                x
+            })
+        });
+        assert!(caught.is_err());
+        // The pool still works afterwards.
+        assert_eq!(
+            run_items(vec![1u8, 2, 3], |_, x| x * 2).unwrap(),
+            vec![2, 4, 6]
+        );
+    }
+
+    #[test]
+    fn many_short_batches_in_a_row() {
+        for round in 0..2000u64 {
+            let out = run_items(vec![round; 3], |i, x| x + i as u64).unwrap();
+            assert_eq!(out, vec![round, round + 1, round + 2]);
+        }
+    }
+
+    #[test]
     fn pool_is_reused_within_a_process() {
         let a = pool().unwrap();
         let b = pool().unwrap();
