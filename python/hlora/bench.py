@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -129,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--device cuda: CUDA is not available")
     print(f"hlora {hlora.__version__} backend={hlora.backend()} torch {torch.__version__} "
           f"device={args.device} threads={args.threads} r={args.rank} repeats={args.repeats} (medians)")
+    # torch's OpenMP workers busy-wait after each op unless told otherwise; it changes the ratios.
+    print("OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)"))
     rows = run(args.threads, args.repeats, args.device, args.rank)
     print(format_table(rows))
     if args.json:
