@@ -68,10 +68,10 @@ pub fn pool() -> Result<Arc<ThreadPool>> {
 /// Runs `work(index, item)` for every item and returns the results in item order.
 ///
 /// The calling thread works from the first moment, beside `threads - 1` pool workers that
-/// take items from the same queue in order. Handing everything to the pool instead would put
-/// the pool's wake-up on the critical path — after a millisecond idle (any torch op between
-/// two calls), waking a sleeping worker costs 0.1–0.3 ms on a VM, as much as a whole kernel
-/// at SmolLM2's shapes. Results depend only on the items, never on who ran them.
+/// take items from the same queue in order. Handing everything to the pool instead puts the
+/// workers' wake-up on the critical path: after a few idle milliseconds (any torch op between
+/// two calls) that cost 0.1–0.25 ms per call on our 2-core VM, as much as a whole kernel at
+/// SmolLM2's shapes. Results depend only on the items, never on who ran them.
 pub fn run_items<I: Send, R: Send>(
     items: Vec<I>,
     work: impl Fn(usize, I) -> R + Sync,

@@ -31,3 +31,19 @@ def test_gpu_check_dry_run_reports_correctness_and_timings(tmp_path, monkeypatch
     assert "all within tolerance" in report
     for section in ("## Correctness", "## Timings", "## Overhead", "70 matrices in one call", "bfloat16 Ω storage"):
         assert section in report
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="native backend not active")
+def test_kernel_timings_script_prints_a_row_per_kernel(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import kernel_timings
+
+    try:
+        assert kernel_timings.main(["--only", "192x576", "--calls", "3", "--pause-ms", "0.1"]) == 0
+    finally:
+        sys.modules.pop("kernel_timings", None)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SmolLM2")]
+    assert [row.split(" | ")[1] for row in rows] == ["omega update", "penalty + grads", "penalty only"]
+    for row in rows:
+        times = [float(t) for cell in row.strip(" |").split(" | ")[2:] for t in cell.split(" / ")]
+        assert len(times) == 4 and all(t > 0 for t in times)
