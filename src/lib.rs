@@ -545,6 +545,16 @@ fn cuda_compile(py: Python<'_>, arch: &str) -> PyResult<usize> {
     Ok(py.allow_threads(move || cuda::compile(&arch))?.len())
 }
 
+/// The kernels' cubin for `arch` through the disk cache: (size, "disk" or "compiled", the
+/// cache file or None when the cache is off or could not be written). Needs NVRTC, no GPU.
+#[pyfunction]
+fn cuda_cubin(py: Python<'_>, arch: &str) -> PyResult<(usize, &'static str, Option<String>)> {
+    dispatch::preload_nvrtc(py)?;
+    let arch = arch.to_string();
+    let (cubin, origin, file) = py.allow_threads(move || cuda::cubin(&arch))?;
+    Ok((cubin.len(), origin, file.map(|f| f.display().to_string())))
+}
+
 /// Whether the fused CUDA kernels run on CUDA device `device`, or why not.
 #[pyfunction]
 fn cuda_status(py: Python<'_>, device: i32) -> PyResult<String> {
@@ -582,6 +592,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_cuda_path, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_path, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_cubin, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_size_defines, m)?)?;
     m.add_function(wrap_pyfunction!(torch_version, m)?)?;

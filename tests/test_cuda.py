@@ -26,6 +26,30 @@ def test_nvrtc_compiles_the_kernels_without_a_gpu(arch):
     assert native.cuda_compile(arch) > 100_000
 
 
+@pytest.mark.slow
+def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
+    """First use compiles (~12 s) and stores the cubin; the next process loads it; a damaged file
+    is recompiled and replaced; HLORA_CACHE_DIR=off compiles every time and writes nothing."""
+    monkeypatch.setenv("HLORA_CACHE_DIR", str(tmp_path))
+    size, origin, path = native.cuda_cubin("sm_90")
+    assert (origin, size > 100_000) == ("compiled", True)
+    assert path is not None and path.startswith(str(tmp_path)) and path.endswith(".cubin")
+    stored = (tmp_path / path.rsplit("/", 1)[1]).read_bytes()
+    assert len(stored) == size + 32  # header: magic, key, length, checksum
+    assert native.cuda_cubin("sm_90") == (size, "disk", path)
+    # One flipped bit in the payload: detected, recompiled, rewritten whole.
+    damaged = bytearray(stored)
+    damaged[32 + size // 2] ^= 1
+    (tmp_path / path.rsplit("/", 1)[1]).write_bytes(bytes(damaged))
+    assert native.cuda_cubin("sm_90") == (size, "compiled", path)
+    assert (tmp_path / path.rsplit("/", 1)[1]).read_bytes() == stored
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.rsplit("/", 1)[1]]  # no temporaries left
+    monkeypatch.setenv("HLORA_CACHE_DIR", "off")
+    assert native.cuda_cubin("sm_90") == (size, "compiled", None)
+    with pytest.raises(ValueError, match="arch"):
+        native.cuda_cubin("sm_90/../../x")
+
+
 def test_compile_rejects_a_malformed_arch():
     with pytest.raises(ValueError, match="arch"):
         native.cuda_compile("hopper")

@@ -6,6 +6,7 @@
 //! dispatcher turns into one warning and the tch path. cudarc panics when asked for a library
 //! that is missing, so presence is checked first and every entry point catches panics.
 
+mod cache;
 mod ops;
 mod tables;
 
@@ -105,14 +106,19 @@ fn compile_options(arch: &str) -> Vec<String> {
     opts
 }
 
-/// Compiles `kernels.cu` for `arch` (e.g. "sm_90") into a cubin. Needs NVRTC only, no GPU.
-pub fn compile(arch: &str) -> Result<Vec<u8>> {
+fn check_arch(arch: &str) -> Result<()> {
     if !arch.starts_with("sm_") || arch.len() < 5 || !arch[3..].chars().all(|c| c.is_ascii_digit())
     {
         return Err(Error::value(format!(
             "arch must look like \"sm_90\", got {arch:?}"
         )));
     }
+    Ok(())
+}
+
+/// Compiles `kernels.cu` for `arch` (e.g. "sm_90") into a cubin. Needs NVRTC only, no GPU.
+pub fn compile(arch: &str) -> Result<Vec<u8>> {
+    check_arch(arch)?;
     nvrtc_version()?;
     guarded("NVRTC compilation", || {
         let src = CString::new(SOURCE).map_err(|_| runtime_err("kernel source contains NUL"))?;
@@ -337,7 +343,20 @@ pub fn size_defines() -> Vec<String> {
     tables::size_defines()
 }
 
-/// One compilation per architecture per process.
+/// The cubin for `arch` from the disk cache (see `cache`), else compiled and stored there;
+/// with where it came from and the cache file (`None` when the cache is off or unwritable).
+pub fn cubin(arch: &str) -> Result<(Vec<u8>, &'static str, Option<std::path::PathBuf>)> {
+    check_arch(arch)?;
+    let key = cache::key(SOURCE, &compile_options(arch), nvrtc_version()?);
+    let (cubin, origin, file) = cache::load_or_compile(arch, key, || compile(arch))?;
+    let origin = match origin {
+        cache::Origin::Disk => "disk",
+        cache::Origin::Compiled => "compiled",
+    };
+    Ok((cubin, origin, file))
+}
+
+/// One cubin per architecture per process (from the disk cache or NVRTC).
 fn cached_cubin(arch: &str) -> Result<Arc<Vec<u8>>> {
     static CUBINS: OnceLock<Mutex<HashMap<String, Arc<Vec<u8>>>>> = OnceLock::new();
     let cache = CUBINS.get_or_init(Default::default);
@@ -348,7 +367,7 @@ fn cached_cubin(arch: &str) -> Result<Arc<Vec<u8>>> {
     {
         return Ok(c.clone());
     }
-    let cubin = Arc::new(compile(arch)?);
+    let cubin = Arc::new(cubin(arch)?.0);
     cache
         .lock()
         .map_err(|_| runtime_err("cubin cache poisoned"))?
