@@ -1,5 +1,6 @@
-//! The fused CUDA kernels (`kernels.cu`): compiled at first use by NVRTC, loaded per device,
-//! launched through the driver API on torch's current stream, on the tensors' own memory.
+//! The fused CUDA kernels (`kernels.cu`): compiled at first use by NVRTC (and kept on disk, see
+//! `cache`), loaded per device, launched through the driver API on torch's current stream, on
+//! the tensors' own memory.
 //!
 //! Everything CUDA is loaded dynamically (cudarc's `dynamic-loading`): building and importing
 //! hlora needs no CUDA, and a machine without a driver or NVRTC gets an `Err` here, which the
@@ -367,12 +368,12 @@ fn cached_cubin(arch: &str) -> Result<Arc<Vec<u8>>> {
     {
         return Ok(c.clone());
     }
-    let cubin = Arc::new(cubin(arch)?.0);
+    let fresh = Arc::new(cubin(arch)?.0);
     cache
         .lock()
         .map_err(|_| runtime_err("cubin cache poisoned"))?
-        .insert(arch.to_string(), cubin.clone());
-    Ok(cubin)
+        .insert(arch.to_string(), fresh.clone());
+    Ok(fresh)
 }
 
 /// The kernels for CUDA device `device`, loaded on first use (a failure is remembered, so the
