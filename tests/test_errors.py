@@ -124,7 +124,7 @@ def test_many_variants_check_lists(impl):
         impl.importance_penalty_many([torch.rand(6, 5)], [s.a1, s.a1], [s.b1], scaling=1.0)
 
 
-def test_native_specific_errors():
+def test_numpy_argument_errors_on_both_backends():
     s = _step()
     ro = s.omega.numpy().copy()
     ro.setflags(write=False)
@@ -135,6 +135,16 @@ def test_native_specific_errors():
         ops.accumulate_omega_(s.omega.numpy().astype(np.int32), *args, lr=1e-3, scaling=1.0)
     with pytest.raises(ValueError, match="negative or unaligned strides"):
         ops.finalize_importance(s.omega.numpy()[::-1], *args[4:], scaling=1.0, xi=1e-3)
+    with pytest.raises(ValueError, match="omega"):
+        ops.accumulate_omega_many_([ro], *[[x] for x in args], lr=1e-3, scaling=1.0)
+    # Only ω is written: read-only factors are fine, and the update lands in ω.
+    frozen = [x.copy() for x in args]
+    for x in frozen:
+        x.setflags(write=False)
+    omega = s.omega.numpy().copy()
+    before = omega.copy()
+    ops.accumulate_omega_(omega, *frozen, lr=1e-3, scaling=1.0)
+    assert not np.array_equal(omega, before)
 
 
 def test_device_mismatch_is_reported():

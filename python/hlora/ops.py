@@ -9,6 +9,7 @@ written in place, zero-copy); results for NumPy inputs come back as NumPy arrays
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -32,9 +33,22 @@ __all__ = [
 ]
 
 
-def _torch_view(x: Any) -> Any:
-    """NumPy arrays as zero-copy tensors, for the plain-PyTorch backend."""
-    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+def _torch_view(x: Any, name: str = "array", written: bool = False) -> Any:
+    """NumPy arrays as zero-copy tensors, for the plain-PyTorch backend — with the native
+    module's checks, so both backends refuse the same arrays with the same errors."""
+    if not isinstance(x, np.ndarray):
+        return x
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a float32 or float64 numpy array, got dtype {x.dtype}")
+    if any(st < 0 for st in x.strides) or not x.flags.aligned:
+        raise ValueError(f"{name} has negative or unaligned strides; pass numpy.ascontiguousarray({name})")
+    if written and not x.flags.writeable:
+        raise ValueError(f"{name}: numpy array is read-only, and it is updated in place")
+    if not x.flags.writeable:
+        with warnings.catch_warnings():  # torch warns on read-only arrays; this one is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x)
+    return torch.from_numpy(x)
 
 
 def _scalars(x: Scalars) -> List[float]:
@@ -72,7 +86,9 @@ def accumulate_omega_(
     authors' code).
     """
     if NATIVE is None:
-        args = [_torch_view(x) for x in (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next)]
+        names = ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_next")
+        args = [_torch_view(x, name, written=name == "omega")
+                for x, name in zip((omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), names)]
         reference.accumulate_omega_(*args, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
         return omega
     NATIVE.accumulate_omega_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next,
@@ -100,7 +116,7 @@ def accumulate_omega_many_(
     matrix.
     """
     if NATIVE is None:
-        lists = [[_torch_view(x) for x in _as_list(v, n)] for v, n in zip(
+        lists = [[_torch_view(x, n, written=n == "omega") for x in _as_list(v, n)] for v, n in zip(
             (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next),
             ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_next"))]
         reference.accumulate_omega_many_(*lists, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
@@ -137,8 +153,9 @@ def finalize_importance(
     """
     if NATIVE is None:
         result = reference.finalize_importance(
-            _torch_view(omega), _torch_view(a), _torch_view(b), scaling=scaling, xi=xi,
-            clamp_negative=clamp_negative, a_start=_torch_view(a_start), b_start=_torch_view(b_start))
+            _torch_view(omega, "omega"), _torch_view(a, "a"), _torch_view(b, "b"), scaling=scaling, xi=xi,
+            clamp_negative=clamp_negative, a_start=_torch_view(a_start, "a_start"),
+            b_start=_torch_view(b_start, "b_start"))
     else:
         result = NATIVE.finalize_importance(omega, a, b, scaling=scaling, xi=xi, clamp_negative=clamp_negative,
                                             a_start=a_start, b_start=b_start)
@@ -174,7 +191,7 @@ def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: floa
     """Layer coefficients c_l (Eq. 15): ``softmax(norms / temperature)`` computed stably, or
     ``1/L`` each with ``mode="uniform"``. float64 for float64 norms, else float32."""
     if NATIVE is None:
-        result = reference.layer_coefficients(_torch_view(norms), mode=mode, temperature=temperature)
+        result = reference.layer_coefficients(_torch_view(norms, "norms"), mode=mode, temperature=temperature)
     else:
         result = NATIVE.layer_coefficients(norms, mode=mode, temperature=temperature)
     return result.numpy() if isinstance(norms, np.ndarray) else result
@@ -221,7 +238,8 @@ def importance_penalty(
     w.r.t. ``a`` and ``b``. Without reference factors D = s·B·A (a fresh adapter on the merged
     model). ``scaling_ref`` defaults to ``scaling``."""
     if NATIVE is None:
-        args = [_torch_view(x) for x in (Omega, a, b, a_ref, b_ref)]
+        args = [_torch_view(x, name) for x, name in zip((Omega, a, b, a_ref, b_ref),
+                                                        ("Omega", "a", "b", "a_ref", "b_ref"))]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
     elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or isinstance(Omega, np.ndarray):
         result, _, _ = NATIVE.importance_penalty(Omega, a, b, a_ref, b_ref, scaling=scaling,
@@ -279,7 +297,7 @@ def importance_penalty_many(
     ``scaling``, ``scaling_ref`` and ``weights`` one number or one per matrix; w_l = 1 unless
     given — the Regularizer passes φ·c_l). Differentiable w.r.t. every ``a[l]`` and ``b[l]``."""
     if NATIVE is None:
-        conv = [None if v is None else [_torch_view(x) for x in _as_list(v, name)]
+        conv = [None if v is None else [_torch_view(x, name) for x in _as_list(v, name)]
                 for v, name in ((Omega, "Omega"), (a, "a"), (b, "b"), (a_ref, "a_ref"), (b_ref, "b_ref"))]
         return reference.importance_penalty_many(*conv, scaling=scaling, scaling_ref=scaling_ref, weights=weights)
     om, av, bv = _as_list(Omega, "Omega"), _as_list(a, "a"), _as_list(b, "b")
