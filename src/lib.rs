@@ -121,6 +121,48 @@ fn given_pair_lists<'py>(
     }
 }
 
+/// The lists of a `_many` call: Ω (or ω), A, B and an optional pair of start or reference
+/// factors, one entry per matrix, with at least one matrix and every list as long as Ω's.
+struct FactorLists<'py> {
+    omega: Vec<Arg<'py>>,
+    a: Vec<Arg<'py>>,
+    b: Vec<Arg<'py>>,
+    pair: Option<PairLists<'py>>,
+}
+
+impl<'py> FactorLists<'py> {
+    fn new(
+        (omega, omega_name): (&Bound<'py, PyAny>, &str),
+        a: &Bound<'py, PyAny>,
+        b: &Bound<'py, PyAny>,
+        (first, second): (Option<&Bound<'py, PyAny>>, Option<&Bound<'py, PyAny>>),
+        pair_names: (&str, &str),
+    ) -> Result<Self, Error> {
+        let omega = args_of(omega, omega_name, false, None)?;
+        let n = omega.len();
+        if n == 0 {
+            return Err(Error::value(format!(
+                "{omega_name} must hold at least one matrix"
+            )));
+        }
+        Ok(FactorLists {
+            a: args_of(a, "a", false, Some(n))?,
+            b: args_of(b, "b", false, Some(n))?,
+            pair: given_pair_lists(first, second, pair_names, n)?,
+            omega,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.omega.len()
+    }
+
+    /// Matrix i's start or reference factors, if given.
+    fn pair(&self, i: usize) -> Option<(&Arg<'py>, &Arg<'py>)> {
+        self.pair.as_ref().map(|(x, y)| (&x[i], &y[i]))
+    }
+}
+
 fn per_matrix(values: Vec<f64>, name: &str, n: usize) -> Result<Vec<f64>, Error> {
     match values.len() {
         len if len == n => Ok(values),
@@ -274,28 +316,22 @@ fn finalize_importance_many(
     xi: f64,
     clamp_negative: bool,
 ) -> PyResult<FinalizeManyResult> {
-    let o = args_of(omega, "omega", false, None)?;
-    let n = o.len();
-    if n == 0 {
-        return Err(Error::value("omega must hold at least one matrix").into());
-    }
-    let av = args_of(a, "a", false, Some(n))?;
-    let bv = args_of(b, "b", false, Some(n))?;
-    let starts = given_pair_lists(a_start, b_start, ("a_start", "b_start"), n)?;
-    let scaling = per_matrix(scaling, "scaling", n)?;
-    let mut jobs = Vec::with_capacity(n);
-    for i in 0..n {
-        let start = starts.as_ref().map(|(x, y)| (&x[i], &y[i]));
-        jobs.push(FinalizeJob::new(
-            &o[i],
-            &av[i],
-            &bv[i],
-            start,
-            scaling[i],
-            xi,
-            clamp_negative,
-        )?);
-    }
+    let lists = FactorLists::new(
+        (omega, "omega"),
+        a,
+        b,
+        (a_start, b_start),
+        ("a_start", "b_start"),
+    )?;
+    let scaling = per_matrix(scaling, "scaling", lists.len())?;
+    let jobs = scaling
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let (o, a, b) = (&lists.omega[i], &lists.a[i], &lists.b[i]);
+            FinalizeJob::new(o, a, b, lists.pair(i), s, xi, clamp_negative)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     let out = match cuda_route(py, jobs.iter().map(FinalizeJob::device))? {
         Some((k, stream)) => py.allow_threads(move || {
             let mats: Vec<_> = jobs.iter().map(FinalizeJob::cuda_mat).collect();
@@ -407,14 +443,8 @@ fn importance_penalty_many(
     weights: Option<Vec<f64>>,
     compute_grads: bool,
 ) -> PyResult<PenaltyManyResult> {
-    let o = args_of(omega, "Omega", false, None)?;
-    let n = o.len();
-    if n == 0 {
-        return Err(Error::value("Omega must hold at least one matrix").into());
-    }
-    let av = args_of(a, "a", false, Some(n))?;
-    let bv = args_of(b, "b", false, Some(n))?;
-    let refs = given_pair_lists(a_ref, b_ref, ("a_ref", "b_ref"), n)?;
+    let lists = FactorLists::new((omega, "Omega"), a, b, (a_ref, b_ref), ("a_ref", "b_ref"))?;
+    let n = lists.len();
     let scaling = per_matrix(scaling, "scaling", n)?;
     let scaling_ref = scaling_ref
         .map(|s| per_matrix(s, "scaling_ref", n))
@@ -422,11 +452,11 @@ fn importance_penalty_many(
     let weights = per_matrix(weights.unwrap_or_else(|| vec![1.0]), "weights", n)?;
     let mut jobs = Vec::with_capacity(n);
     for i in 0..n {
-        let reference = refs.as_ref().map(|(x, y)| (&x[i], &y[i]));
         let s_ref = scaling_ref.as_ref().map(|s| s[i]);
         let w = view::finite(weights[i], &format!("weights[{i}]"))?;
+        let (o, a, b) = (&lists.omega[i], &lists.a[i], &lists.b[i]);
         jobs.push((
-            PenaltyJob::new(&o[i], &av[i], &bv[i], reference, scaling[i], s_ref)?,
+            PenaltyJob::new(o, a, b, lists.pair(i), scaling[i], s_ref)?,
             w,
         ));
     }
