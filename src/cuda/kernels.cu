@@ -51,6 +51,17 @@ __device__ __forceinline__ int find_matrix(const Table& t) {
     return m;
 }
 
+// This block's tile of its matrix (its index, tile row and column, first row and column) and
+// this thread's place in it: column tx (global column j) and the row group ty.
+struct Tile { int tile, trow, tcol, row0, col0, tx, ty, j; };
+template <int TM, typename Entry>
+__device__ __forceinline__ Tile tile_of(const Entry& e) {
+    const int tile = blockIdx.x - e.first_block;
+    const int trow = tile / e.tiles_col, tcol = tile % e.tiles_col;
+    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
+    return Tile{tile, trow, tcol, trow * TM, tcol * HL_TN, tx, ty, tcol * HL_TN + tx};
+}
+
 // Deterministic block sum (fixed tree order); the result is valid in thread 0.
 __device__ double block_sum(double v) {
     __shared__ double warp_sums[HL_THREADS / 32];
@@ -83,10 +94,8 @@ __device__ void omega_update(const OmegaTable& t) {
     constexpr int TM = 32, RPT = TM / (HL_THREADS / HL_TN);
     __shared__ M left[TM][HL_KC][3];  // gB, B0, B1 − B0
     const OmegaEntry e = t.m[find_matrix(t)];
-    const int tile = blockIdx.x - e.first_block;
-    const int row0 = (tile / e.tiles_col) * TM, col0 = (tile % e.tiles_col) * HL_TN;
-    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
-    const int j = col0 + tx;
+    const Tile tl = tile_of<TM>(e);
+    const int row0 = tl.row0, ty = tl.ty, j = tl.j;
     const bool col_ok = j < e.in;
     const F *a0 = (const F*)e.a0, *b0 = (const F*)e.b0, *ga = (const F*)e.ga;
     const F *gb = (const F*)e.gb, *a1 = (const F*)e.a1, *b1 = (const F*)e.b1;
@@ -161,10 +170,8 @@ __device__ void finalize(const FinalizeTable& t) {
     constexpr int TM = 32, RPT = TM / (HL_THREADS / HL_TN);
     __shared__ M left[TM][HL_KC][2];  // B − Bs, Bs
     const FinalizeEntry e = t.m[find_matrix(t)];
-    const int tile = blockIdx.x - e.first_block;
-    const int row0 = (tile / e.tiles_col) * TM, col0 = (tile % e.tiles_col) * HL_TN;
-    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
-    const int j = col0 + tx;
+    const Tile tl = tile_of<TM>(e);
+    const int row0 = tl.row0, ty = tl.ty, j = tl.j;
     const bool col_ok = j < e.in, fresh = e.a_start == nullptr;
     const F *a = (const F*)e.a, *b = (const F*)e.b;
     const F *as = (const F*)e.a_start, *bs = (const F*)e.b_start;
@@ -222,7 +229,7 @@ __device__ void finalize(const FinalizeTable& t) {
         }
     }
     sq = block_sum(sq);
-    if (threadIdx.x == 0) e.sq_partial[tile] = sq;
+    if (threadIdx.x == 0) e.sq_partial[tl.tile] = sq;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -257,11 +264,7 @@ __device__ void penalty(const PenaltyTable& t) {
     __shared__ M at[HL_KC][HL_TN + 1];      // A chunk, for E·Aᵀ
     __shared__ M bt[TM][HL_KC];             // B chunk, for Bᵀ·E
     const PenaltyEntry e = t.m[find_matrix(t)];
-    const int tile = blockIdx.x - e.first_block;
-    const int trow = tile / e.tiles_col, tcol = tile % e.tiles_col;
-    const int row0 = trow * TM, col0 = tcol * HL_TN;
-    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
-    const int j = col0 + tx;
+    const auto [tile, trow, tcol, row0, col0, tx, ty, j] = tile_of<TM>(e);
     const bool col_ok = j < e.in;
     const F *a = (const F*)e.a, *b = (const F*)e.b;
     const F *ar = (const F*)e.a_ref, *br = (const F*)e.b_ref;
