@@ -9,6 +9,7 @@ mod forms;
 mod importance;
 mod lowrank;
 mod omega;
+mod omp;
 mod penalty;
 mod pool;
 mod scalar;
@@ -602,8 +603,14 @@ fn torch_version() -> &'static str {
 
 /// Threads the CPU kernels use now (torch's setting, or HLORA_NUM_THREADS).
 #[pyfunction]
-fn num_threads() -> PyResult<usize> {
-    Ok(pool::pool()?.current_num_threads())
+fn num_threads() -> usize {
+    pool::wanted_threads()
+}
+
+/// Which threads the CPU kernels run on: "openmp" (torch's own team) or "rayon".
+#[pyfunction]
+fn cpu_threading() -> &'static str {
+    pool::threading()
 }
 
 #[pymodule]
@@ -627,5 +634,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_size_defines, m)?)?;
     m.add_function(wrap_pyfunction!(torch_version, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_threading, m)?)?;
     Ok(())
 }

@@ -1,10 +1,16 @@
-//! The rayon pool the CPU kernels run on, made safe across `fork()`.
+//! Where the CPU kernels' tasks run.
 //!
-//! A forked child (a DataLoader worker) inherits the parent's pool object but none of its
+//! On torch's own OpenMP team when torch uses libgomp (`crate::omp`: its threads are usually
+//! still spinning from the last torch op, so a call's work starts at once and never competes
+//! with them for cores), otherwise — or with `HLORA_POOL=rayon`, or in a forked child — on a
+//! rayon pool made safe across `fork()`.
+//!
+//! A forked child (a DataLoader worker) inherits the parent's rayon pool object but none of its
 //! threads: handing work to it would wait forever. So the pool is tagged with the pid that
 //! built it and rebuilt in a child; the parent's pool is leaked there (dropping it would
-//! signal threads that do not exist). The size follows torch's `get_num_threads()`, which
-//! DataLoader sets to 1 in its workers.
+//! signal threads that do not exist). The thread count follows torch's `get_num_threads()`,
+//! which DataLoader sets to 1 in its workers; the calling thread is one of them, so the pool
+//! holds the others (an idle extra worker would only spin on the cores the work needs).
 
 use crate::error::{Error, Result};
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -12,13 +18,14 @@ use std::sync::{Arc, Mutex};
 
 struct Tagged {
     pid: u32,
-    threads: usize,
+    helpers: usize,
     pool: Arc<ThreadPool>,
 }
 
 static POOL: Mutex<Option<Tagged>> = Mutex::new(None);
 
-fn wanted_threads() -> usize {
+/// Threads a kernel call runs on, the calling thread included.
+pub fn wanted_threads() -> usize {
     if let Some(n) = std::env::var("HLORA_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -34,26 +41,25 @@ fn wanted_threads() -> usize {
     }
 }
 
-/// The pool for this process, built on first use (and again after a fork or a change of
-/// torch's thread count).
-pub fn pool() -> Result<Arc<ThreadPool>> {
+/// The pool of `helpers` workers for this process, built on first use (and again after a fork
+/// or a change of torch's thread count).
+fn pool(helpers: usize) -> Result<Arc<ThreadPool>> {
     let pid = std::process::id();
-    let threads = wanted_threads();
     let mut guard = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(tagged) = guard.as_ref() {
-        if tagged.pid == pid && tagged.threads == threads {
+        if tagged.pid == pid && tagged.helpers == helpers {
             return Ok(tagged.pool.clone());
         }
     }
     let pool = ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(helpers)
         .thread_name(|i| format!("hlora-{i}"))
         .build()
         .map_err(|e| Error::Runtime(format!("could not start hlora's thread pool: {e}")))?;
     let pool = Arc::new(pool);
     let fresh = Tagged {
         pid,
-        threads,
+        helpers,
         pool: pool.clone(),
     };
     if let Some(old) = guard.replace(fresh) {
@@ -65,14 +71,32 @@ pub fn pool() -> Result<Arc<ThreadPool>> {
     Ok(pool)
 }
 
+/// The threads [`run_items`] uses in this process now: "openmp" (torch's team) or "rayon".
+pub fn threading() -> &'static str {
+    if crate::omp::team().is_some() {
+        "openmp"
+    } else {
+        "rayon"
+    }
+}
+
 /// Runs `work(index, item)` for every item and returns the results in item order.
 ///
-/// The calling thread works from the first moment, beside `threads - 1` pool workers that
-/// take items from the same queue in order. Handing everything to the pool instead puts the
-/// workers' wake-up on the critical path: after a few idle milliseconds (any torch op between
-/// two calls) that cost 0.1–0.25 ms per call on our 2-core VM, as much as a whole kernel at
-/// SmolLM2's shapes. Results depend only on the items, never on who ran them.
+/// The calling thread works from the first moment, beside `threads - 1` others that take
+/// items from the same queue in order: torch's OpenMP workers when available, else our rayon
+/// pool's. (Handing everything to sleeping rayon workers instead put their wake-up on the
+/// critical path: after a few idle milliseconds that cost 0.1–0.25 ms per call on our 2-core
+/// VM, as much as a whole kernel at SmolLM2's shapes.) Results depend only on the items, never
+/// on who ran them.
 pub fn run_items<I: Send, R: Send>(
+    items: Vec<I>,
+    work: impl Fn(usize, I) -> R + Sync,
+) -> Result<Vec<R>> {
+    run_items_on(crate::omp::team(), items, work)
+}
+
+fn run_items_on<I: Send, R: Send>(
+    team: Option<&crate::omp::Team>,
     items: Vec<I>,
     work: impl Fn(usize, I) -> R + Sync,
 ) -> Result<Vec<R>> {
@@ -93,12 +117,18 @@ pub fn run_items<I: Send, R: Send>(
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .extend(mine);
     };
-    let helpers = wanted_threads().saturating_sub(1).min(n.saturating_sub(1));
-    if helpers == 0 {
+    let helpers = wanted_threads().saturating_sub(1);
+    let spawned = helpers.min(n.saturating_sub(1));
+    if spawned == 0 {
         drain();
+    } else if let Some(team) = team {
+        if !team.run(spawned + 1, &drain) {
+            // Re-raised on the calling thread, as rayon does (a panic must not cross C frames).
+            panic!("a CPU kernel task panicked");
+        }
     } else {
-        pool()?.in_place_scope(|scope| {
-            for _ in 0..helpers {
+        pool(helpers)?.in_place_scope(|scope| {
+            for _ in 0..spawned {
                 scope.spawn(|_| drain());
             }
             drain();
@@ -113,43 +143,80 @@ pub fn run_items<I: Send, R: Send>(
 mod tests {
     use super::*;
 
+    /// Both places tasks can run: torch's OpenMP team (found in cargo test too: tch links
+    /// libtorch_cpu) and the rayon pool.
+    fn both() -> [Option<&'static crate::omp::Team>; 2] {
+        let team = crate::omp::team();
+        assert!(team.is_some(), "torch's libgomp was not found");
+        [team, None]
+    }
+
     #[test]
     fn items_run_once_each_and_come_back_in_order() {
-        let items: Vec<u64> = (0..1000).collect();
-        let out = run_items(items, |i, x| (i as u64) * 1000 + x).unwrap();
-        assert_eq!(out.len(), 1000);
-        assert!(out.iter().enumerate().all(|(i, &v)| v == i as u64 * 1001));
-        assert!(run_items(Vec::<u8>::new(), |_, x| x).unwrap().is_empty());
+        for team in both() {
+            let items: Vec<u64> = (0..1000).collect();
+            let out = run_items_on(team, items, |i, x| (i as u64) * 1000 + x).unwrap();
+            assert_eq!(out.len(), 1000);
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i as u64 * 1001));
+            assert!(run_items_on(team, Vec::<u8>::new(), |_, x| x)
+                .unwrap()
+                .is_empty());
+        }
+    }
+
+    #[test]
+    fn items_are_shared_among_threads() {
+        for team in both() {
+            let threads = run_items_on(team, (0..64).collect::<Vec<u32>>(), |_, _| {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                std::thread::current().id()
+            })
+            .unwrap();
+            let distinct: std::collections::HashSet<_> = threads.into_iter().collect();
+            assert_eq!(
+                distinct.len(),
+                wanted_threads().min(64),
+                "{}",
+                team.is_some()
+            );
+        }
     }
 
     #[test]
     fn a_panicking_item_reaches_the_caller() {
-        let caught = std::panic::catch_unwind(|| {
-            run_items((0..64).collect::<Vec<u32>>(), |_, x| {
-                assert!(x != 40, "item 40 fails");
-                x
-            })
-        });
-        assert!(caught.is_err());
-        // The pool still works afterwards.
-        assert_eq!(
-            run_items(vec![1u8, 2, 3], |_, x| x * 2).unwrap(),
-            vec![2, 4, 6]
-        );
+        for team in both() {
+            let caught = std::panic::catch_unwind(|| {
+                run_items_on(team, (0..64).collect::<Vec<u32>>(), |_, x| {
+                    assert!(x != 40, "item 40 fails");
+                    x
+                })
+            });
+            assert!(caught.is_err());
+            // The threads still work afterwards.
+            assert_eq!(
+                run_items_on(team, vec![1u8, 2, 3], |_, x| x * 2).unwrap(),
+                vec![2, 4, 6]
+            );
+        }
     }
 
     #[test]
     fn many_short_batches_in_a_row() {
-        for round in 0..2000u64 {
-            let out = run_items(vec![round; 3], |i, x| x + i as u64).unwrap();
-            assert_eq!(out, vec![round, round + 1, round + 2]);
+        for team in both() {
+            for round in 0..2000u64 {
+                let out = run_items_on(team, vec![round; 3], |i, x| x + i as u64).unwrap();
+                assert_eq!(out, vec![round, round + 1, round + 2]);
+            }
         }
     }
 
     #[test]
     fn pool_is_reused_within_a_process() {
-        let a = pool().unwrap();
-        let b = pool().unwrap();
+        // The size run_items asks for, so a test running beside this one keeps the same pool.
+        let helpers = wanted_threads().saturating_sub(1).max(1);
+        let a = pool(helpers).unwrap();
+        let b = pool(helpers).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.current_num_threads(), helpers);
     }
 }

@@ -297,27 +297,31 @@ def test_backend_reports_rust_with_native_module():
         assert _native.num_threads() >= 1
 
 
-def test_plain_variant_matches_reference_too():
-    """The kernels are compiled twice (baseline x86-64 and AVX2+FMA) and this machine runs the
-    second; the first — what a CPU without AVX2 runs — goes through the same kernel tests in a
-    subprocess pinned to it with HLORA_SIMD=plain."""
+def test_plain_variant_and_rayon_pool_match_reference_too():
+    """The kernels are compiled twice (baseline x86-64 and AVX2+FMA) and run on torch's OpenMP
+    team when torch uses libgomp; this machine runs AVX2 on the team. The other two — what a CPU
+    without AVX2 runs, and the rayon pool a torch without libgomp (or a forked child) uses — go
+    through the same kernel tests in a subprocess pinned to both with HLORA_SIMD=plain and
+    HLORA_POOL=rayon."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     if hlora.backend() != "rust":
-        pytest.skip("the SIMD variants are the native backend's")
+        pytest.skip("the SIMD variants and thread pools are the native backend's")
     from hlora import _native
 
     if os.environ.get("HLORA_SIMD") == "plain":  # inside the subprocess below
         assert _native.simd_level() == "plain"
+        assert _native.cpu_threading() == "rayon"
         return
     assert _native.simd_level() in ("avx2", "plain")
+    assert _native.cpu_threading() == "openmp"  # torch 2.11's Linux wheels link libgomp
     here = Path(__file__)
     select = "fused and (matches_reference or penalty_forward or gradcheck or many or plain_variant)"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", select],
-                         env={**os.environ, "HLORA_SIMD": "plain"}, cwd=here.parent, capture_output=True,
-                         text=True, timeout=600)
+                         env={**os.environ, "HLORA_SIMD": "plain", "HLORA_POOL": "rayon"}, cwd=here.parent,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
