@@ -122,7 +122,7 @@ fn finalize_rows<S: Storage, T: Real>(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let rpt = rows_per_task(rows, cols);
+    let rpt = rows_per_task(rows, cols, 1);
     let tasks = dst
         .chunks_mut(rpt * cols)
         .zip(src.chunks(rpt * cols))

@@ -256,11 +256,14 @@ macro_rules! for_each_tile {
 }
 pub(crate) use for_each_tile;
 
-/// Rows per parallel task: enough work per task to amortize scheduling, and a fixed function
-/// of the shape only, so reductions over tasks are deterministic whatever the thread count.
-pub fn rows_per_task(rows: usize, cols: usize) -> usize {
-    let target_elems = 1 << 14;
-    (target_elems / cols.max(1)).clamp(1, rows.max(1))
+/// Rows per parallel task: about 16k elements (enough work to amortize scheduling) and at least
+/// `min_rows`, in whole `ROW_BLOCK`s (rows left over in a task take the one-row micro-kernel,
+/// ~4× slower per element: at 3072 columns, 5 rows per task put a fifth of all rows there). A
+/// function of the shape only, so reductions over tasks are deterministic whatever the thread
+/// count.
+pub fn rows_per_task(rows: usize, cols: usize, min_rows: usize) -> usize {
+    let target = ((1 << 14) / cols.max(1)).max(min_rows).max(1);
+    target.next_multiple_of(ROW_BLOCK).min(rows.max(1))
 }
 
 #[cfg(test)]
@@ -303,11 +306,15 @@ mod tests {
 
     #[test]
     fn tasks_cover_rows() {
-        assert_eq!(rows_per_task(10, 1 << 20), 1);
-        assert_eq!(rows_per_task(4, 4), 4);
+        // Whole row blocks, even for the widest rows; never more than there are rows.
+        assert_eq!(rows_per_task(10, 1 << 20, 1), ROW_BLOCK);
+        assert_eq!(rows_per_task(3, 1 << 20, 1), 3);
+        assert_eq!(rows_per_task(4, 4, 1), 4);
         // Wide matrices still get a few rows per task; narrow ones many.
-        assert_eq!(rows_per_task(3072, 3072), 5);
-        assert_eq!(rows_per_task(192, 64), 192);
+        assert_eq!(rows_per_task(3072, 3072, 1), 8);
+        assert_eq!(rows_per_task(576, 576, 1), 28);
+        assert_eq!(rows_per_task(192, 64, 1), 192);
+        assert_eq!(rows_per_task(3072, 3072, 97), 100);
     }
 }
 

@@ -196,7 +196,7 @@ fn update_rows<S: Storage, T: Real>(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let rpt = rows_per_task(rows, cols);
+    let rpt = rows_per_task(rows, cols, 1);
     let tasks = omega.chunks_mut(rpt * cols).collect();
     pool::run_items(tasks, |task, chunk| {
         update_task(task * rpt, chunk, g, d, clamp)

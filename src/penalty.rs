@@ -160,7 +160,7 @@ fn penalty_rows<S: Storage, T: Real>(
     let layout = GradLayout::new::<T>(r, cols);
     let a_packed = layout.pack(a);
     // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
-    let rpt = rows_per_task(rows, cols).max(rows.div_ceil(32));
+    let rpt = rows_per_task(rows, cols, rows.div_ceil(32));
     let tasks = omega
         .chunks(rpt * cols)
         .zip(gb.chunks_mut(rpt * r))
