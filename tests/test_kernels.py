@@ -146,6 +146,27 @@ def test_penalty_gradcheck(ref, cpu_path):
     assert torch.autograd.gradcheck(fn, (a, b), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_penalty_under_create_graph_gives_first_derivatives_and_refuses_second(many, cpu_path):
+    """The gradients come from the fused kernel, not from a graph: with create_graph=True the
+    first derivatives are still right, and asking for a second one is an error."""
+    step = make_step(12, 10, 3, torch.float64, seed=11)
+    omega = torch.rand(12, 10, dtype=torch.float64)
+    a = step.a1.clone().requires_grad_()
+    b = step.b1.clone().requires_grad_()
+    if many:
+        p = ops.importance_penalty_many([omega], [a], [b], [step.a0], [step.b0], scaling=1.5, weights=[2.0])
+    else:
+        p = 2.0 * ops.importance_penalty(omega, a, b, step.a0, step.b0, scaling=1.5)
+    ga, gb = torch.autograd.grad(p, (a, b), create_graph=True)
+    a2, b2 = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
+    want = torch.autograd.grad(2.0 * reference.importance_penalty(omega, a2, b2, step.a0, step.b0, scaling=1.5),
+                               (a2, b2))
+    assert rel_err(ga, want[0]) <= 1e-12 and rel_err(gb, want[1]) <= 1e-12
+    with pytest.raises(RuntimeError):
+        (ga.square().sum() + gb.square().sum()).backward()
+
+
 def test_penalty_scales_with_upstream_gradient_and_skips_unneeded_grads():
     step = make_step(20, 30, 4, torch.float32, seed=8)
     omega = torch.rand(20, 30)
