@@ -62,7 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from hlora import _native
 
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads} simd={_native.simd_level()} r={args.rank}; ms as p10 / median")
+    print(f"threads={args.threads} on {_native.cpu_threading()} simd={_native.simd_level()} r={args.rank}; "
+          "ms as p10 / median")
     print("| shape | kernel | back to back | after a pause |\n|---|---|---:|---:|")
     for name, out, inn in bench.SHAPES:
         if args.only not in (None, f"{out}x{inn}"):

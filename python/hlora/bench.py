@@ -128,8 +128,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    threading = ""
+    if hlora.backend() == "rust":
+        from hlora import _native
+
+        threading = f" cpu-threads-on={_native.cpu_threading()}"
     print(f"hlora {hlora.__version__} backend={hlora.backend()} torch {torch.__version__} "
-          f"device={args.device} threads={args.threads} r={args.rank} repeats={args.repeats} (medians)")
+          f"device={args.device} threads={args.threads}{threading} r={args.rank} repeats={args.repeats} (medians)")
     # torch's OpenMP workers busy-wait after each op unless told otherwise; it changes the ratios.
     print("OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)"))
     rows = run(args.threads, args.repeats, args.device, args.rank)
