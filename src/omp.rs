@@ -11,11 +11,11 @@ use std::sync::OnceLock;
 
 type Body = unsafe extern "C" fn(*mut c_void);
 type ParallelFn = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
-type ThreadNumFn = unsafe extern "C" fn() -> c_int;
+type InParallelFn = unsafe extern "C" fn() -> c_int;
 
 pub struct Team {
     parallel: ParallelFn,
-    in_parallel: ThreadNumFn,
+    in_parallel: InParallelFn,
     /// The process that looked the runtime up: libgomp cannot be used after a fork (its
     /// threads stayed in the parent), so a forked child never borrows the team.
     pid: u32,
@@ -34,7 +34,7 @@ fn lookup() -> Option<Team> {
         )
         .ok()?;
         let parallel = *lib.get::<ParallelFn>(b"GOMP_parallel\0").ok()?;
-        let in_parallel = *lib.get::<ThreadNumFn>(b"omp_in_parallel\0").ok()?;
+        let in_parallel = *lib.get::<InParallelFn>(b"omp_in_parallel\0").ok()?;
         // torch stays loaded for the life of the process: keep the handle open.
         std::mem::forget(lib);
         Some(Team {

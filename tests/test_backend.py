@@ -65,9 +65,9 @@ def test_invalid_backend_name_is_an_error():
 
 
 def _child_update(queue):
-    # torch's own OpenMP pool cannot run after fork (what DataLoader works around by setting one
-    # thread in its workers); hlora's pool is rebuilt, and is asked for two threads here so a
-    # parent pool reused by mistake would hang.
+    # torch's own OpenMP team cannot run after fork (what DataLoader works around by setting one
+    # thread in its workers), so hlora leaves it alone in a child and rebuilds its rayon pool; it
+    # is asked for two threads here so a parent team or pool reused by mistake would hang.
     torch.set_num_threads(1)
     os.environ["HLORA_NUM_THREADS"] = "2"
     step = make_step(300, 200, 8, torch.float32, seed=2)
