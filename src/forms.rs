@@ -48,18 +48,77 @@ impl Factor for Tensor {
     }
 }
 
-/// Eq. 11: g~ = s·(gB·A0 + B0·gA − η·gB·gA) = s·[gB | B0] · [A0 − η·gA ; gA].
-pub fn g_tilde<M: Factor>(a0: &M, b0: &M, ga: &M, gb: &M, lr: f64, s: f64) -> Result<(M, M)> {
-    let left = gb.hcat(b0)?.scale(s)?;
-    let right = a0.sub_scaled(ga, lr)?.vcat(ga)?;
+/// A factor a term uses: one of the caller's (not copied) or one computed by the form.
+pub enum Part<'a, M> {
+    Input(&'a M),
+    Made(M),
+}
+
+impl<M> std::ops::Deref for Part<'_, M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        match self {
+            Part::Input(m) => m,
+            Part::Made(m) => m,
+        }
+    }
+}
+
+/// One term `scale · L · R` of a low-rank sum.
+pub struct Term<'a, M> {
+    pub left: Part<'a, M>,
+    pub scale: f64,
+    pub right: Part<'a, M>,
+}
+
+fn term<'a, M>(left: Part<'a, M>, scale: f64, right: Part<'a, M>) -> Term<'a, M> {
+    Term { left, scale, right }
+}
+
+/// The terms as one product `L·R`: L = [c₁·L₁ | c₂·L₂ | …], R = [R₁ ; R₂ ; …] (the device path's
+/// GEMM operands; the CPU kernels build their layout from the terms directly, `LowRank::from_terms`).
+pub fn assemble<M: Factor>(terms: &[Term<'_, M>]) -> Result<(M, M)> {
+    let mut it = terms.iter();
+    let first = it
+        .next()
+        .ok_or_else(|| crate::error::Error::value("a low-rank form needs at least one term"))?;
+    let (mut left, mut right) = (first.left.scale(first.scale)?, first.right.scale(1.0)?);
+    for t in it {
+        left = left.hcat(&t.left.scale(t.scale)?)?;
+        right = right.vcat(&t.right)?;
+    }
     Ok((left, right))
 }
 
-/// The change of one step: dθ = s·((B1 − B0)·A1 + B0·(A1 − A0)) = s·[B1 − B0 | B0] · [A1 ; A1 − A0].
-pub fn d_theta<M: Factor>(a0: &M, b0: &M, a1: &M, b1: &M, s: f64) -> Result<(M, M)> {
-    let left = b1.sub_scaled(b0, 1.0)?.hcat(b0)?.scale(s)?;
-    let right = a1.vcat(&a1.sub_scaled(a0, 1.0)?)?;
-    Ok((left, right))
+use Part::{Input, Made};
+
+/// Eq. 11: g~ = s·(gB·A0 + B0·gA − η·gB·gA) = s·gB·(A0 − η·gA) + s·B0·gA.
+pub fn g_tilde<'a, M: Factor>(
+    a0: &'a M,
+    b0: &'a M,
+    ga: &'a M,
+    gb: &'a M,
+    lr: f64,
+    s: f64,
+) -> Result<Vec<Term<'a, M>>> {
+    Ok(vec![
+        term(Input(gb), s, Made(a0.sub_scaled(ga, lr)?)),
+        term(Input(b0), s, Input(ga)),
+    ])
+}
+
+/// The change of one step: dθ = s·((B1 − B0)·A1 + B0·(A1 − A0)).
+pub fn d_theta<'a, M: Factor>(
+    a0: &'a M,
+    b0: &'a M,
+    a1: &'a M,
+    b1: &'a M,
+    s: f64,
+) -> Result<Vec<Term<'a, M>>> {
+    Ok(vec![
+        term(Made(b1.sub_scaled(b0, 1.0)?), s, Input(a1)),
+        term(Input(b0), s, Made(a1.sub_scaled(a0, 1.0)?)),
+    ])
 }
 
 /// Reference factors a difference is measured from.
@@ -70,50 +129,62 @@ pub struct Anchor<'a, M> {
 }
 
 /// s·B·A − s_ref·B_ref·A_ref (Δ of Eq. 13, D of Eq. 14) without cancellation:
-/// equal scalings: s·[B − B_ref | B_ref] · [A ; A − A_ref]; different: [s·B | −s_ref·B_ref] · [A ; A_ref];
-/// no anchor: s·B · A.
-pub fn delta<M: Factor>(a: &M, b: &M, s: f64, anchor: Option<Anchor<'_, M>>) -> Result<(M, M)> {
-    match anchor {
-        None => Ok((b.scale(s)?, a.scale(1.0)?)),
-        Some(r) if r.scaling == s => {
-            let left = b.sub_scaled(r.b, 1.0)?.hcat(r.b)?.scale(s)?;
-            let right = a.vcat(&a.sub_scaled(r.a, 1.0)?)?;
-            Ok((left, right))
-        }
-        Some(r) => {
-            let left = b.scale(s)?.hcat(&r.b.scale(-r.scaling)?)?;
-            let right = a.vcat(r.a)?;
-            Ok((left, right))
-        }
-    }
+/// equal scalings: s·(B − B_ref)·A + s·B_ref·(A − A_ref); different: s·B·A − s_ref·B_ref·A_ref;
+/// no anchor: s·B·A.
+pub fn delta<'a, M: Factor>(
+    a: &'a M,
+    b: &'a M,
+    s: f64,
+    anchor: Option<Anchor<'a, M>>,
+) -> Result<Vec<Term<'a, M>>> {
+    Ok(match anchor {
+        None => vec![term(Input(b), s, Input(a))],
+        Some(r) if r.scaling == s => vec![
+            term(Made(b.sub_scaled(r.b, 1.0)?), s, Input(a)),
+            term(Input(r.b), s, Made(a.sub_scaled(r.a, 1.0)?)),
+        ],
+        Some(r) => vec![
+            term(Input(b), s, Input(a)),
+            term(Input(r.b), -r.scaling, Input(r.a)),
+        ],
+    })
 }
 
-/// The current factors and `delta` from them, after converting every tensor with `convert`
-/// (to `Dense` for the CPU kernels, to a compute-kind tensor for the device path). `anchor` is the
-/// start or reference pair with its scaling.
-pub fn converted_delta<M: Factor>(
-    a: &Tensor,
-    b: &Tensor,
-    s: f64,
-    anchor: Option<(&Tensor, &Tensor, f64)>,
-    convert: impl Fn(&Tensor) -> Result<M>,
-) -> Result<(M, M, (M, M))> {
-    let (a, b) = (convert(a)?, convert(b)?);
-    let anchor = match anchor {
-        Some((a0, b0, s0)) => Some((convert(a0)?, convert(b0)?, s0)),
-        None => None,
-    };
-    let lr = delta(
-        &a,
-        &b,
-        s,
-        anchor.as_ref().map(|(a0, b0, s0)| Anchor {
+/// The current factors and the start or reference pair (with its scaling), converted (to `Dense`
+/// for the CPU kernels, to a compute-kind tensor for the device path).
+pub struct Converted<M> {
+    pub a: M,
+    pub b: M,
+    anchor: Option<(M, M, f64)>,
+}
+
+impl<M: Factor> Converted<M> {
+    pub fn new(
+        a: &Tensor,
+        b: &Tensor,
+        anchor: Option<(&Tensor, &Tensor, f64)>,
+        convert: impl Fn(&Tensor) -> Result<M>,
+    ) -> Result<Self> {
+        let anchor = match anchor {
+            Some((a0, b0, s0)) => Some((convert(a0)?, convert(b0)?, s0)),
+            None => None,
+        };
+        Ok(Converted {
+            a: convert(a)?,
+            b: convert(b)?,
+            anchor,
+        })
+    }
+
+    /// `delta` of these factors at scaling `s`.
+    pub fn delta(&self, s: f64) -> Result<Vec<Term<'_, M>>> {
+        let anchor = self.anchor.as_ref().map(|(a0, b0, s0)| Anchor {
             a: a0,
             b: b0,
             scaling: *s0,
-        }),
-    )?;
-    Ok((a, b, lr))
+        });
+        delta(&self.a, &self.b, s, anchor)
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +220,15 @@ mod tests {
         Dense::new(l.rows, r.cols, out)
     }
 
+    /// The dense matrix of the terms, built the CPU kernels' way (`from_terms`) and checked
+    /// against the device path's (`assemble`, then one product).
+    fn both_layouts(terms: &[Term<'_, Dense<f64>>]) -> Dense<f64> {
+        let direct = LowRank::from_terms(terms).to_dense();
+        let (l, r) = assemble(terms).unwrap();
+        assert_close(&direct, &matmul(&l, &r));
+        direct
+    }
+
     fn assert_close(x: &Dense<f64>, y: &Dense<f64>) {
         for (a, b) in x.data.iter().zip(&y.data) {
             assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
@@ -159,8 +239,7 @@ mod tests {
     fn g_tilde_matches_eq_11() {
         let (a0, b0, ga, gb) = (m(3, 5, 1), m(4, 3, 2), m(3, 5, 3), m(4, 3, 4));
         let (lr, s) = (0.1, 2.0);
-        let (l, r) = g_tilde(&a0, &b0, &ga, &gb, lr, s).unwrap();
-        let got = LowRank::new(l, r).to_dense();
+        let got = both_layouts(&g_tilde(&a0, &b0, &ga, &gb, lr, s).unwrap());
         let t1 = matmul(&gb, &a0);
         let t2 = matmul(&b0, &ga);
         let t3 = matmul(&gb, &ga);
@@ -177,8 +256,7 @@ mod tests {
     #[test]
     fn d_theta_is_the_difference_of_products() {
         let (a0, b0, a1, b1) = (m(2, 6, 5), m(3, 2, 6), m(2, 6, 7), m(3, 2, 8));
-        let (l, r) = d_theta(&a0, &b0, &a1, &b1, 0.5).unwrap();
-        let got = LowRank::new(l, r).to_dense();
+        let got = both_layouts(&d_theta(&a0, &b0, &a1, &b1, 0.5).unwrap());
         let p1 = matmul(&b1, &a1);
         let p0 = matmul(&b0, &a0);
         let want = Dense::new(
@@ -200,7 +278,7 @@ mod tests {
                 b: &br,
                 scaling: s_ref,
             };
-            let (l, r) = delta(&a, &b, s, Some(anchor)).unwrap();
+            let got = both_layouts(&delta(&a, &b, s, Some(anchor)).unwrap());
             let want = Dense::new(
                 5,
                 4,
@@ -208,9 +286,9 @@ mod tests {
                     .map(|i| s * p.data[i] - s_ref * pr.data[i])
                     .collect(),
             );
-            assert_close(&LowRank::new(l, r).to_dense(), &want);
+            assert_close(&got, &want);
         }
-        let (l, r) = delta(&a, &b, 3.0, None).unwrap();
-        assert_close(&LowRank::new(l, r).to_dense(), &p.scaled(3.0));
+        let got = both_layouts(&delta(&a, &b, 3.0, None).unwrap());
+        assert_close(&got, &p.scaled(3.0));
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
-use crate::forms::converted_delta;
+use crate::forms::{assemble, Converted};
 use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
 use crate::scalar::{Real, Storage};
@@ -81,8 +81,8 @@ impl FinalizeJob {
 
     fn run_fused<S: Storage, T: Real>(&self) -> Result<Tensor> {
         let anchor = self.start.as_ref().map(|(a0, b0)| (a0, b0, self.scaling));
-        let (_, _, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, dense::<T>)?;
-        let delta = LowRank::new(l, r);
+        let factors = Converted::new(&self.a, &self.b, anchor, dense::<T>)?;
+        let delta = LowRank::from_terms(&factors.delta(self.scaling)?);
         let omega = self.omega.f_contiguous()?;
         let out = Tensor::f_empty(omega.size(), (omega.f_kind()?, omega.device()))?;
         // SAFETY: both contiguous CPU tensors of dtype S; `out` is fresh and unshared.
@@ -100,7 +100,8 @@ impl FinalizeJob {
         };
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let anchor = self.start.as_ref().map(|(a0, b0)| (a0, b0, self.scaling));
-        let (_, _, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, c)?;
+        let factors = Converted::new(&self.a, &self.b, anchor, c)?;
+        let (l, r) = assemble(&factors.delta(self.scaling)?)?;
         let d = l.f_mm(&r)?;
         let denom = d.f_square()?.f_add_scalar(self.xi)?;
         let mut omega = self.omega.f_detach()?.f_to_kind(kind)?.f_div(&denom)?;

@@ -2,7 +2,7 @@
 
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
-use crate::forms::{d_theta, g_tilde};
+use crate::forms::{assemble, d_theta, g_tilde};
 use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
 use crate::scalar::{Real, Storage};
@@ -128,9 +128,8 @@ impl OmegaJob {
         let (a0, b0) = (dense::<T>(&self.a_prev)?, dense::<T>(&self.b_prev)?);
         let (ga, gb) = (dense::<T>(&self.grad_a)?, dense::<T>(&self.grad_b)?);
         let (a1, b1) = (dense::<T>(&self.a_next)?, dense::<T>(&self.b_next)?);
-        let (gl, gr) = g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?;
-        let (dl, dr) = d_theta(&a0, &b0, &a1, &b1, self.scaling)?;
-        let (g, d) = (LowRank::new(gl, gr), LowRank::new(dl, dr));
+        let g = LowRank::from_terms(&g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?);
+        let d = LowRank::from_terms(&d_theta(&a0, &b0, &a1, &b1, self.scaling)?);
         // A strided ω is updated through a contiguous copy, then written back.
         let contiguous = self.omega.is_contiguous();
         let mut target = if contiguous {
@@ -165,8 +164,8 @@ impl OmegaJob {
             c(&self.grad_b)?,
         );
         let (a1, b1) = (c(&self.a_next)?, c(&self.b_next)?);
-        let (gl, gr) = g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?;
-        let (dl, dr) = d_theta(&a0, &b0, &a1, &b1, self.scaling)?;
+        let (gl, gr) = assemble(&g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?)?;
+        let (dl, dr) = assemble(&d_theta(&a0, &b0, &a1, &b1, self.scaling)?)?;
         // ω += (−g~)·dθ: two rank-2r GEMMs and one in-place addcmul.
         let neg_g = gl.f_neg()?.f_mm(&gr)?;
         let d = dl.f_mm(&dr)?;

@@ -3,7 +3,7 @@
 
 use crate::dispatch::{path_for, Path};
 use crate::error::Result;
-use crate::forms::converted_delta;
+use crate::forms::{assemble, Converted};
 use crate::lowrank::{conflict_free_stride, rows_per_task, Dense, LowRank, ROW_BLOCK, TILE_COLS};
 use crate::pool;
 use crate::scalar::{Real, Storage};
@@ -98,12 +98,13 @@ impl PenaltyJob {
             .reference
             .as_ref()
             .map(|(a0, b0)| (a0, b0, self.scaling_ref));
-        let (a, b, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, dense::<T>)?;
-        let d = LowRank::new(l, r);
+        let factors = Converted::new(&self.a, &self.b, anchor, dense::<T>)?;
+        let d = LowRank::from_terms(&factors.delta(self.scaling)?);
+        let (a, b) = (&factors.a, &factors.b);
         let omega = self.omega.f_contiguous()?;
         // SAFETY: contiguous CPU tensor of dtype S, only read.
         let om = unsafe { slice::<S>(&omega) };
-        let (p, ga, gb) = penalty_rows(om, &d, &a, &b, grads)?;
+        let (p, ga, gb) = penalty_rows(om, &d, a, b, grads)?;
         let value = Tensor::f_from_slice(&[T::from_f64_lossy(p * weight)])?.f_reshape([0i64; 0])?;
         let grads = if grads {
             let g = 2.0 * self.scaling * weight;
@@ -125,7 +126,9 @@ impl PenaltyJob {
             .reference
             .as_ref()
             .map(|(a0, b0)| (a0, b0, self.scaling_ref));
-        let (a, b, (l, r)) = converted_delta(&self.a, &self.b, self.scaling, anchor, c)?;
+        let factors = Converted::new(&self.a, &self.b, anchor, c)?;
+        let (l, r) = assemble(&factors.delta(self.scaling)?)?;
+        let (a, b) = (&factors.a, &factors.b);
         let d = l.f_mm(&r)?;
         let g = c(&self.omega)?.f_mul(&d)?;
         let value = g.f_mul(&d)?.f_sum(kind)?.f_mul_scalar(weight)?;
