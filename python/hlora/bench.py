@@ -6,6 +6,10 @@ alike; medians are reported, with the ratio reference/hlora and the bandwidth of
 over ω/Ω the fused kernel makes, against a measured memory copy.
 
     python -m hlora.bench [--threads 2] [--repeats 21] [--device cpu|cuda] [--json out.json]
+
+The reference's CPU times depend on glibc's allocator state (torch does not cache CPU memory, so
+its large temporaries may be mapped and page-faulted in on every call); run with
+MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912 for the reference at its best.
 """
 
 from __future__ import annotations
@@ -135,8 +139,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         threading = f" cpu-threads-on={_native.cpu_threading()}"
     print(f"hlora {hlora.__version__} backend={hlora.backend()} torch {torch.__version__} "
           f"device={args.device} threads={args.threads}{threading} r={args.rank} repeats={args.repeats} (medians)")
-    # torch's OpenMP workers busy-wait after each op unless told otherwise; it changes the ratios.
-    print("OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)"))
+    # torch's OpenMP workers busy-wait after each op unless told otherwise, and glibc's allocator
+    # settings decide whether the reference page-faults its temporaries: each changes the ratios.
+    settings = ("OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    print(" ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in settings))
     rows = run(args.threads, args.repeats, args.device, args.rank)
     print(format_table(rows))
     if args.json:
