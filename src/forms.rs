@@ -2,7 +2,9 @@
 //! trait so the CPU kernels (on `Dense` factors, evaluated row by row) and the device path
 //! (on tch tensors, multiplied out by one GEMM) share the algebra.
 //!
-//! Each form returns `(L, R)` with the (out, in) quantity equal to `L·R`.
+//! Each form returns its terms `c·L·R` (whose sum is the (out, in) quantity), the inputs among
+//! their factors borrowed: the CPU kernels lay them out directly (`LowRank::from_terms`), the
+//! device path concatenates them into one product (`assemble`).
 
 use crate::error::Result;
 use crate::lowrank::Dense;
