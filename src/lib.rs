@@ -86,40 +86,47 @@ fn optional_list<'py>(
         .transpose()
 }
 
-/// An optional pair of factors (start or reference): both or neither.
+/// Two optional arguments that come as a pair (start or reference factors, or their lists):
+/// both or neither. `names` reads "a_ref and b_ref"; `neither` says what omitting both means.
+fn both_or_neither<T>(
+    first: Option<T>,
+    second: Option<T>,
+    names: &str,
+    neither: &str,
+) -> Result<Option<(T, T)>, Error> {
+    match (first, second) {
+        (Some(x), Some(y)) => Ok(Some((x, y))),
+        (None, None) => Ok(None),
+        _ => Err(Error::value(format!(
+            "{names} must be given together (or neither, for {neither})"
+        ))),
+    }
+}
+
+/// An optional pair of factors for one matrix.
 fn given_pair<'a, 'py>(
     first: &'a Option<Arg<'py>>,
     second: &'a Option<Arg<'py>>,
     names: &str,
 ) -> Result<Option<(&'a Arg<'py>, &'a Arg<'py>)>, Error> {
-    match (first, second) {
-        (Some(x), Some(y)) => Ok(Some((x, y))),
-        (None, None) => Ok(None),
-        _ => Err(Error::value(format!(
-            "{names} must be given together (or neither, for a fresh adapter)"
-        ))),
-    }
+    both_or_neither(first.as_ref(), second.as_ref(), names, "a fresh adapter")
 }
 
 type PairLists<'py> = (Vec<Arg<'py>>, Vec<Arg<'py>>);
 
-/// The list form of [`given_pair`]: two optional lists of `n` factors, both or neither.
+/// The list form of [`given_pair`]: two optional lists of `n` factors.
 fn given_pair_lists<'py>(
     first: Option<&Bound<'py, PyAny>>,
     second: Option<&Bound<'py, PyAny>>,
     (name1, name2): (&str, &str),
     n: usize,
 ) -> Result<Option<PairLists<'py>>, Error> {
-    match (
+    both_or_neither(
         optional_list(first, name1, n)?,
         optional_list(second, name2, n)?,
-    ) {
-        (Some(x), Some(y)) => Ok(Some((x, y))),
-        (None, None) => Ok(None),
-        _ => Err(Error::value(format!(
-            "{name1} and {name2} must be given together (or neither, for fresh adapters)"
-        ))),
-    }
+        &format!("{name1} and {name2}"),
+        "fresh adapters",
+    )
 }
 
 /// The lists of a `_many` call: Ω (or ω), A, B and an optional pair of start or reference

@@ -204,9 +204,11 @@ def _scaled_grads(grad_out: torch.Tensor, saved: Sequence[Optional[torch.Tensor]
     return [grad_out * g if need and g is not None else None for g, need in zip(saved, needed)]
 
 
-@once_differentiable
-def _scaled_grads_once(ctx: Any, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
+def _ctx_grads(ctx: Any, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
     return _scaled_grads(grad_out, ctx.grads, ctx.needs_input_grad[ctx.first_factor:])
+
+
+_ctx_grads_once = once_differentiable(_ctx_grads)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
@@ -214,9 +216,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
     # here) that case keeps once_differentiable's handling, as before this fast path: results
     # that refuse to be differentiated again. The usual case skips its cost (~15 µs of a ~50 µs
     # backward).
-    if torch.is_grad_enabled():
-        return _scaled_grads_once(ctx, grad_out)
-    return _scaled_grads(grad_out, ctx.grads, ctx.needs_input_grad[ctx.first_factor:])
+    return (_ctx_grads_once if torch.is_grad_enabled() else _ctx_grads)(ctx, grad_out)
 
 
 class _FusedPenalty(torch.autograd.Function):
