@@ -6,6 +6,7 @@
 VENV        := $(CURDIR)/.venv
 PY          := $(VENV)/bin/python
 PYTHON      ?= python3
+MIN_FREE_MB ?= 9000
 # One Rust build serves maturin, cargo test and clippy (same profile, same environment).
 export CARGO_TARGET_DIR    ?= $(CURDIR)/target
 export VIRTUAL_ENV         := $(VENV)
@@ -34,6 +35,11 @@ build: $(NATIVE_STAMP)
 deps: $(VENV)/.deps-installed
 
 $(VENV)/.deps-installed: pyproject.toml scripts/deps.py
+	@# torch from PyPI brings its CUDA libraries: the venv takes ~5.5 GB, pip's downloads ~3 GB more.
+	@free_mb=$$(df -Pm "$(CURDIR)" | awk 'NR == 2 {print $$4}'); \
+	if [ "$$free_mb" -lt $(MIN_FREE_MB) ]; then \
+	  echo "hlora: installing .venv needs ~$(MIN_FREE_MB) MB free on $(CURDIR); $$free_mb MB left" >&2; exit 1; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $$($(PY) scripts/deps.py runtime hf experiments test)
