@@ -35,7 +35,7 @@ build: $(NATIVE_STAMP)
 deps: $(VENV)/.deps-installed
 
 $(VENV)/.deps-installed: pyproject.toml scripts/deps.py
-	@# torch from PyPI brings its CUDA libraries: the venv takes ~5.5 GB, pip's downloads ~3 GB more.
+	@# torch from PyPI brings its CUDA libraries: measured peak 8.7 GB while pip installs (5.3 GB stay).
 	@free_mb=$$(df -Pm "$(CURDIR)" | awk 'NR == 2 {print $$4}'); \
 	if [ "$$free_mb" -lt $(MIN_FREE_MB) ]; then \
 	  echo "hlora: installing .venv needs ~$(MIN_FREE_MB) MB free on $(CURDIR); $$free_mb MB left" >&2; exit 1; \

@@ -6,12 +6,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_install_stops_with_one_clear_line_when_the_disk_is_too_full(tmp_path: Path) -> None:
     # A copy of what the deps step reads, asked to need more space than any disk has: it must
     # stop before creating .venv (not halfway through pip with an OSError).
