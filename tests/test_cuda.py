@@ -6,6 +6,7 @@ hlora.reference in float64, with the caching allocator poisoned (NaN) before eve
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,16 +35,17 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
     size, origin, path = native.cuda_cubin("sm_90")
     assert (origin, size > 100_000) == ("compiled", True)
     assert path is not None and path.startswith(str(tmp_path)) and path.endswith(".cubin")
-    stored = (tmp_path / path.rsplit("/", 1)[1]).read_bytes()
+    cached = tmp_path / Path(path).name
+    stored = cached.read_bytes()
     assert len(stored) == size + 32  # header: magic, key, length, checksum
     assert native.cuda_cubin("sm_90") == (size, "disk", path)
     # One flipped bit in the payload: detected, recompiled, rewritten whole.
     damaged = bytearray(stored)
     damaged[32 + size // 2] ^= 1
-    (tmp_path / path.rsplit("/", 1)[1]).write_bytes(bytes(damaged))
+    cached.write_bytes(bytes(damaged))
     assert native.cuda_cubin("sm_90") == (size, "compiled", path)
-    assert (tmp_path / path.rsplit("/", 1)[1]).read_bytes() == stored
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.rsplit("/", 1)[1]]  # no temporaries left
+    assert cached.read_bytes() == stored
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]  # no temporaries left
     monkeypatch.setenv("HLORA_CACHE_DIR", "off")
     assert native.cuda_cubin("sm_90") == (size, "compiled", None)
     with pytest.raises(ValueError, match="arch"):

@@ -51,6 +51,12 @@ def _torch_view(x: Any, name: str = "array", written: bool = False) -> Any:
     return torch.from_numpy(x)
 
 
+#: Argument names of the ω update and of the penalty, in call order (for the reference backend's
+#: NumPy checks, which name the argument they refuse).
+_OMEGA_ARGS = ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_next")
+_PENALTY_ARGS = ("Omega", "a", "b", "a_ref", "b_ref")
+
+
 def _scalars(x: Scalars) -> List[float]:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return [float(x)]
@@ -86,9 +92,8 @@ def accumulate_omega_(
     authors' code).
     """
     if NATIVE is None:
-        names = ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_next")
         args = [_torch_view(x, name, written=name == "omega")
-                for x, name in zip((omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), names)]
+                for x, name in zip((omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), _OMEGA_ARGS)]
         reference.accumulate_omega_(*args, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
         return omega
     NATIVE.accumulate_omega_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next,
@@ -117,8 +122,7 @@ def accumulate_omega_many_(
     """
     if NATIVE is None:
         lists = [[_torch_view(x, n, written=n == "omega") for x in _as_list(v, n)] for v, n in zip(
-            (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next),
-            ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_next"))]
+            (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), _OMEGA_ARGS)]
         reference.accumulate_omega_many_(*lists, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
         return list(omega)
     NATIVE.accumulate_omega_many_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next, lr=lr,
@@ -253,8 +257,7 @@ def importance_penalty(
     w.r.t. ``a`` and ``b``. Without reference factors D = s·B·A (a fresh adapter on the merged
     model). ``scaling_ref`` defaults to ``scaling``."""
     if NATIVE is None:
-        args = [_torch_view(x, name) for x, name in zip((Omega, a, b, a_ref, b_ref),
-                                                        ("Omega", "a", "b", "a_ref", "b_ref"))]
+        args = [_torch_view(x, name) for x, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
     elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or isinstance(Omega, np.ndarray):
         result, _, _ = NATIVE.importance_penalty(Omega, a, b, a_ref, b_ref, scaling=scaling,
@@ -305,7 +308,7 @@ def importance_penalty_many(
     given — the Regularizer passes φ·c_l). Differentiable w.r.t. every ``a[l]`` and ``b[l]``."""
     if NATIVE is None:
         conv = [None if v is None else [_torch_view(x, name) for x in _as_list(v, name)]
-                for v, name in ((Omega, "Omega"), (a, "a"), (b, "b"), (a_ref, "a_ref"), (b_ref, "b_ref"))]
+                for v, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
         return reference.importance_penalty_many(*conv, scaling=scaling, scaling_ref=scaling_ref, weights=weights)
     om, av, bv = _as_list(Omega, "Omega"), _as_list(a, "a"), _as_list(b, "b")
     n = len(om)
