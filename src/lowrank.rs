@@ -165,7 +165,7 @@ impl<T: Real> LowRank<T> {
 
     /// For `RB` consecutive rows i0.., `bufs[rr][j] = Σ_q L[i0+rr,q]·R[q,j0+j]` for j < n.
     ///
-    /// Register-blocked micro-kernel: for each block of 16 columns, RB×16 sums live in
+    /// Register-blocked micro-kernel: for each block of columns, the RB rows' sums live in
     /// registers across the k terms, so each value of R loaded from L1 feeds RB FMAs (the
     /// kernel would otherwise be bound by cache bandwidth for R, not by arithmetic).
     #[inline(always)]
@@ -176,8 +176,36 @@ impl<T: Real> LowRank<T> {
         n: usize,
         bufs: &mut [[T; TILE_COLS]; RB],
     ) {
-        const W: usize = 16;
         let n = n.min(TILE_COLS);
+        // Two AVX2 registers of columns per row (16 f32 or 8 f64): 2·RB accumulators fit in
+        // the 16 registers; 16 f64 columns would spill them.
+        let jb = if std::mem::size_of::<T>() == 8 {
+            self.column_blocks::<M, RB, 8>(i0, j0, n, bufs)
+        } else {
+            self.column_blocks::<M, RB, 16>(i0, j0, n, bufs)
+        };
+        // Remainder columns: j indexes R and every row's buffer.
+        #[allow(clippy::needless_range_loop)]
+        for j in jb..n {
+            for rr in 0..RB {
+                let mut acc = T::zero();
+                for q in 0..self.k {
+                    acc = M::madd(self.left(i0 + rr, q), self.right(q, j0 + j), acc);
+                }
+                bufs[rr][j] = acc;
+            }
+        }
+    }
+
+    /// [`Self::rows_tile_into`]'s whole blocks of `W` columns; returns the columns done.
+    #[inline(always)]
+    fn column_blocks<M: Madd, const RB: usize, const W: usize>(
+        &self,
+        i0: usize,
+        j0: usize,
+        n: usize,
+        bufs: &mut [[T; TILE_COLS]; RB],
+    ) -> usize {
         let mut jb = 0;
         while jb + W <= n {
             let mut acc = [[T::zero(); W]; RB];
@@ -197,17 +225,7 @@ impl<T: Real> LowRank<T> {
             }
             jb += W;
         }
-        // Remainder columns: j indexes R and every row's buffer.
-        #[allow(clippy::needless_range_loop)]
-        for j in jb..n {
-            for rr in 0..RB {
-                let mut acc = T::zero();
-                for q in 0..self.k {
-                    acc = M::madd(self.left(i0 + rr, q), self.right(q, j0 + j), acc);
-                }
-                bufs[rr][j] = acc;
-            }
-        }
+        jb
     }
 
     /// The dense matrix (tests only: kernels never call this).
