@@ -5,12 +5,18 @@ use crate::error::{Error, Result};
 use crate::forms::{assemble, Converted};
 use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
-use crate::scalar::{Real, Storage};
+use crate::scalar::Real;
 use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, OMEGA_KINDS};
 use tch::{Kind, Tensor};
 
 /// Ω = ω / (Δ² + ξ), Δ = s·B·A − s·B_start·A_start (or s·B·A for a fresh adapter).
+///
+/// Δ is formed in float64 whatever the factors: Ω magnifies Δ's rounding where Δ² ≲ ξ, and
+/// with a small ξ (the authors' code uses 1e-9) those entries dominate ‖Ω‖ — Δ summed in
+/// float32 erred there by ~3e-4 of it. Rounded to ω's precision, Δ is then as good as exact,
+/// and the division runs in that precision (the CPU kernels; the tch and CUDA paths divide in
+/// float64). Finalization runs once per general task, so the float64 lanes cost little.
 pub struct FinalizeJob {
     omega: Tensor,
     a: Tensor,
@@ -19,7 +25,6 @@ pub struct FinalizeJob {
     scaling: f64,
     xi: f64,
     clamp_negative: bool,
-    f64_math: bool,
 }
 
 impl FinalizeJob {
@@ -32,7 +37,7 @@ impl FinalizeJob {
         xi: f64,
         clamp_negative: bool,
     ) -> Result<Self> {
-        let f64_math = check_factor_set(omega, OMEGA_KINDS, a, b, start)?;
+        check_factor_set(omega, OMEGA_KINDS, a, b, start)?;
         let xi = finite(xi, "xi")?;
         if xi <= 0.0 {
             return Err(Error::value(format!(
@@ -47,7 +52,6 @@ impl FinalizeJob {
             scaling: finite(scaling, "scaling")?,
             xi,
             clamp_negative,
-            f64_math,
         })
     }
 
@@ -64,40 +68,36 @@ impl FinalizeJob {
             start: self.start.as_ref().map(|(a0, b0)| (a0, b0)),
             scaling: self.scaling,
             xi: self.xi,
-            f64_math: self.f64_math,
+            f64_math: true,
         }
     }
 
     pub fn run(&self) -> Result<Tensor> {
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),
-            Path::Fused => match (self.omega.f_kind()?, self.f64_math) {
-                (Kind::Double, _) => self.run_fused::<f64, f64>(),
-                (_, true) => self.run_fused::<f32, f64>(),
-                _ => self.run_fused::<f32, f32>(),
+            Path::Fused => match self.omega.f_kind()? {
+                Kind::Double => self.run_fused::<f64>(),
+                _ => self.run_fused::<f32>(),
             },
         })
     }
 
-    fn run_fused<S: Storage, T: Real>(&self) -> Result<Tensor> {
+    /// Δ in float64; the division in ω's own precision `S` (Δ is then exact to its rounding).
+    fn run_fused<S: Real>(&self) -> Result<Tensor> {
         let anchor = self.start.as_ref().map(|(a0, b0)| (a0, b0, self.scaling));
-        let factors = Converted::new(&self.a, &self.b, anchor, dense::<T>)?;
+        let factors = Converted::new(&self.a, &self.b, anchor, dense::<f64>)?;
         let delta = LowRank::from_terms(&factors.delta(self.scaling)?);
         let omega = self.omega.f_contiguous()?;
         let out = Tensor::f_empty(omega.size(), (omega.f_kind()?, omega.device()))?;
         // SAFETY: both contiguous CPU tensors of dtype S; `out` is fresh and unshared.
         let (src, dst) = unsafe { (slice::<S>(&omega), slice_mut::<S>(&out)) };
-        let (xi, clamp) = (T::from_f64_lossy(self.xi), self.clamp_negative);
+        let (xi, clamp) = (S::from_f64_lossy(self.xi), self.clamp_negative);
         finalize_rows(src, dst, &delta, xi, clamp)?;
         Ok(out)
     }
 
     fn run_tch(&self) -> Result<Tensor> {
-        let kind = if self.f64_math {
-            Kind::Double
-        } else {
-            Kind::Float
-        };
+        let kind = Kind::Double;
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let anchor = self.start.as_ref().map(|(a0, b0)| (a0, b0, self.scaling));
         let factors = Converted::new(&self.a, &self.b, anchor, c)?;
@@ -112,11 +112,11 @@ impl FinalizeJob {
     }
 }
 
-fn finalize_rows<S: Storage, T: Real>(
+fn finalize_rows<S: Real, T: Real>(
     src: &[S],
     dst: &mut [S],
     delta: &LowRank<T>,
-    xi: T,
+    xi: S,
     clamp: bool,
 ) -> Result<()> {
     let (rows, cols) = (delta.rows, delta.cols);
@@ -134,15 +134,15 @@ fn finalize_rows<S: Storage, T: Real>(
     Ok(())
 }
 
-multiversion!(fn finalize_task<S: Storage, T: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<T>, xi: T, clamp: bool) = finalize_task_body);
+multiversion!(fn finalize_task<S: Real, T: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<T>, xi: S, clamp: bool) = finalize_task_body);
 
 #[inline(always)]
-fn finalize_task_body<M: Madd, S: Storage, T: Real>(
+fn finalize_task_body<M: Madd, S: Real, T: Real>(
     row0: usize,
     inp: &[S],
     out: &mut [S],
     delta: &LowRank<T>,
-    xi: T,
+    xi: S,
     clamp: bool,
 ) {
     let cols = delta.cols;
@@ -155,8 +155,9 @@ fn finalize_task_body<M: Madd, S: Storage, T: Real>(
         |li, j0, dv, _unused| {
             let span = li * cols + j0..li * cols + j0 + dv.len();
             for ((o, &w), &dv) in out[span.clone()].iter_mut().zip(&inp[span]).zip(dv) {
-                let v = T::load(w) / M::madd(dv, dv, xi);
-                *o = if clamp && v < T::zero() { T::zero() } else { v }.store();
+                let d = S::load(dv);
+                let v = w / M::madd(d, d, xi);
+                *o = if clamp && v < S::zero() { S::zero() } else { v };
             }
         }
     );

@@ -154,6 +154,10 @@ def finalize_importance(
     Δ = s·B·A − s·B_start·A_start (``a_start``/``b_start``: the adapter at the start of the
     general task; omit both for a fresh adapter, Δ = s·B·A). Negative entries are clamped to 0
     unless ``clamp_negative=False``.
+
+    The native kernels form Δ in float64 whatever the factors: Ω magnifies Δ's rounding where
+    Δ² ≲ ξ, and with a small ξ (the authors' 1e-9) those entries dominate Ω — float32 maths (the
+    ``torch`` backend's) errs there by up to ~3e-4 of ‖Ω‖, float64 by ~1e-7.
     """
     if NATIVE is None:
         result = reference.finalize_importance(

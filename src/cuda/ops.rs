@@ -33,10 +33,15 @@ fn ptr_mut(t: &Tensor) -> PtrMut {
 }
 
 /// Factors a kernel can read: contiguous, one shared dtype (else all converted to `math`).
+/// float64 maths always reads float64 factors: the kernels' maths type follows the factors'.
 fn factor_set(factors: &[&Tensor], math: Kind) -> Result<(Vec<Tensor>, Kind)> {
     let kind = factors[0].f_kind()?;
     let same = factors.iter().all(|f| f.f_kind().ok() == Some(kind));
-    let target = if same { kind } else { math };
+    let target = if same && math != Kind::Double {
+        kind
+    } else {
+        math
+    };
     let out = factors
         .iter()
         .map(|f| Ok(f.f_detach()?.f_to_kind(target)?.f_contiguous()?))
