@@ -323,6 +323,31 @@ mod tests {
         assert_eq!(tiles[1][..2], [6.0, 28.0]);
     }
 
+    /// Whole column blocks (8 in f64, 16 in f32) and the remainder, in both precisions, against
+    /// sums written out: 45 columns from column 3 = blocks of 8 or 16 plus a tail.
+    #[test]
+    fn row_tiles_cover_whole_blocks_and_tails_in_both_precisions() {
+        fn check<T: Real + std::fmt::Debug>() {
+            let (rows, k, cols) = (5, 3, 48);
+            let v = |i: usize| T::from_f64_lossy(((i * 7 + 3) % 11) as f64 - 5.0);
+            let l = Dense::new(rows, k, (0..rows * k).map(v).collect());
+            let r = Dense::new(k, cols, (0..k * cols).map(|i| v(i + 1)).collect());
+            let lr = LowRank::new(l.clone(), r.clone());
+            let mut tiles = [[T::zero(); TILE_COLS]; 4];
+            lr.rows_tile_into::<Plain, 4>(1, 3, cols - 3, &mut tiles);
+            for (rr, tile) in tiles.iter().enumerate() {
+                for (j, &got) in tile[..cols - 3].iter().enumerate() {
+                    let want = (0..k).fold(T::zero(), |acc, q| {
+                        acc + l.data[(1 + rr) * k + q] * r.data[q * cols + 3 + j]
+                    });
+                    assert_eq!(got, want, "row {rr}, column {j}");
+                }
+            }
+        }
+        check::<f32>();
+        check::<f64>();
+    }
+
     #[test]
     fn strides_cover_the_row_and_span_an_odd_number_of_lines() {
         for n in [0usize, 1, 15, 16, 17, 576, 1024, 3072] {
