@@ -16,6 +16,8 @@ pub trait Factor: Sized {
     fn vcat(&self, other: &Self) -> Result<Self>;
     /// `self − c·other`
     fn sub_scaled(&self, other: &Self, c: f64) -> Result<Self>;
+    /// `c·self − d·other`, formed in float64 and rounded once to the factor's precision.
+    fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self>;
     fn scale(&self, c: f64) -> Result<Self>;
 }
 
@@ -29,6 +31,11 @@ impl<T: Real> Factor for Dense<T> {
     fn sub_scaled(&self, other: &Self, c: f64) -> Result<Self> {
         let c = T::from_f64_lossy(c);
         Ok(self.zip(other, |x, y| x - c * y))
+    }
+    fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self> {
+        Ok(self.zip(other, |x, y| {
+            T::from_f64_lossy(c * x.to_f64() - d * y.to_f64())
+        }))
     }
     fn scale(&self, c: f64) -> Result<Self> {
         Ok(self.scaled(T::from_f64_lossy(c)))
@@ -44,6 +51,13 @@ impl Factor for Tensor {
     }
     fn sub_scaled(&self, other: &Self, c: f64) -> Result<Self> {
         Ok(self.f_sub(&other.f_mul_scalar(c)?)?)
+    }
+    fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self> {
+        let f64_of = |t: &Tensor| t.f_to_kind(tch::Kind::Double);
+        let diff = f64_of(self)?
+            .f_mul_scalar(c)?
+            .f_sub(&f64_of(other)?.f_mul_scalar(d)?)?;
+        Ok(diff.f_to_kind(self.f_kind()?)?)
     }
     fn scale(&self, c: f64) -> Result<Self> {
         Ok(self.f_mul_scalar(c)?)
@@ -131,7 +145,9 @@ pub struct Anchor<'a, M> {
 }
 
 /// s·B·A − s_ref·B_ref·A_ref (Δ of Eq. 13, D of Eq. 14) without cancellation:
-/// equal scalings: s·(B − B_ref)·A + s·B_ref·(A − A_ref); different: s·B·A − s_ref·B_ref·A_ref;
+/// equal scalings: s·(B − B_ref)·A + s·B_ref·(A − A_ref); different:
+/// (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref), the first factor formed in float64 (as it
+/// stands, the difference of products loses everything when s ≈ s_ref and B ≈ B_ref);
 /// no anchor: s·B·A.
 pub fn delta<'a, M: Factor>(
     a: &'a M,
@@ -146,8 +162,8 @@ pub fn delta<'a, M: Factor>(
             term(Input(r.b), s, Made(a.sub_scaled(r.a, 1.0)?)),
         ],
         Some(r) => vec![
-            term(Input(b), s, Input(a)),
-            term(Input(r.b), -r.scaling, Input(r.a)),
+            term(Made(b.scaled_difference(s, r.b, r.scaling)?), 1.0, Input(a)),
+            term(Input(r.b), r.scaling, Made(a.sub_scaled(r.a, 1.0)?)),
         ],
     })
 }

@@ -156,6 +156,32 @@ def test_penalty_forward_and_gradients(shape, dtype, ref_kind, cpu_path):
     assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
+@pytest.mark.parametrize("ratio", [1 + 1e-6, 1 + 1e-3], ids=["s_ref=s(1+1e-6)", "s_ref=s(1+1e-3)"])
+def test_penalty_has_no_cancellation_when_scalings_nearly_agree(dtype, ratio, cpu_path):
+    """Factors a small step from their reference and scalings nearly equal: s·B·A − s_ref·B_ref·A_ref
+    written as it stands is a difference of nearly equal products, which float32 loses 5e-4 of
+    (the float32 reference too). The kernels use (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref),
+    the first factor formed in float64."""
+    step = make_step(192, 576, 8, dtype, seed=4, step_size=1e-4)
+    omega = torch.rand(192, 576, generator=torch.Generator().manual_seed(9))
+    refs = {"a_ref": step.a0, "b_ref": step.b0, "scaling_ref": 2.0 * ratio}
+    a, b = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
+    value = ops.importance_penalty(omega, a, b, scaling=2.0, **refs)
+    value.backward()
+    a64, b64 = step.a1.double().requires_grad_(), step.b1.double().requires_grad_()
+    refs64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in refs.items()}
+    want = reference.importance_penalty(omega.double(), a64, b64, scaling=2.0, **refs64)
+    want.backward()
+    assert rel_err(value, want) <= FORWARD_TOL[dtype]
+    assert rel_err(a.grad, a64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
+    if dtype == torch.float32:  # the case is a hard one: the plain float32 formula misses
+        a32, b32 = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
+        reference.importance_penalty(omega, a32, b32, scaling=2.0, **refs).backward()
+        assert rel_err(a32.grad, a64.grad) > GRAD_TOL[dtype]
+
+
 @pytest.mark.parametrize("ref", [False, True])
 def test_penalty_gradcheck(ref, cpu_path):
     g = torch.Generator().manual_seed(4)

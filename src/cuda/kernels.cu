@@ -240,7 +240,8 @@ __device__ void finalize(const FinalizeTable& t) {
 // results are bit-for-bit reproducible (no atomics).
 //   mode 0: no reference   D = s·B·A                       L1 = s·B, R1 = A, L2 = 0
 //   mode 1: s == s_ref     D = s·((B − Br)·A + Br·(A − Ar)) L1 = s·(B − Br), R1 = A, L2 = s·Br, R2 = A − Ar
-//   mode 2: s != s_ref     D = s·B·A − s_ref·Br·Ar          L1 = s·B, R1 = A, L2 = −s_ref·Br, R2 = Ar
+//   mode 2: s != s_ref     D = (s·B − s_ref·Br)·A + s_ref·Br·(A − Ar)
+//                          L1 = s·B − s_ref·Br (formed in double), R1 = A, L2 = s_ref·Br, R2 = A − Ar
 struct PenaltyEntry {
     const void* omega;  // (out, in), O
     const void* a; const void* b; const void* a_ref; const void* b_ref;
@@ -282,7 +283,10 @@ __device__ void penalty(const PenaltyTable& t) {
                 const M vb = ld<M>(b, o);
                 if (e.mode == 0) { l1 = s * vb; }
                 else if (e.mode == 1) { const M vr = ld<M>(br, o); l1 = s * (vb - vr); l2 = s * vr; }
-                else { l1 = s * vb; l2 = -sr * ld<M>(br, o); }
+                else {  // in double: s·B − s_ref·Br loses everything in float when s ≈ s_ref, B ≈ Br
+                    const double vr = ld<double>(br, o);
+                    l1 = (M)(e.scaling * (double)vb - e.scaling_ref * vr); l2 = sr * (M)vr;
+                }
             }
             lf[i][kk][0] = l1; lf[i][kk][1] = l2;
         }
@@ -295,8 +299,7 @@ __device__ void penalty(const PenaltyTable& t) {
             if (col_ok && k < e.r) {
                 const long long o = (long long)k * e.in + j;
                 va = ld<M>(a, o);
-                if (e.mode == 1) v2 = va - ld<M>(ar, o);
-                else if (e.mode == 2) v2 = ld<M>(ar, o);
+                if (e.mode != 0) v2 = va - ld<M>(ar, o);
             }
             r1[kk] = va; r2[kk] = v2;
         }
