@@ -259,7 +259,9 @@ def importance_penalty(
 ) -> Array:
     """P = Σ Ω ⊙ D² with D = s·B·A − s_ref·B_ref·A_ref (Eq. 14), a 0-d tensor differentiable
     w.r.t. ``a`` and ``b``. Without reference factors D = s·B·A (a fresh adapter on the merged
-    model). ``scaling_ref`` defaults to ``scaling``."""
+    model). ``scaling_ref`` defaults to ``scaling``; when it differs, the kernels evaluate
+    D = (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref) with the first factor formed in float64, so
+    nearly equal scalings do not cancel."""
     if NATIVE is None:
         args = [_torch_view(x, name) for x, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)

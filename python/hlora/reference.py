@@ -1,8 +1,8 @@
 """The plain-PyTorch oracle: DESIGN §1 written for clarity, one matrix product per term.
 
 Same signatures and dtype rules as :mod:`hlora.ops` (maths in float32, float64 when any input
-is float64 — the native finalization alone forms Δ in float64 always, which this plain formula
-does not). Tests evaluate it on float64 copies of their inputs as the ground truth; it is also
+is float64; the native kernels go further in two places, finalization's Δ and a penalty whose
+scaling_ref differs from scaling, which they form partly in float64). Tests evaluate it on float64 copies of their inputs as the ground truth; it is also
 the fallback backend. Autograd provides the penalty's gradients.
 """
 
