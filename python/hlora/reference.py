@@ -2,8 +2,9 @@
 
 Same signatures and dtype rules as :mod:`hlora.ops` (maths in float32, float64 when any input
 is float64; the native kernels go further in two places, finalization's Δ and a penalty whose
-scaling_ref differs from scaling, which they form partly in float64). Tests evaluate it on float64 copies of their inputs as the ground truth; it is also
-the fallback backend. Autograd provides the penalty's gradients.
+scaling_ref differs from scaling, which they form partly in float64). Tests evaluate it on
+float64 copies of their inputs as the ground truth; it is also the fallback backend. Autograd
+provides the penalty's gradients.
 """
 
 from __future__ import annotations
