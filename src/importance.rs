@@ -112,10 +112,10 @@ impl FinalizeJob {
     }
 }
 
-fn finalize_rows<S: Real, T: Real>(
+fn finalize_rows<S: Real>(
     src: &[S],
     dst: &mut [S],
-    delta: &LowRank<T>,
+    delta: &LowRank<f64>,
     xi: S,
     clamp: bool,
 ) -> Result<()> {
@@ -134,14 +134,14 @@ fn finalize_rows<S: Real, T: Real>(
     Ok(())
 }
 
-multiversion!(fn finalize_task<S: Real, T: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<T>, xi: S, clamp: bool) = finalize_task_body);
+multiversion!(fn finalize_task<S: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<f64>, xi: S, clamp: bool) = finalize_task_body);
 
 #[inline(always)]
-fn finalize_task_body<M: Madd, S: Real, T: Real>(
+fn finalize_task_body<M: Madd, S: Real>(
     row0: usize,
     inp: &[S],
     out: &mut [S],
-    delta: &LowRank<T>,
+    delta: &LowRank<f64>,
     xi: S,
     clamp: bool,
 ) {
@@ -149,7 +149,7 @@ fn finalize_task_body<M: Madd, S: Real, T: Real>(
     for_each_tile!(
         M,
         delta,
-        None::<&LowRank<T>>,
+        None::<&LowRank<f64>>,
         row0,
         out.len() / cols,
         |li, j0, dv, _unused| {
