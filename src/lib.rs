@@ -214,6 +214,8 @@ fn accumulate_omega_(
         b_next: &bn,
     };
     let job = OmegaJob::new(args, lr, scaling, clamp_negative)?;
+    let read = [&ap, &bp, &ga, &gb, &an, &bn].map(Arg::named);
+    view::disjoint(&[o.named()], &read)?;
     match cuda_route(py, [job.device()])? {
         Some((k, stream)) => py.allow_threads(move || {
             cuda::omega_many(&k, stream, &[job.cuda_mat()], clamp_negative)
@@ -262,6 +264,13 @@ fn accumulate_omega_many_(
             OmegaJob::new(args, lr, scaling[i], clamp_negative)
         })
         .collect::<Result<Vec<_>, Error>>()?;
+    let written: Vec<_> = o.iter().map(Arg::named).collect();
+    let read: Vec<_> = [&ap, &bp, &ga, &gb, &an, &bn]
+        .into_iter()
+        .flatten()
+        .map(Arg::named)
+        .collect();
+    view::disjoint(&written, &read)?;
     match cuda_route(py, jobs.iter().map(OmegaJob::device))? {
         Some((k, stream)) => py.allow_threads(move || {
             let mats: Vec<_> = jobs.iter().map(OmegaJob::cuda_mat).collect();

@@ -7,7 +7,9 @@ use crate::lowrank::Dense;
 use crate::scalar::Real;
 use numpy::{PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
@@ -141,11 +143,14 @@ pub fn arg<'py>(obj: &Bound<'py, PyAny>, name: &str, writable: bool) -> Result<A
         return numpy_view(array, name, writable);
     }
     match obj.extract::<PyTensor>() {
-        Ok(t) => Ok(Arg {
-            name: name.to_string(),
-            tensor: t.0,
-            _guard: Guard::Torch,
-        }),
+        Ok(t) => {
+            dense_layout(obj, name)?;
+            Ok(Arg {
+                name: name.to_string(),
+                tensor: t.0,
+                _guard: Guard::Torch,
+            })
+        }
         Err(_) => {
             let type_name = obj
                 .get_type()
@@ -157,6 +162,26 @@ pub fn arg<'py>(obj: &Bound<'py, PyAny>, name: &str, writable: bool) -> Result<A
             )))
         }
     }
+}
+
+/// Refuses sparse, MKL-DNN and other non-strided tensors by name: the kernels read raw memory
+/// with strides, which those layouts do not have (and libtorch's own errors name no argument).
+fn dense_layout(obj: &Bound<'_, PyAny>, name: &str) -> Result<()> {
+    static STRIDED: GILOnceCell<PyObject> = GILOnceCell::new();
+    let py = obj.py();
+    let unreadable = |e: PyErr| Error::type_(format!("{name}: cannot read its layout ({e})"));
+    let strided = STRIDED
+        .get_or_try_init(py, || -> PyResult<PyObject> {
+            Ok(py.import("torch")?.getattr("strided")?.unbind())
+        })
+        .map_err(unreadable)?;
+    let layout = obj.getattr(intern!(py, "layout")).map_err(unreadable)?;
+    if layout.is(strided) {
+        return Ok(());
+    }
+    Err(Error::type_(format!(
+        "{name} must be a dense (strided) tensor, got layout {layout}; pass {name}.to_dense()"
+    )))
 }
 
 /// Like [`arg`] for optional arguments (`None` → `None`).
@@ -212,6 +237,10 @@ impl Arg<'_> {
         self.tensor.device()
     }
 
+    pub fn named(&self) -> Named<'_> {
+        (&self.name, &self.tensor)
+    }
+
     /// A handle for moving into a GIL-free closure (same storage).
     pub fn share(&self) -> Tensor {
         self.tensor.shallow_clone()
@@ -236,6 +265,71 @@ pub fn same_device(args: &[&Arg]) -> Result<Device> {
         }
     }
     Ok(device)
+}
+
+/// A tensor with its argument name, for [`disjoint`].
+pub type Named<'a> = (&'a str, &'a Tensor);
+
+/// Refuses in-place targets that share memory with each other or with an input: the kernels
+/// read the inputs while writing the targets (and a written slice may alias nothing). Like
+/// torch's own in-place ops, it reports only overlaps that are certain: a shared first element,
+/// or two contiguous tensors whose byte ranges intersect.
+pub fn disjoint(written: &[Named], read: &[Named]) -> Result<()> {
+    struct Span<'a> {
+        lo: usize,
+        hi: usize,
+        name: &'a str,
+        written: bool,
+    }
+    let clash = |target: &str, other: &str| {
+        Error::value(format!(
+            "{target} shares memory with {other}, and {target} is written in place; \
+             pass separate tensors (e.g. {other}.clone())"
+        ))
+    };
+    let mut spans = Vec::with_capacity(written.len() + read.len());
+    let tagged = written.iter().map(|a| (a, true));
+    for (&(name, t), is_written) in tagged.chain(read.iter().map(|a| (a, false))) {
+        if t.numel() == 0 {
+            continue;
+        }
+        let lo = t.data_ptr() as usize;
+        let bytes = t.numel() * t.f_kind()?.elt_size_in_bytes();
+        // A non-contiguous tensor is represented by its first element alone: a shared first
+        // element is still certain (spans of one byte meet only when both start there).
+        let hi = if t.is_contiguous() {
+            lo + bytes
+        } else {
+            lo + 1
+        };
+        spans.push(Span {
+            lo,
+            hi,
+            name,
+            written: is_written,
+        });
+    }
+    // In address order (one space: CUDA's unified addressing keeps device memory apart from
+    // host memory), each span against the furthest-reaching written span before it, and a
+    // written span against the furthest-reaching span of any kind before it.
+    spans.sort_by_key(|s| (s.lo, !s.written));
+    let mut reach_written: Option<&Span> = None;
+    let mut reach_any: Option<&Span> = None;
+    for s in &spans {
+        if let Some(w) = reach_written.filter(|w| s.lo < w.hi) {
+            return Err(clash(w.name, s.name));
+        }
+        if let Some(o) = reach_any.filter(|o| s.written && s.lo < o.hi) {
+            return Err(clash(s.name, o.name));
+        }
+        if s.written && reach_written.is_none_or(|w| s.hi > w.hi) {
+            reach_written = Some(s);
+        }
+        if reach_any.is_none_or(|o| s.hi > o.hi) {
+            reach_any = Some(s);
+        }
+    }
+    Ok(())
 }
 
 /// Checks Ω or ω `(out, in)` against factors `A (r, in)`, `B (out, r)` and an optional second
@@ -337,5 +431,42 @@ pub fn finite(x: f64, name: &str) -> Result<f64> {
         Err(Error::value(format!(
             "{name} must be a finite number, got {x}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clash(written: &[Named], read: &[Named]) -> Option<String> {
+        disjoint(written, read)
+            .err()
+            .map(|e| e.message().to_string())
+    }
+
+    #[test]
+    fn disjoint_reports_only_certain_overlaps() {
+        let flat = Tensor::zeros([40], (Kind::Float, Device::Cpu));
+        let omega = flat.narrow(0, 0, 25).view([5, 5]);
+        let tail = flat.narrow(0, 25, 15).view([5, 3]);
+        let overlapping = flat.narrow(0, 22, 15).view([5, 3]);
+        assert_eq!(clash(&[("omega", &omega)], &[("b", &tail)]), None);
+        let msg = clash(&[("omega", &omega)], &[("b", &tail), ("a", &overlapping)]);
+        let msg = msg.unwrap_or_default();
+        assert!(msg.starts_with("omega shares memory with a"), "{msg}");
+        // Two inputs may share memory; two targets may not.
+        let inputs = [("a", &tail), ("b", &tail)];
+        assert_eq!(clash(&[("omega", &omega)], &inputs), None);
+        assert!(clash(&[("omega[0]", &omega), ("omega[1]", &omega)], &[]).is_some());
+        // Side-by-side column blocks interleave without sharing an element: not reported. A
+        // strided view starting on a contiguous target's element is.
+        let wide = Tensor::zeros([4, 12], (Kind::Float, Device::Cpu));
+        let (left, right) = (wide.narrow(1, 0, 6), wide.narrow(1, 6, 6));
+        assert_eq!(
+            clash(&[("omega[0]", &left), ("omega[1]", &right)], &[]),
+            None
+        );
+        let strided = flat.narrow(0, 10, 20).view([4, 5]).narrow(1, 0, 2);
+        assert!(clash(&[("omega", &omega)], &[("a", &strided)]).is_some());
     }
 }

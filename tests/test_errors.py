@@ -124,6 +124,89 @@ def test_many_variants_check_lists(impl):
         impl.importance_penalty_many([torch.rand(6, 5)], [s.a1, s.a1], [s.b1], scaling=1.0)
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+@pytest.mark.parametrize("bad", ["1.0", None, True, 1j, torch.ones(2), np.ones(2)], ids=repr)
+def test_scalars_must_be_real_numbers(impl, bad):
+    # float() would take "1.0" and True; a two-element array is not a scaling.
+    s = _step()
+    omega = torch.rand(6, 5)
+    with pytest.raises(TypeError, match="scaling must be a number"):
+        impl.importance_penalty(omega, s.a1, s.b1, scaling=bad)
+    if bad is not None:  # (scaling_ref=None means "as scaling")
+        with pytest.raises(TypeError, match="scaling_ref must be a number"):
+            impl.importance_penalty(omega, s.a1, s.b1, s.a0, s.b0, scaling=1.0, scaling_ref=bad)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        impl.accumulate_omega_(*s.args(), lr=bad, scaling=1.0)
+    with pytest.raises(TypeError, match="xi must be a number"):
+        impl.finalize_importance(s.omega, s.a1, s.b1, scaling=1.0, xi=bad)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        impl.layer_coefficients(torch.ones(3), temperature=bad)
+    if not isinstance(bad, (torch.Tensor, np.ndarray)):  # (1-D arrays are per-matrix lists there)
+        with pytest.raises(TypeError, match=r"weights(\[1\])? must be a number"):
+            impl.importance_penalty_many([omega] * 2, [s.a1] * 2, [s.b1] * 2, scaling=1.0, weights=[1.0, bad])
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_scalars_take_numpy_and_one_element_tensors(impl):
+    s = _step()
+    omega = torch.rand(6, 5)
+    want = reference.importance_penalty(omega, s.a1, s.b1, scaling=0.5)
+    for x in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 1 / 2):
+        torch.testing.assert_close(impl.importance_penalty(omega, s.a1, s.b1, scaling=x), want)
+    many = impl.importance_penalty_many([omega] * 2, [s.a1] * 2, [s.b1] * 2, scaling=np.array([0.5, 0.25]),
+                                        weights=torch.tensor([1.0, 2.0]))
+    quarter = reference.importance_penalty(omega, s.a1, s.b1, scaling=0.25)
+    torch.testing.assert_close(many, want + 2 * quarter)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_sparse_tensors_are_refused_by_name(impl):
+    s = _step()
+    omega = torch.rand(6, 5)
+    with pytest.raises(TypeError, match="Omega must be a dense"):
+        impl.importance_penalty(omega.to_sparse(), s.a1, s.b1, scaling=1.0)
+    with pytest.raises(TypeError, match="b must be a dense"):
+        impl.importance_penalty(omega, s.a1, s.b1.to_sparse_csr(), scaling=1.0)
+    args = list(s.args())
+    args[0] = args[0].to_sparse()
+    with pytest.raises(TypeError, match="omega must be a dense"):
+        impl.accumulate_omega_(*args, lr=1e-3, scaling=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_omega_may_not_share_memory_with_an_input(impl):
+    # The update reads the factors while it writes ω: aliased memory would give a silently wrong ω.
+    s = make_step(5, 5, 5, torch.float32, seed=2)
+    args = list(s.args())
+    with pytest.raises(ValueError, match="omega shares memory with a_next"):
+        impl.accumulate_omega_(args[0], *args[1:5], args[0], args[6], lr=1e-3, scaling=1.0)
+    # A view into the same buffer, overlapping part of it.
+    flat = torch.rand(40)
+    omega, grad_b = flat[:25].view(5, 5), flat[22:37].view(5, 3)
+    s3 = make_step(5, 5, 3, torch.float32, seed=3)
+    a3 = list(s3.args())
+    with pytest.raises(ValueError, match="omega shares memory with grad_b"):
+        impl.accumulate_omega_(omega, a3[1], a3[2], a3[3], grad_b, a3[5], a3[6], lr=1e-3, scaling=1.0)
+    with pytest.raises(ValueError, match=r"omega\[0\] shares memory with omega\[1\]"):
+        impl.accumulate_omega_many_(*[[t, t] for t in a3], lr=1e-3, scaling=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_omega_views_of_one_buffer_are_fine_when_disjoint(impl):
+    # Contiguous slices of one flat buffer, and side-by-side column blocks (interleaved rows,
+    # no shared element): no false alarm, and the same result as separate tensors.
+    steps = [make_step(4, 6, 2, torch.float32, seed=k) for k in range(2)]
+    lists = [[getattr(st, f) for st in steps] for f in ("a0", "b0", "ga", "gb", "a1", "b1")]
+    want = [reference.accumulate_omega_(st.omega.clone(), *st.args()[1:], lr=1e-2, scaling=2.0) for st in steps]
+    flat = torch.cat([st.omega.reshape(-1) for st in steps])
+    impl.accumulate_omega_many_([flat[:24].view(4, 6), flat[24:].view(4, 6)], *lists, lr=1e-2, scaling=2.0)
+    torch.testing.assert_close(flat, torch.cat([w.reshape(-1) for w in want]))
+    wide = torch.cat([st.omega for st in steps], dim=1)
+    impl.accumulate_omega_many_([wide[:, :6], wide[:, 6:]], *lists, lr=1e-2, scaling=2.0)
+    torch.testing.assert_close(wide, torch.cat(want, dim=1))
+
+
 def test_numpy_argument_errors_on_both_backends():
     s = _step()
     ro = s.omega.numpy().copy()

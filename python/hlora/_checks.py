@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 FACTOR_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -18,6 +19,8 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
 def tensor(x: object, name: str, dtypes: Sequence[torch.dtype]) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; pass {name}.to_dense()")
     if x.dtype not in dtypes:
         raise TypeError(
             f"{name} must have dtype {_dtype_names(dtypes)}, got {str(x.dtype).replace('torch.', '')}"
@@ -80,12 +83,75 @@ def same_device(named: Sequence[tuple]) -> None:
             )
 
 
-def finite(x: float, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+def number(x: object, name: str) -> float:
+    """A real number as a float: Python and NumPy scalars, one-element tensors — not bools,
+    strings or complex numbers, which ``float()`` would accept or mangle."""
+    if x is None or isinstance(x, (bool, np.bool_, str, bytes, complex, np.complexfloating)):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {x}")
-    return float(x)
+    if (isinstance(x, torch.Tensor) and (x.dtype == torch.bool or x.is_complex())) or (
+            isinstance(x, np.ndarray) and x.dtype.kind not in "iuf"):
+        raise TypeError(f"{name} must be a number, got a {x.dtype} {type(x).__name__}")
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        shape = f" of shape {list(x.shape)}" if isinstance(x, (torch.Tensor, np.ndarray)) else ""
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}{shape}") from None
+
+
+def numbers(x: object, name: str) -> List[float]:
+    """One number, or a list/tuple/1-D array or tensor of them (one per matrix), as floats."""
+    if isinstance(x, (list, tuple)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 1):
+        return [number(v, f"{name}[{i}]") for i, v in enumerate(x)]
+    return [number(x, name)]
+
+
+def disjoint(written: Sequence[tuple], read: Sequence[tuple]) -> None:
+    """Refuses in-place targets (``written``: (name, tensor) pairs) that share memory with each
+    other or with an input: the kernels read inputs while writing the targets. Like torch's own
+    in-place ops, reports only overlaps that are certain: a shared first element, or two
+    contiguous tensors whose byte ranges intersect. (The native module's ``view::disjoint``.)"""
+    spans = []
+    for is_written, group in ((True, written), (False, read)):
+        for name, t in group:
+            if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                continue  # (non-tensors are refused by the other checks)
+            lo = t.data_ptr()
+            # A non-contiguous tensor is represented by its first element alone.
+            hi = lo + t.numel() * t.element_size() if t.is_contiguous() else lo + 1
+            spans.append((lo, not is_written, hi, name))
+    # In address order (one space: CUDA's unified addressing keeps device memory apart from host
+    # memory), each span against the furthest-reaching written span before it, and a written
+    # span against the furthest-reaching span of any kind before it.
+    spans.sort(key=lambda x: (x[0], x[1]))
+    reach_written: Optional[tuple] = None
+    reach_any: Optional[tuple] = None
+    for lo, is_read, hi, name in spans:
+        if reach_written is not None and lo < reach_written[0]:
+            _overlap(reach_written[1], name)
+        if not is_read and reach_any is not None and lo < reach_any[0]:
+            _overlap(name, reach_any[1])
+        if not is_read and (reach_written is None or hi > reach_written[0]):
+            reach_written = (hi, name)
+        if reach_any is None or hi > reach_any[0]:
+            reach_any = (hi, name)
+
+
+def _overlap(target: str, other: str) -> None:
+    raise ValueError(f"{target} shares memory with {other}, and {target} is written in place; "
+                     f"pass separate tensors (e.g. {other}.clone())")
+
+
+def finite(x: object, name: str) -> float:
+    v = number(x, name)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
+
+
+def flag(x: object, name: str) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(x).__name__}")
+    return bool(x)
 
 
 def pair_given(a: Optional[torch.Tensor], b: Optional[torch.Tensor], names: str) -> bool:

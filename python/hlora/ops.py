@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from hlora import _checks as check
 from hlora import reference
 from hlora._loader import NATIVE
 
@@ -57,14 +58,6 @@ _OMEGA_ARGS = ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_nex
 _PENALTY_ARGS = ("Omega", "a", "b", "a_ref", "b_ref")
 
 
-def _scalars(x: Scalars) -> List[float]:
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return [float(x)]
-    if isinstance(x, (list, tuple)):
-        return [float(v) for v in x]
-    raise TypeError(f"expected a number or a list of numbers, got {type(x).__name__}")
-
-
 def _bump_version(t: Any) -> None:
     # The native kernels write through raw pointers; tell autograd the tensor changed.
     if isinstance(t, torch.Tensor):
@@ -97,7 +90,8 @@ def accumulate_omega_(
         reference.accumulate_omega_(*args, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
         return omega
     NATIVE.accumulate_omega_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next,
-                             lr=lr, scaling=scaling, clamp_negative=clamp_negative)
+                             lr=check.number(lr, "lr"), scaling=check.number(scaling, "scaling"),
+                             clamp_negative=clamp_negative)
     _bump_version(omega)
     return omega
 
@@ -125,8 +119,9 @@ def accumulate_omega_many_(
             (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), _OMEGA_ARGS)]
         reference.accumulate_omega_many_(*lists, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
         return list(omega)
-    NATIVE.accumulate_omega_many_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next, lr=lr,
-                                  scaling=_scalars(scaling), clamp_negative=clamp_negative)
+    NATIVE.accumulate_omega_many_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next,
+                                  lr=check.number(lr, "lr"), scaling=check.numbers(scaling, "scaling"),
+                                  clamp_negative=clamp_negative)
     for t in omega:
         _bump_version(t)
     return list(omega)
@@ -165,7 +160,8 @@ def finalize_importance(
             clamp_negative=clamp_negative, a_start=_torch_view(a_start, "a_start"),
             b_start=_torch_view(b_start, "b_start"))
     else:
-        result = NATIVE.finalize_importance(omega, a, b, scaling=scaling, xi=xi, clamp_negative=clamp_negative,
+        result = NATIVE.finalize_importance(omega, a, b, scaling=check.number(scaling, "scaling"),
+                                            xi=check.number(xi, "xi"), clamp_negative=clamp_negative,
                                             a_start=a_start, b_start=b_start)
     return result.numpy() if isinstance(omega, np.ndarray) else result
 
@@ -191,7 +187,7 @@ def finalize_importance_many(
         _as_list(omega, "omega"), _as_list(a, "a"), _as_list(b, "b"),
         None if a_start is None else _as_list(a_start, "a_start"),
         None if b_start is None else _as_list(b_start, "b_start"),
-        scaling=_scalars(scaling), xi=xi, clamp_negative=clamp_negative)
+        scaling=check.numbers(scaling, "scaling"), xi=check.number(xi, "xi"), clamp_negative=clamp_negative)
     return results, sq_norms.sqrt()
 
 
@@ -201,7 +197,7 @@ def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: floa
     if NATIVE is None:
         result = reference.layer_coefficients(_torch_view(norms, "norms"), mode=mode, temperature=temperature)
     else:
-        result = NATIVE.layer_coefficients(norms, mode=mode, temperature=temperature)
+        result = NATIVE.layer_coefficients(norms, mode=mode, temperature=check.number(temperature, "temperature"))
     return result.numpy() if isinstance(norms, np.ndarray) else result
 
 
@@ -266,11 +262,13 @@ def importance_penalty(
         args = [_torch_view(x, name) for x, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
     elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or isinstance(Omega, np.ndarray):
-        result, _, _ = NATIVE.importance_penalty(Omega, a, b, a_ref, b_ref, scaling=scaling,
-                                                 scaling_ref=scaling_ref, compute_grads=False)
+        result, _, _ = NATIVE.importance_penalty(
+            Omega, a, b, a_ref, b_ref, scaling=check.number(scaling, "scaling"),
+            scaling_ref=None if scaling_ref is None else check.number(scaling_ref, "scaling_ref"),
+            compute_grads=False)
     else:
-        result = _FusedPenalty.apply(Omega, a, b, a_ref, b_ref, float(scaling),
-                                     None if scaling_ref is None else float(scaling_ref))
+        result = _FusedPenalty.apply(Omega, a, b, a_ref, b_ref, check.number(scaling, "scaling"),
+                                     None if scaling_ref is None else check.number(scaling_ref, "scaling_ref"))
     return result.detach().numpy() if isinstance(Omega, np.ndarray) else result
 
 
@@ -333,10 +331,11 @@ def importance_penalty_many(
     tensors = [*om, *av, *bv, *refs]
     if any(isinstance(t, np.ndarray) for t in tensors):
         value, _, _ = NATIVE.importance_penalty_many(
-            om, av, bv, a_ref, b_ref, scaling=_scalars(scaling),
-            scaling_ref=None if scaling_ref is None else _scalars(scaling_ref),
-            weights=None if weights is None else _scalars(weights), compute_grads=False)
+            om, av, bv, a_ref, b_ref, scaling=check.numbers(scaling, "scaling"),
+            scaling_ref=None if scaling_ref is None else check.numbers(scaling_ref, "scaling_ref"),
+            weights=None if weights is None else check.numbers(weights, "weights"), compute_grads=False)
         return value
     return _FusedPenaltyMany.apply(
-        n, bool(refs), _scalars(scaling), None if scaling_ref is None else _scalars(scaling_ref),
-        None if weights is None else _scalars(weights), *tensors)
+        n, bool(refs), check.numbers(scaling, "scaling"),
+        None if scaling_ref is None else check.numbers(scaling_ref, "scaling_ref"),
+        None if weights is None else check.numbers(weights, "weights"), *tensors)

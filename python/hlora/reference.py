@@ -43,7 +43,9 @@ def accumulate_omega_(
     for name, t in (("grad_b", grad_b), ("b_next", b_next)):
         check.shape(t, name, out, rank, "(out, r) for omega (out, in) and A (r, in)")
     check.same_device([("omega", omega), *named])
+    check.disjoint([("omega", omega)], named)
     lr, s = check.finite(lr, "lr"), check.finite(scaling, "scaling")
+    clamp_negative = check.flag(clamp_negative, "clamp_negative")
     dt = check.compute_dtype(omega, *(t for _, t in named))
     a0, b0, ga, gb, a1, b1 = (t.detach().to(dt) for _, t in named)
     with torch.no_grad():
@@ -83,6 +85,7 @@ def finalize_importance(
     dt = check.factor_set("omega", omega, check.OMEGA_DTYPES, a, b, ("a_start", "b_start"), (a_start, b_start))
     s = check.finite(scaling, "scaling")
     xi = check.finite(xi, "xi")
+    clamp_negative = check.flag(clamp_negative, "clamp_negative")
     if xi <= 0:
         raise ValueError(f"xi must be a positive number, got {xi}")
     with torch.no_grad():
@@ -148,9 +151,7 @@ def importance_penalty(
 def _per_matrix(values: Optional[Scalars], name: str, n: int) -> Optional[List[float]]:
     if values is None:
         return None
-    if isinstance(values, (int, float)):
-        return [float(values)] * n
-    values = list(values)
+    values = check.numbers(values, name)
     if len(values) == 1:
         return values * n
     if len(values) != n:
@@ -187,6 +188,10 @@ def accumulate_omega_many_(omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next
     n = _lists(None, omega=omega, a_prev=a_prev, b_prev=b_prev, grad_a=grad_a, grad_b=grad_b,
                a_next=a_next, b_next=b_next)
     scalings = _per_matrix(scaling, "scaling", n)
+    named = {"a_prev": a_prev, "b_prev": b_prev, "grad_a": grad_a, "grad_b": grad_b, "a_next": a_next,
+             "b_next": b_next}
+    check.disjoint([(f"omega[{i}]", t) for i, t in enumerate(omega)],
+                   [(f"{name}[{i}]", t) for name, ts in named.items() for i, t in enumerate(ts)])
     for i in range(n):
         accumulate_omega_(omega[i], a_prev[i], b_prev[i], grad_a[i], grad_b[i], a_next[i], b_next[i],
                           lr=lr, scaling=scalings[i], clamp_negative=clamp_negative)
@@ -200,7 +205,7 @@ def importance_penalty_many(Omega, a, b, a_ref=None, b_ref=None, *, scaling: Sca
     n = _factor_lists("Omega", Omega, a, b, ("a_ref", "b_ref"), (a_ref, b_ref))
     scalings = _per_matrix(scaling, "scaling", n)
     refs = _per_matrix(scaling_ref, "scaling_ref", n) or [None] * n
-    w = _per_matrix(weights, "weights", n) or [1.0] * n
+    w = [check.finite(v, f"weights[{i}]") for i, v in enumerate(_per_matrix(weights, "weights", n) or [1.0] * n)]
     total = None
     for i in range(n):
         p = w[i] * importance_penalty(Omega[i], a[i], b[i], None if a_ref is None else a_ref[i],
