@@ -151,6 +151,46 @@ def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():
     assert float(penalty.penalty().detach()) == 0.0  # fresh adapter: B = 0, anchored at W0
 
 
+def test_ewc_fisher_is_out_by_in_for_fan_in_fan_out_layers():
+    # GPT-2's Conv1D stores W as (in, out); F must still be (out, in), like s·B·A — for a square
+    # c_proj a transposed F would pass every shape check.
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                            lora_dropout=0.0))
+    seqs = torch.randint(2, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    fisher = empirical_fisher(model, seqs)
+    modules = dict(model.named_modules())
+    for m in find_adapted(model):
+        f = fisher.matrices[m.name]
+        assert f.shape == m.shape, m.name
+        weight = modules[m.name].base_layer.weight  # (in, out)
+        weight.requires_grad_(True)
+        with model.disable_adapter():
+            grads = [torch.autograd.grad(model(input_ids=s[None], labels=s[None]).loss, weight)[0] for s in seqs]
+        weight.requires_grad_(False)
+        torch.testing.assert_close(f, torch.stack(grads).square().mean(0).t(), rtol=1e-4, atol=1e-12)
+    EWCPenalty(model, fisher, lam=1.0).penalty()
+
+
+def test_lora_variants_are_refused_and_embedding_adapters_named():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    dora = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"q_proj: adapter 'default' is a LoRA variant \(Dora"):
+        find_adapted(dora)
+    emb = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.warns(UserWarning, match="embed_tokens.*trained without importance or penalty"):
+        found = find_adapted(emb)
+    assert [m.name.split(".")[-1] for m in found] == ["q_proj"]
+
+
 def test_t_tests_against_known_values():
     assert stats.t_two_sided_p(2.0, 10) == pytest.approx(0.07339, abs=1e-4)
     assert stats.t_two_sided_p(0.0, 5) == pytest.approx(1.0)

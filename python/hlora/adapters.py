@@ -7,6 +7,7 @@ module.lora_B[adapter].weight`` (out, r) and ``s = module.scaling[adapter]``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -36,16 +37,30 @@ def _unwrap(model: Any) -> Any:
 
 
 def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[AdaptedMatrix]:
-    """Every LoRA-adapted linear layer of ``model`` for ``adapter``, in module order."""
-    found = []
+    """Every LoRA-adapted linear layer of ``model`` for ``adapter``, in module order.
+
+    Plain LoRA only: a variant whose weight change is not s·B·A (DoRA, and PEFT's other
+    ``lora_variant``s) is refused, and embedding adapters — which no penalty would cover — are
+    named in a warning."""
+    found, embeddings = [], []
     for name, module in _unwrap(model).named_modules():
+        if adapter in (getattr(module, "lora_embedding_A", None) or {}):
+            embeddings.append(name)
         lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
         if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
             continue
+        variant = (getattr(module, "lora_variant", None) or {}).get(adapter)
+        if variant is not None or (getattr(module, "use_dora", None) or {}).get(adapter):
+            kind = type(variant).__name__ if variant is not None else "DoRA"
+            raise ValueError(f"{name}: adapter {adapter!r} is a LoRA variant ({kind}) whose weight change is not "
+                             "s·B·A; hlora's importance and penalty are defined for plain LoRA only")
         a, b = lora_a[adapter].weight, lora_b[adapter].weight
         if a.dim() != 2 or b.dim() != 2:
             raise ValueError(f"{name}: hlora supports LoRA on linear layers only (got A {tuple(a.shape)})")
         found.append(AdaptedMatrix(name, a, b, float(module.scaling[adapter])))
+    if embeddings:
+        warnings.warn(f"hlora covers LoRA on linear layers only; the embedding adapters of {embeddings} are "
+                      "trained without importance or penalty", stacklevel=2)
     if not found:
         adapters = sorted({k for m in _unwrap(model).modules()
                            for k in getattr(getattr(m, "lora_A", None), "keys", lambda: [])()})

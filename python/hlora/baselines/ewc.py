@@ -43,6 +43,9 @@ def empirical_fisher(peft_model: torch.nn.Module, sequences: torch.Tensor, adapt
     names = [m.name for m in find_adapted(peft_model, adapter)]
     modules = dict(peft_model.named_modules())
     weights = {n: _base_linear(modules[n]).weight for n in names}
+    # GPT-2-style Conv1D layers store W as (in, out) (PEFT's fan_in_fan_out); F must be (out, in)
+    # like s·B·A, or a square F would be silently transposed.
+    transposed = {n: bool(getattr(modules[n], "fan_in_fan_out", False)) for n in names}
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     saved = {id(w): w.requires_grad for w in weights.values()}
     for p in trainable:
@@ -65,8 +68,10 @@ def empirical_fisher(peft_model: torch.nn.Module, sequences: torch.Tensor, adapt
             w.requires_grad_(saved[id(w)])
         for p in trainable:
             p.requires_grad_(True)
-    for f in fisher.values():
+    for n, f in fisher.items():
         f.div_(len(sequences))
+        if transposed[n]:
+            fisher[n] = f.t().contiguous()
     return Fisher(fisher, len(sequences), time.perf_counter() - start)
 
 
