@@ -147,6 +147,19 @@ def test_after_step_without_before_step_and_lr_sources():
         recorder.before_step()
 
 
+def test_split_learning_rates_use_a_and_warn_once():
+    # LoRA+ puts B in a group with a larger rate; Eq. 11 has one η, so A's is used — said once.
+    model = tiny_lora_model(seed=11)
+    mats = find_adapted(model)
+    opt = torch.optim.SGD([{"params": [m.a for m in mats], "lr": 1e-3},
+                           {"params": [m.b for m in mats], "lr": 1.6e-2}])
+    recorder = hlora.ImportanceRecorder(model, opt)
+    with pytest.warns(UserWarning, match=r"different learning rates \(0.001, 0.016\).*uses A's") as caught:
+        assert recorder._learning_rates() == [1e-3] * len(mats)
+        recorder._learning_rates()
+    assert len(caught) == 1
+
+
 def test_state_round_trip_continues_exactly(tmp_path):
     data = TokenData(64, seed=10)
     full_model = tiny_lora_model(seed=11)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -72,6 +73,7 @@ class ImportanceRecorder:
         self.steps = 0
         self.skipped = 0
         self._pending: Optional[Tuple] = None
+        self._warned_split_lr = False
 
     # ---- per step ----
 
@@ -84,10 +86,16 @@ class ImportanceRecorder:
                 group_of[id(p)] = group
         lrs = []
         for m in self.matrices:
-            group = group_of.get(id(m.a))
-            if group is None:
+            group, group_b = group_of.get(id(m.a)), group_of.get(id(m.b))
+            if group is None or group_b is None:
                 raise ValueError(f"{m.name}: its LoRA parameters are not in the optimizer")
             lrs.append(float(group["lr"]))
+            if float(group_b["lr"]) != lrs[-1] and not self._warned_split_lr:
+                # LoRA+ (a larger learning rate for B): Eq. 11 has one η. Its η·gB·gA term is the
+                # SGD correction, negligible under AdamW; A's rate is used.
+                warnings.warn(f"{m.name}: A and B have different learning rates ({lrs[-1]:g}, "
+                              f"{float(group_b['lr']):g}); Eq. 11's η·gB·gA term uses A's", stacklevel=3)
+                self._warned_split_lr = True
         return lrs
 
     def before_step(self, lr: Optional[float] = None) -> None:
