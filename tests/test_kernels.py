@@ -194,25 +194,35 @@ def test_penalty_gradcheck(ref, cpu_path):
     assert torch.autograd.gradcheck(fn, (a, b), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("scaling_ref", [None, 1.2])
 @pytest.mark.parametrize("many", [False, True])
-def test_penalty_under_create_graph_gives_first_derivatives_and_refuses_second(many, cpu_path):
-    """The gradients come from the fused kernel, not from a graph: with create_graph=True the
-    first derivatives are still right, and asking for a second one is an error."""
+def test_penalty_second_derivatives_match_the_reference(many, scaling_ref, cpu_path):
+    """The kernel's gradients are constants; under create_graph=True they are recomputed as
+    differentiable ops, so a Hessian-vector product through the penalty is right — not a silent
+    zero hidden inside a larger loss."""
     step = make_step(12, 10, 3, torch.float64, seed=11)
     omega = torch.rand(12, 10, dtype=torch.float64)
-    a = step.a1.clone().requires_grad_()
-    b = step.b1.clone().requires_grad_()
-    if many:
-        p = ops.importance_penalty_many([omega], [a], [b], [step.a0], [step.b0], scaling=1.5, weights=[2.0])
-    else:
-        p = 2.0 * ops.importance_penalty(omega, a, b, step.a0, step.b0, scaling=1.5)
-    ga, gb = torch.autograd.grad(p, (a, b), create_graph=True)
-    a2, b2 = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
-    want = torch.autograd.grad(2.0 * reference.importance_penalty(omega, a2, b2, step.a0, step.b0, scaling=1.5),
-                               (a2, b2))
-    assert rel_err(ga, want[0]) <= 1e-12 and rel_err(gb, want[1]) <= 1e-12
-    with pytest.raises(RuntimeError):
-        (ga.square().sum() + gb.square().sum()).backward()
+    refs = dict(scaling=1.5, scaling_ref=scaling_ref)
+
+    def total(impl, a_, b_):
+        task = (a_.sin().sum() + b_.cos().sum()) ** 2  # has second derivatives of its own
+        if many and impl is ops:
+            p = ops.importance_penalty_many([omega, omega], [a_, a_], [b_, b_], [step.a0] * 2, [step.b0] * 2,
+                                            weights=[2.0, 0.5], **{k: v for k, v in refs.items() if v is not None})
+        else:
+            p = 2.5 * impl.importance_penalty(omega, a_, b_, step.a0, step.b0, **refs)
+        return task + p
+
+    vecs = (torch.randn_like(step.a1), torch.randn_like(step.b1))
+    hvps = []
+    for impl in (ops, reference):
+        a, b = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
+        grads = torch.autograd.grad(total(impl, a, b), (a, b), create_graph=True)
+        hvps.append(torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vecs)), (a, b)))
+    for got, want in zip(*hvps):
+        assert rel_err(got, want) <= 1e-12
+    a, b = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a_, b_: total(ops, a_, b_), (a, b), eps=1e-6, atol=1e-7)
 
 
 def test_penalty_scales_with_upstream_gradient_and_skips_unneeded_grads():

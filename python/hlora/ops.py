@@ -14,7 +14,6 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from hlora import _checks as check
 from hlora import reference
@@ -201,26 +200,17 @@ def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: floa
     return result.numpy() if isinstance(norms, np.ndarray) else result
 
 
-def _scaled_grads(grad_out: torch.Tensor, saved: Sequence[Optional[torch.Tensor]],
-                  needed: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-    """∂P/∂(factor) · grad_out for the factors autograd asks for. (The engine casts each result
-    to its factor's dtype.)"""
-    return [grad_out * g if need and g is not None else None for g, need in zip(saved, needed)]
-
-
-def _ctx_grads(ctx: Any, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
-    return _scaled_grads(grad_out, ctx.grads, ctx.needs_input_grad[ctx.first_factor:])
-
-
-_ctx_grads_once = once_differentiable(_ctx_grads)
-
-
 def _backward(ctx: Any, grad_out: torch.Tensor) -> List[Optional[torch.Tensor]]:
-    # The saved gradients are constants, not a graph. Under create_graph=True (grad mode on
-    # here) that case keeps once_differentiable's handling, as before this fast path: results
-    # that refuse to be differentiated again. The usual case skips its cost (~15 µs of a ~50 µs
-    # backward).
-    return (_ctx_grads_once if torch.is_grad_enabled() else _ctx_grads)(ctx, grad_out)
+    """∂P/∂(factor) · grad_out for the factors autograd asks for. (The engine casts each result to
+    its factor's dtype.)"""
+    saved: Sequence[Optional[torch.Tensor]] = ctx.grads
+    if torch.is_grad_enabled():
+        # create_graph=True: the kernel's gradients are constants, whose derivative would be a
+        # silent zero. Recompute them as differentiable torch ops (a rare, slower path) so
+        # second derivatives — Hessian-vector products, gradient penalties — are right.
+        saved = ctx.differentiable_grads(*ctx.inputs)
+    needed = ctx.needs_input_grad[ctx.first_factor:]
+    return [grad_out * g if need and g is not None else None for g, need in zip(saved, needed)]
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -233,9 +223,11 @@ class _FusedPenalty(torch.autograd.Function):
         value, grad_a, grad_b = NATIVE.importance_penalty(
             omega, a, b, a_ref, b_ref, scaling=scaling, scaling_ref=scaling_ref, compute_grads=need)
         # Fresh tensors of our own, neither inputs nor outputs: kept on ctx directly (no
-        # save_for_backward bookkeeping).
+        # save_for_backward bookkeeping). The inputs too, for the create_graph=True path only.
         ctx.grads = (grad_a, grad_b)
         ctx.first_factor = 1
+        ctx.inputs = (omega, a, b, a_ref, b_ref, scaling, scaling_ref)
+        ctx.differentiable_grads = reference._penalty_grads
         return value
 
     @staticmethod
@@ -288,12 +280,30 @@ class _FusedPenaltyMany(torch.autograd.Function):
         ctx.grads = (*grads_a, *grads_b) if need else (None,) * (2 * n)
         ctx.first_factor = 5 + n
         ctx.n_refs = len(tensors) - 3 * n
+        ctx.inputs = (n, has_ref, scaling, scaling_ref, weights, tensors)
+        ctx.differentiable_grads = _many_penalty_grads
         return value
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         n_omega = ctx.first_factor - 5
         return (None,) * 5 + (None,) * n_omega + (*_backward(ctx, grad_out),) + (None,) * ctx.n_refs
+
+
+def _many_penalty_grads(n: int, has_ref: bool, scaling: List[float], scaling_ref: Optional[List[float]],
+                        weights: Optional[List[float]], tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """(∂/∂a..., ∂/∂b...) of Σ_l w_l·P_l as differentiable torch ops (the create_graph=True path)."""
+    def one(values: Optional[List[float]], i: int) -> Optional[float]:
+        return None if values is None else values[0 if len(values) == 1 else i]
+
+    grads = []
+    for i in range(n):
+        refs = (tensors[3 * n + i], tensors[4 * n + i]) if has_ref else (None, None)
+        ga, gb = reference._penalty_grads(tensors[i], tensors[n + i], tensors[2 * n + i], *refs,
+                                          one(scaling, i), one(scaling_ref, i))
+        w = one(weights, i)
+        grads.append((ga, gb) if w is None else (w * ga, w * gb))
+    return [g[0] for g in grads] + [g[1] for g in grads]
 
 
 def importance_penalty_many(

@@ -148,6 +148,20 @@ def importance_penalty(
     return (Omega.detach().to(dt) * d * d).sum()
 
 
+def _penalty_grads(Omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_ref: Optional[torch.Tensor],
+                   b_ref: Optional[torch.Tensor], scaling: float,
+                   scaling_ref: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(∂P/∂A, ∂P/∂B) = (2s·Bᵀ·(Ω⊙D), 2s·(Ω⊙D)·Aᵀ) as differentiable torch ops (inputs already
+    checked): what the fused penalty's backward uses when asked for second derivatives."""
+    dt = check.compute_dtype(Omega, a, b, a_ref, b_ref)
+    s = float(scaling)
+    s_ref = s if scaling_ref is None else float(scaling_ref)
+    refs = [None if t is None else t.detach().to(dt) for t in (a_ref, b_ref)]
+    a_, b_ = a.to(dt), b.to(dt)
+    g = Omega.detach().to(dt) * _delta(a_, b_, s, refs[0], refs[1], s_ref)
+    return 2 * s * (b_.t() @ g), 2 * s * (g @ a_.t())
+
+
 def _per_matrix(values: Optional[Scalars], name: str, n: int) -> Optional[List[float]]:
     if values is None:
         return None
