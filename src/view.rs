@@ -290,10 +290,10 @@ pub fn disjoint(written: &[Named], read: &[Named]) -> Result<()> {
     let mut spans = Vec::with_capacity(written.len() + read.len());
     let tagged = written.iter().map(|a| (a, true));
     for (&(name, t), is_written) in tagged.chain(read.iter().map(|a| (a, false))) {
-        if t.numel() == 0 {
-            continue;
-        }
         let lo = t.data_ptr() as usize;
+        if t.numel() == 0 || lo == 0 {
+            continue; // (no memory: empty, or a meta tensor)
+        }
         let bytes = t.numel() * t.f_kind()?.elt_size_in_bytes();
         // A non-contiguous tensor is represented by its first element alone: a shared first
         // element is still certain (spans of one byte meet only when both start there).

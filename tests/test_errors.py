@@ -207,6 +207,13 @@ def test_omega_views_of_one_buffer_are_fine_when_disjoint(impl):
     torch.testing.assert_close(wide, torch.cat(want, dim=1))
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+def test_meta_tensors_have_no_memory_to_overlap(impl):
+    # Shape inference on the meta device: every data pointer is 0, which is no overlap.
+    meta = [torch.empty(t.shape, device="meta") for t in _step().args()]
+    assert impl.accumulate_omega_(*meta, lr=1e-3, scaling=1.0).shape == (6, 5)
+
+
 def test_numpy_argument_errors_on_both_backends():
     s = _step()
     ro = s.omega.numpy().copy()

@@ -113,8 +113,8 @@ def disjoint(written: Sequence[tuple], read: Sequence[tuple]) -> None:
     spans = []
     for is_written, group in ((True, written), (False, read)):
         for name, t in group:
-            if not isinstance(t, torch.Tensor) or t.numel() == 0:
-                continue  # (non-tensors are refused by the other checks)
+            if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.data_ptr() == 0:
+                continue  # (non-tensors are refused by the other checks; meta tensors have no memory)
             lo = t.data_ptr()
             # A non-contiguous tensor is represented by its first element alone.
             hi = lo + t.numel() * t.element_size() if t.is_contiguous() else lo + 1
