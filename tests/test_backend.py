@@ -149,3 +149,30 @@ def test_stubs_match_the_native_module():
         runtime = inspect.signature(getattr(_native, name))
         stub_params = [a.arg for a in node.args.args + node.args.kwonlyargs]
         assert stub_params == list(runtime.parameters), name
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_numpy_importance_beside_tracked_factors_keeps_the_gradient(backend):
+    """Ω as NumPy (an analysis result) with factors autograd tracks: the penalty must stay
+    differentiable — a NumPy or detached result would drop its gradient without a word."""
+    proc = _run("""
+        import numpy as np, torch
+        from hlora import ops, reference
+        g = torch.Generator().manual_seed(0)
+        om = torch.rand(7, 5, generator=g)
+        a0, b0 = torch.randn(2, 5, generator=g), torch.randn(7, 2, generator=g)
+        a, b = (a0 + 0.1).requires_grad_(), (b0 - 0.1).requires_grad_()
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        want = torch.autograd.grad(reference.importance_penalty(om.double(), a64, b64, a0, b0, scaling=2.0), (a64, b64))
+        for call in (lambda: ops.importance_penalty(om.numpy(), a, b, a0.numpy(), b0, scaling=2.0),
+                     lambda: ops.importance_penalty_many([om.numpy()], [a], [b], [a0.numpy()], [b0], scaling=2.0)):
+            p = call()
+            got = torch.autograd.grad(p, (a, b))
+            print(type(p).__name__, max(float((x - y).norm() / y.norm()) for x, y in zip(got, want)))
+        with torch.no_grad():  # nothing tracked: NumPy in, NumPy out
+            print(type(ops.importance_penalty(om.numpy(), a, b, scaling=2.0)).__name__)
+    """, HLORA_BACKEND=backend)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == ["Tensor", "Tensor", "ndarray"]
+    assert all(float(line[1]) <= 1e-5 for line in lines[:2])

@@ -4,7 +4,8 @@
 gradients.
 
 Inputs may be torch tensors (CPU or CUDA) or, on the CPU, NumPy float32/float64 arrays (read and
-written in place, zero-copy); results for NumPy inputs come back as NumPy arrays.
+written in place, zero-copy); results for NumPy inputs come back as NumPy arrays — except a penalty
+whose factors are tensors autograd tracks, which stays a differentiable tensor.
 """
 
 from __future__ import annotations
@@ -250,18 +251,28 @@ def importance_penalty(
     model). ``scaling_ref`` defaults to ``scaling``; when it differs, the kernels evaluate
     D = (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref) with the first factor formed in float64, so
     nearly equal scalings do not cancel."""
+    inputs = (Omega, a, b, a_ref, b_ref)
+    # NumPy in, NumPy out — unless a factor is a tensor that autograd tracks: then the arrays are
+    # viewed as tensors and the result keeps its graph (a detached value would drop the
+    # penalty's gradient without a word).
+    numpy_result = isinstance(Omega, np.ndarray) and not _tracked(a, b)
     if NATIVE is None:
-        args = [_torch_view(x, name) for x, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
+        args = [_torch_view(x, name) for x, name in zip(inputs, _PENALTY_ARGS)]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
-    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or isinstance(Omega, np.ndarray):
-        result, _, _ = NATIVE.importance_penalty(
-            Omega, a, b, a_ref, b_ref, scaling=check.number(scaling, "scaling"),
-            scaling_ref=None if scaling_ref is None else check.number(scaling_ref, "scaling_ref"),
-            compute_grads=False)
-    else:
-        result = _FusedPenalty.apply(Omega, a, b, a_ref, b_ref, check.number(scaling, "scaling"),
-                                     None if scaling_ref is None else check.number(scaling_ref, "scaling_ref"))
-    return result.detach().numpy() if isinstance(Omega, np.ndarray) else result
+        return result.detach().numpy() if numpy_result else result
+    s = check.number(scaling, "scaling")
+    s_ref = None if scaling_ref is None else check.number(scaling_ref, "scaling_ref")
+    if any(isinstance(x, np.ndarray) for x in inputs):
+        if not _tracked(a, b):
+            result, _, _ = NATIVE.importance_penalty(*inputs, scaling=s, scaling_ref=s_ref, compute_grads=False)
+            return result.numpy() if numpy_result else result
+        inputs = tuple(_torch_view(x, name) for x, name in zip(inputs, _PENALTY_ARGS))
+    return _FusedPenalty.apply(*inputs, s, s_ref)
+
+
+def _tracked(*tensors: Any) -> bool:
+    """Whether autograd would differentiate through any of these."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 class _FusedPenaltyMany(torch.autograd.Function):
@@ -339,13 +350,16 @@ def importance_penalty_many(
         if len(refs) != 2 * n:
             raise ValueError(f"a_ref and b_ref must have {n} entries each (one per matrix)")
     tensors = [*om, *av, *bv, *refs]
+    scalings = check.numbers(scaling, "scaling")
+    scalings_ref = None if scaling_ref is None else check.numbers(scaling_ref, "scaling_ref")
+    w = None if weights is None else check.numbers(weights, "weights")
     if any(isinstance(t, np.ndarray) for t in tensors):
-        value, _, _ = NATIVE.importance_penalty_many(
-            om, av, bv, a_ref, b_ref, scaling=check.numbers(scaling, "scaling"),
-            scaling_ref=None if scaling_ref is None else check.numbers(scaling_ref, "scaling_ref"),
-            weights=None if weights is None else check.numbers(weights, "weights"), compute_grads=False)
-        return value
-    return _FusedPenaltyMany.apply(
-        n, bool(refs), check.numbers(scaling, "scaling"),
-        None if scaling_ref is None else check.numbers(scaling_ref, "scaling_ref"),
-        None if weights is None else check.numbers(weights, "weights"), *tensors)
+        if not _tracked(*av, *bv):
+            value, _, _ = NATIVE.importance_penalty_many(om, av, bv, a_ref, b_ref, scaling=scalings,
+                                                         scaling_ref=scalings_ref, weights=w, compute_grads=False)
+            return value
+        # Arrays beside tracked factors: viewed as tensors, so the penalty keeps its gradient.
+        groups = (om, av, bv, refs[:n], refs[n:])
+        names = [f"{name}[{i}]" for name, group in zip(_PENALTY_ARGS, groups) for i in range(len(group))]
+        tensors = [_torch_view(t, name) for t, name in zip(tensors, names)]
+    return _FusedPenaltyMany.apply(n, bool(refs), scalings, scalings_ref, w, *tensors)
