@@ -47,6 +47,7 @@ def test_penalty_and_gradients_match_reference_autograd():
     mats = find_adapted(model)
     value = reg.penalty()
     value.backward()
+    assert reg.last_value == float(value.detach()) > 0
     got = {m.name: (m.a.grad.clone(), m.b.grad.clone()) for m in mats}
     total = 0
     leaves = {}

@@ -100,20 +100,23 @@ class ImportanceCallback(TrainerCallback):
 
 
 class _PenaltyLog:
-    """Mean penalty over the optimizer steps since the last log."""
+    """Mean penalty over the optimizer steps since the last log. Summed on the penalty's device
+    and read only when logging: a float() per step would wait for the GPU every step."""
 
     def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.total: Optional[torch.Tensor] = None
+        self.count = 0
 
-    def add(self, value: float) -> None:
-        self.total += value
+    def add(self, value: torch.Tensor) -> None:
+        value = value.detach()
+        self.total = value if self.total is None else self.total + value
         self.count += 1
 
     def drain_into(self, logs: dict) -> None:
-        if self.count and "loss" in logs:
-            logs["hlora/penalty"] = self.total / self.count
+        if self.count and self.total is not None and "loss" in logs:
+            logs["hlora/penalty"] = float(self.total) / self.count
             logs["hlora/task_loss"] = logs["loss"]
-            self.total, self.count = 0.0, 0
+            self.total, self.count = None, 0
 
 
 class RegularizationCallback(TrainerCallback):
@@ -153,7 +156,7 @@ class RegularizationCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         value = self.regularizer.penalty()
         value.backward()
-        self._log.add(float(value.detach()))
+        self._log.add(value)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -185,7 +188,7 @@ class RegularizedTrainerMixin:
         if self.hlora_regularizer is not None and self.accelerator.sync_gradients:
             value = self.hlora_regularizer.penalty()
             self.accelerator.backward(value)
-            self._hlora_log.add(float(value.detach()))
+            self._hlora_log.add(value)
         return loss
 
     def log(self, logs, *args, **kwargs):

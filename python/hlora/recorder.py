@@ -102,13 +102,14 @@ class ImportanceRecorder:
         """Snapshots A, B and their gradients as the optimizer will see them (call after
         backward and any clipping/unscaling, right before ``optimizer.step()``)."""
         lrs = [float(lr)] * len(self.matrices) if lr is not None else self._learning_rates()
-        finite = True
         snapshot = []
         for m in self.matrices:
             ga = m.a.grad.detach().clone() if m.a.grad is not None else torch.zeros_like(m.a)
             gb = m.b.grad.detach().clone() if m.b.grad is not None else torch.zeros_like(m.b)
-            finite = finite and bool(torch.isfinite(ga).all()) and bool(torch.isfinite(gb).all())
             snapshot.append((m.a.detach().clone(), m.b.detach().clone(), ga, gb))
+        # One check (one wait for a GPU) for all gradients, not one per matrix.
+        grads = [g.reshape(-1) for _, _, ga, gb in snapshot for g in (ga, gb)]
+        finite = bool(torch.isfinite(torch.cat(grads)).all())
         self._pending = (snapshot, lrs, finite)
 
     def after_step(self, skipped: bool = False) -> bool:

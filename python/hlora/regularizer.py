@@ -77,7 +77,7 @@ class Regularizer:
         self.coefficients: torch.Tensor = ops.layer_coefficients(norms, mode=layer_weighting,
                                                                  temperature=self.temperature)
         self._weights = [self.phi * float(c) for c in self.coefficients]
-        self.last_value: Optional[float] = None
+        self._last: Optional[torch.Tensor] = None
 
     def _resolve_anchor(self, anchor: str, importance: Importance) -> str:
         if anchor != "auto":
@@ -109,5 +109,11 @@ class Regularizer:
         value = ops.importance_penalty_many(self.omegas, [m.a for m in self.matrices], [m.b for m in self.matrices],
                                             scaling=[m.scaling for m in self.matrices], weights=self._weights,
                                             **refs)
-        self.last_value = float(value.detach())
+        self._last = value.detach()
         return value
+
+    @property
+    def last_value(self) -> Optional[float]:
+        """The value of the last :meth:`penalty` call (read on demand: on a GPU, reading it
+        waits for the kernel, so training steps do not)."""
+        return None if self._last is None else float(self._last)
