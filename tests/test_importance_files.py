@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_bfloat16_storage_halves_omega_bytes(recorded, tmp_path):
     omega_bytes = sum(t.numel() for t in imp.matrices.values()) * 4
     saved = os.path.getsize(tmp_path / "f32.safetensors") - os.path.getsize(tmp_path / "bf16.safetensors")
     assert saved == omega_bytes // 2
+    big = replace(imp, matrices={k: v * 0 + 1e9 for k, v in imp.matrices.items()})
+    with pytest.raises(ValueError, match="beyond the range of float16"):
+        big.save(str(tmp_path / "f16.safetensors"), dtype=torch.float16)
+    assert not (tmp_path / "f16.safetensors").exists()
 
 
 def test_truncated_corrupted_and_foreign_files_are_clear_errors(recorded, tmp_path):

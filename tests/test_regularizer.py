@@ -3,6 +3,8 @@ coefficients, temperature, and both domain set-ups (continue the adapter / fresh
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -141,3 +143,9 @@ def test_bfloat16_omega_storage_halves_bytes_and_stays_close():
     assert rel_err(half.penalty().detach(), full.penalty().detach()) <= 4e-3
     with pytest.raises(TypeError, match="omega_dtype"):
         hlora.Regularizer(model, imp, omega_dtype=torch.int8)
+    # float16 ends at 65504; Ω with a small ξ goes far beyond: refused, not turned into inf.
+    name = imp.names[0]
+    big = replace(imp, matrices={**imp.matrices, name: imp.matrices[name] * 0 + 1e6})
+    with pytest.raises(ValueError, match=f"{name}: Ω reaches 1e\\+06, beyond the range of float16"):
+        hlora.Regularizer(model, big, omega_dtype=torch.float16, anchor="reference")
+    assert hlora.Regularizer(model, big, omega_dtype=torch.bfloat16, anchor="reference").omegas[0].isfinite().all()

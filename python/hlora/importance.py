@@ -17,6 +17,17 @@ FORMAT = "hlora-importance"
 FORMAT_VERSION = 1
 
 
+def cast_omega(omega: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Ω stored as ``dtype``, refusing a cast that would turn finite entries into inf: float16
+    ends at 65504, while Ω = ω/(Δ² + ξ) reaches ~1e9 with a small ξ."""
+    out = omega.to(dtype)
+    if out.dtype != omega.dtype and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(omega).all()):
+        raise ValueError(f"{name}: Ω reaches {float(omega.abs().max()):.3g}, beyond the range of "
+                         f"{str(dtype).replace('torch.', '')} ({torch.finfo(dtype).max:.3g}); "
+                         "store it as bfloat16 or float32")
+    return out
+
+
 @dataclass
 class Importance:
     """Ω per adapted matrix, keyed by module name as ``model.named_modules()`` gives it.
@@ -71,7 +82,7 @@ class Importance:
             raise TypeError(f"dtype must be a floating dtype for Ω, got {dtype}")
         tensors: Dict[str, torch.Tensor] = {}
         for name, om in self.matrices.items():
-            tensors[f"omega/{name}"] = om.to(dtype) if dtype is not None else om
+            tensors[f"omega/{name}"] = cast_omega(om, dtype, name) if dtype is not None else om
         for name, (a, b) in self.references.items():
             tensors[f"a_ref/{name}"] = a
             tensors[f"b_ref/{name}"] = b

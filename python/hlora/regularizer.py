@@ -10,7 +10,7 @@ import torch
 
 from hlora import ops
 from hlora.adapters import find_adapted
-from hlora.importance import Importance
+from hlora.importance import Importance, cast_omega
 
 #: φ. The pilot (DATA.md: SmolLM2, r=8, α=32, ξ=1e-3, T=mean‖Ω‖) found forgetting fully
 #: prevented at 1e6, halved near 1e2–1e3 and domain learning kept up to ~1e3; 1e3 is that
@@ -66,7 +66,7 @@ class Regularizer:
             self.scaling_ref = [float(importance.scalings.get(m.name, m.scaling)) for m in self.matrices]
         norms = torch.tensor([float(torch.linalg.vector_norm(om.float())) for om in self.omegas], dtype=torch.float64)
         if omega_dtype is not None:
-            self.omegas = [om.to(omega_dtype) for om in self.omegas]
+            self.omegas = [cast_omega(om, omega_dtype, m.name) for om, m in zip(self.omegas, self.matrices)]
         if temperature == "auto":
             mean = float(norms.mean())
             self.temperature = mean if mean > 0 else 1.0
