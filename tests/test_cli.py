@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from hlora import bench, cli
 
 
@@ -29,3 +31,26 @@ def test_quick_example_prints_real_numbers(capsys):
     cli._quick_example()
     out = capsys.readouterr().out
     assert "penalty of a drifted A" in out and "nan" not in out.lower()
+
+
+def test_bad_numbers_are_usage_errors_not_empty_runs(capsys, tmp_path):
+    # --steps -5 used to record nothing and write an all-zero importance file.
+    for argv, message in ((["record", "--out", str(tmp_path), "--steps", "-5"], "--steps: must be at least 1"),
+                          (["record", "--out", str(tmp_path), "--lr", "nan"], "--lr: must be finite"),
+                          (["finetune", "--out", str(tmp_path), "--phi", "-1"], "--phi: must be 0 or more"),
+                          (["bench", "--threads", "0"], "--threads: must be at least 1"),
+                          (["experiment", "--seeds", "two"], "--seeds: expected a whole number")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_errors_past_parsing_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hlora.cli", "finetune", "--out", str(tmp_path),
+                           "--importance", str(tmp_path / "missing.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("hlora finetune: error: no such file:")
+    assert "Traceback" not in proc.stderr

@@ -25,6 +25,7 @@ import torch
 
 import hlora
 from hlora import ops, reference
+from hlora._args import positive_int
 
 SHAPES = [("SmolLM2 q_proj", 576, 576), ("SmolLM2 v_proj", 192, 576),
           ("LLaMA-3.2-3B q_proj", 3072, 3072), ("LLaMA-3.2-3B v_proj", 1024, 3072)]
@@ -124,10 +125,10 @@ def format_table(rows: List[Row]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hlora bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=21)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
 import torch
 
 import hlora
+from hlora._args import non_negative_float, positive_float, positive_int
 
 
 def _quick_example() -> None:
@@ -211,41 +213,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M, offline)")
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--sweep", type=float, nargs="*", default=[],
+    demo.add_argument("--threads", type=positive_int, default=2)
+    demo.add_argument("--sweep", type=non_negative_float, nargs="*", default=[],
                       help="also run HLoRA at these φ on the validation split (Fig. 6; ~1.5 min each)")
     demo.add_argument("--quick", action="store_true", help="a toy budget (for tests)")
     demo.set_defaults(func=cmd_demo)
     exp = sub.add_parser("experiment", help="the multi-seed grid: domains × seeds × methods (resumable)")
     exp.add_argument("--out", default="out/experiment")
     exp.add_argument("--domains", nargs="+", default=["medical", "science", "physical"])
-    exp.add_argument("--seeds", nargs="+", type=int, default=[5, 3, 3], help="seed count per domain")
-    exp.add_argument("--eval-items", type=int, default=600)
-    exp.add_argument("--phi", type=float, default=1e3)
-    exp.add_argument("--lam", type=float, default=1e3)
+    exp.add_argument("--seeds", nargs="+", type=positive_int, default=[5, 3, 3], help="seed count per domain")
+    exp.add_argument("--eval-items", type=positive_int, default=600)
+    exp.add_argument("--phi", type=non_negative_float, default=1e3)
+    exp.add_argument("--lam", type=non_negative_float, default=1e3)
     exp.add_argument("--selection", default=None,
                      help="take φ and λ from scripts/select_hyperparameters.py's output (out/selection.json)")
     exp.add_argument("--model", default=None)
-    exp.add_argument("--threads", type=int, default=2)
+    exp.add_argument("--threads", type=positive_int, default=2)
     exp.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")
     exp.set_defaults(func=cmd_experiment)
 
     def common(p, steps, lr=8e-4):
         p.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
         p.add_argument("--out", required=True)
-        p.add_argument("--steps", type=int, default=steps)
-        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--steps", type=positive_int, default=steps)
+        p.add_argument("--lr", type=positive_float, default=lr)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--r", type=int, default=8)
-        p.add_argument("--alpha", type=int, default=32)
+        p.add_argument("--threads", type=positive_int, default=2)
+        p.add_argument("--r", type=positive_int, default=8)
+        p.add_argument("--alpha", type=positive_int, default=32)
 
     rec = sub.add_parser("record", help="LoRA on general text, recording importance")
     common(rec, 30)
     rec.add_argument("--text", default=None, help="a plain-text file (default: the shipped general corpus)")
-    rec.add_argument("--batch", type=int, default=4)
-    rec.add_argument("--seq-len", type=int, default=128)
-    rec.add_argument("--xi", type=float, default=1e-3)
+    rec.add_argument("--batch", type=positive_int, default=4)
+    rec.add_argument("--seq-len", type=positive_int, default=128)
+    rec.add_argument("--xi", type=positive_float, default=1e-3)
     rec.add_argument("--clamp", default="final", choices=["final", "step", "none"])
     rec.add_argument("--rslora", action="store_true")
     rec.set_defaults(func=cmd_record)
@@ -253,11 +255,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     common(fin, 40)
     fin.add_argument("--adapter", default=None, help="continue this saved adapter (else a fresh one)")
     fin.add_argument("--importance", default=None, help="an importance file: regularize with it")
-    fin.add_argument("--phi", type=float, default=1e3)
+    fin.add_argument("--phi", type=non_negative_float, default=1e3)
     fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"])
     fin.add_argument("--mcq", default=None, help="JSONL of {question, options, answer} (default: --domain's)")
     fin.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
-    fin.add_argument("--batch", type=int, default=8)
+    fin.add_argument("--batch", type=positive_int, default=8)
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
     ev.add_argument("--model", default=None)
@@ -265,10 +267,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ev.add_argument("--text", default=None, help="general text file (default: the shipped held-out text)")
     ev.add_argument("--mcq", default=None, help="MCQ JSONL file (default: --domain's test split)")
     ev.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
-    ev.add_argument("--seq-len", type=int, default=128)
-    ev.add_argument("--max-blocks", type=int, default=None)
-    ev.add_argument("--max-items", type=int, default=None)
-    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--seq-len", type=positive_int, default=128)
+    ev.add_argument("--max-blocks", type=positive_int, default=None)
+    ev.add_argument("--max-items", type=positive_int, default=None)
+    ev.add_argument("--threads", type=positive_int, default=2)
     ev.set_defaults(func=cmd_evaluate)
     sub.add_parser("bench", help="benchmark the kernels (options: hlora bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -277,7 +279,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return bench.main(argv[1:])
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        # Bad input found past argument parsing (a missing file, a mismatched adapter): one
+        # line, like argparse's own errors. HLORA_DEBUG=1 keeps the traceback.
+        if os.environ.get("HLORA_DEBUG"):
+            raise
+        parser.exit(2, f"hlora {args.command}: error: {err} (HLORA_DEBUG=1 shows where)\n")
 
 
 if __name__ == "__main__":
