@@ -160,6 +160,19 @@ def test_split_learning_rates_use_a_and_warn_once():
     assert len(caught) == 1
 
 
+def test_an_empty_recording_says_so():
+    # Every step skipped (or none taken): Ω = 0 and any penalty built on it is 0 — said, not silent.
+    model = tiny_lora_model(seed=12)
+    recorder = hlora.ImportanceRecorder(model)
+    recorder.before_step(lr=1e-3)
+    recorder.after_step(skipped=True)
+    with pytest.warns(UserWarning, match=r"no optimizer step was recorded \(1 skipped\)"):
+        imp = recorder.finalize()
+    assert all(not bool(om.any()) for om in imp.matrices.values())
+    with pytest.warns(UserWarning, match="Ω is zero for every matrix"):
+        hlora.Regularizer(model, imp)
+
+
 def test_state_round_trip_continues_exactly(tmp_path):
     data = TokenData(64, seed=10)
     full_model = tiny_lora_model(seed=11)

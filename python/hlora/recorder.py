@@ -146,6 +146,9 @@ class ImportanceRecorder:
         """Ω = ω / (Δ² + ξ) for every matrix (Δ measured from the adapter at the start of this
         task), with the current factors as reference. Resets ω and the start point, so the
         recorder can go on into another general task (merge the results with ``Importance.merge``)."""
+        if self.steps == 0:
+            warnings.warn(f"no optimizer step was recorded ({self.skipped} skipped): Ω is zero everywhere, "
+                          "so a penalty built on it is 0", stacklevel=2)
         matrices, references, scalings = {}, {}, {}
         factors = [(m.a.detach(), m.b.detach()) for m in self.matrices]
         results, _ = ops.finalize_importance_many(

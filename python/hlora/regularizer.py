@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -67,6 +68,9 @@ class Regularizer:
         norms = torch.tensor([float(torch.linalg.vector_norm(om.float())) for om in self.omegas], dtype=torch.float64)
         if omega_dtype is not None:
             self.omegas = [cast_omega(om, omega_dtype, m.name) for om, m in zip(self.omegas, self.matrices)]
+        if not bool(norms.any()):
+            warnings.warn("Ω is zero for every matrix (was any step recorded?): the penalty will be 0",
+                          stacklevel=2)
         if temperature == "auto":
             mean = float(norms.mean())
             self.temperature = mean if mean > 0 else 1.0
