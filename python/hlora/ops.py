@@ -255,7 +255,8 @@ def importance_penalty(
     # NumPy in, NumPy out — unless a factor is a tensor that autograd tracks: then the arrays are
     # viewed as tensors and the result keeps its graph (a detached value would drop the
     # penalty's gradient without a word).
-    numpy_result = isinstance(Omega, np.ndarray) and not _tracked(a, b)
+    tracked = _tracked(a, b)
+    numpy_result = isinstance(Omega, np.ndarray) and not tracked
     if NATIVE is None:
         args = [_torch_view(x, name) for x, name in zip(inputs, _PENALTY_ARGS)]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
@@ -263,7 +264,7 @@ def importance_penalty(
     s = check.number(scaling, "scaling")
     s_ref = None if scaling_ref is None else check.number(scaling_ref, "scaling_ref")
     if any(isinstance(x, np.ndarray) for x in inputs):
-        if not _tracked(a, b):
+        if not tracked:
             result, _, _ = NATIVE.importance_penalty(*inputs, scaling=s, scaling_ref=s_ref, compute_grads=False)
             return result.numpy() if numpy_result else result
         inputs = tuple(_torch_view(x, name) for x, name in zip(inputs, _PENALTY_ARGS))
@@ -304,16 +305,15 @@ class _FusedPenaltyMany(torch.autograd.Function):
 def _many_penalty_grads(n: int, has_ref: bool, scaling: List[float], scaling_ref: Optional[List[float]],
                         weights: Optional[List[float]], tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """(∂/∂a..., ∂/∂b...) of Σ_l w_l·P_l as differentiable torch ops (the create_graph=True path)."""
-    def one(values: Optional[List[float]], i: int) -> Optional[float]:
-        return None if values is None else values[0 if len(values) == 1 else i]
-
+    scalings = reference._per_matrix(scaling, "scaling", n)
+    scalings_ref = reference._per_matrix(scaling_ref, "scaling_ref", n) or [None] * n
+    w = reference._per_matrix(weights, "weights", n) or [1.0] * n
     grads = []
     for i in range(n):
         refs = (tensors[3 * n + i], tensors[4 * n + i]) if has_ref else (None, None)
         ga, gb = reference._penalty_grads(tensors[i], tensors[n + i], tensors[2 * n + i], *refs,
-                                          one(scaling, i), one(scaling_ref, i))
-        w = one(weights, i)
-        grads.append((ga, gb) if w is None else (w * ga, w * gb))
+                                          scalings[i], scalings_ref[i])
+        grads.append((w[i] * ga, w[i] * gb))
     return [g[0] for g in grads] + [g[1] for g in grads]
 
 

@@ -109,8 +109,9 @@ class ImportanceRecorder:
             snapshot.append((m.a.detach().clone(), m.b.detach().clone(), ga, gb))
         # One check (one wait for a GPU) per device for all gradients, not one per matrix.
         by_device: Dict[torch.device, List[torch.Tensor]] = {}
-        for g in (g for _, _, ga, gb in snapshot for g in (ga, gb)):
-            by_device.setdefault(g.device, []).append(g.reshape(-1))
+        for _, _, ga, gb in snapshot:
+            for g in (ga, gb):
+                by_device.setdefault(g.device, []).append(g.reshape(-1))
         finite = all(bool(torch.isfinite(torch.cat(grads)).all()) for grads in by_device.values())
         self._pending = (snapshot, lrs, finite)
 
