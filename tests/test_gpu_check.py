@@ -39,11 +39,12 @@ def test_kernel_timings_script_prints_a_row_per_kernel(monkeypatch, capsys):
     import kernel_timings
 
     try:
-        assert kernel_timings.main(["--only", "192x576", "--calls", "3", "--pause-ms", "0.1"]) == 0
+        assert kernel_timings.main(["--only", "192x576", "--calls", "3", "--pause-ms", "0.1", "--flush-mb", "1"]) == 0
     finally:
         sys.modules.pop("kernel_timings", None)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SmolLM2")]
-    assert [row.split(" | ")[1] for row in rows] == ["omega update", "penalty + grads", "penalty only"]
+    assert [row.split(" | ")[1] for row in rows] == ["penalty fwd+bwd (ops)", "omega update", "penalty + grads",
+                                                     "penalty only"]
     for row in rows:
         times = [float(t) for cell in row.strip(" |").split(" | ")[2:] for t in cell.split(" / ")]
-        assert len(times) == 4 and all(t > 0 for t in times)
+        assert len(times) == 6 and all(t > 0 for t in times)
