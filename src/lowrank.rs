@@ -393,7 +393,7 @@ mod tests {
         for (rows, cols, min_rows) in [(577, 576, 1), (100, 1000, 1), (1000, 7, 1), (33, 576, 2)] {
             let rpt = rows_per_task(rows, cols, min_rows);
             assert!(
-                rpt.is_multiple_of(ROW_BLOCK) || rpt == rows,
+                (1..=rows).contains(&rpt) && (rpt.is_multiple_of(ROW_BLOCK) || rpt == rows),
                 "{rows}x{cols}: {rpt}"
             );
         }
