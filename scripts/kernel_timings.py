@@ -74,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("| shape | kernel | back to back | after a pause | caches flushed |\n|---|---|---:|---:|---:|")
     flush_src = torch.rand(max(1, int(args.flush_mb * 2**20 / 4)))
     flush_dst = torch.empty_like(flush_src)
+    # (idle seconds, what runs) before each timed call: back to back, after a pause, after a flush.
+    passes = [(0.0, lambda: None), (args.pause_ms / 1e3, lambda: None), (0.0, lambda: flush_dst.copy_(flush_src))]
     for name, out, inn in bench.SHAPES:
         if args.only not in (None, f"{out}x{inn}"):
             continue
@@ -81,8 +83,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         kernels = _kernels(bench._inputs(out, inn, args.rank, torch.device("cpu")))
         for kernel, fn in kernels.items():
             cells = []
-            passes = [(0.0, lambda: None), (args.pause_ms / 1e3, lambda: None),
-                      (0.0, lambda: flush_dst.copy_(flush_src))]
             for pause, before in passes:
                 ts = sorted(_times(fn, calls, pause, before))
                 cells.append(f"{ts[len(ts) // 10] * 1e3:.3f} / {statistics.median(ts) * 1e3:.3f}")
