@@ -121,7 +121,9 @@ impl<T: Real> LowRank<T> {
         let left_stride = conflict_free_stride::<T>(rows);
         let right_stride = conflict_free_stride::<T>(cols);
         let mut left_t = vec![T::zero(); k * left_stride];
-        let mut right = vec![T::zero(); k * right_stride];
+        // R is written once per element, its padding included (zeroing it all first and then
+        // copying over it wrote most of it twice).
+        let mut right = Vec::with_capacity(k * right_stride);
         let mut q0 = 0;
         for t in terms {
             let (l, r, c) = (&*t.left, &*t.right, T::from_f64_lossy(t.scale));
@@ -134,14 +136,13 @@ impl<T: Real> LowRank<T> {
                     }
                 }
             }
-            if cols > 0 {
-                let dst_rows = right[q0 * right_stride..].chunks_exact_mut(right_stride);
-                for (dst, src) in dst_rows.zip(r.data.chunks_exact(cols)) {
-                    dst[..cols].copy_from_slice(src);
-                }
+            for q in 0..kt {
+                right.extend_from_slice(&r.data[q * cols..(q + 1) * cols]);
+                right.resize((q0 + q + 1) * right_stride, T::zero());
             }
             q0 += kt;
         }
+        debug_assert_eq!(right.len(), k * right_stride);
         LowRank {
             rows,
             cols,

@@ -8,7 +8,7 @@ use crate::lowrank::{conflict_free_stride, rows_per_task, Dense, LowRank, ROW_BL
 use crate::pool;
 use crate::scalar::{Real, Storage};
 use crate::simd::{multiversion, Madd};
-use crate::view::{check_factor_set, dense, finite, slice, Arg, STORED_OMEGA_KINDS};
+use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, STORED_OMEGA_KINDS};
 use half::{bf16, f16};
 use tch::{Kind, Tensor};
 
@@ -104,18 +104,27 @@ impl PenaltyJob {
         let omega = self.omega.f_contiguous()?;
         // SAFETY: contiguous CPU tensor of dtype S, only read.
         let om = unsafe { slice::<S>(&omega) };
-        let (p, ga, gb) = penalty_rows(om, &d, a, b, grads)?;
-        let value = Tensor::f_from_slice(&[T::from_f64_lossy(p * weight)])?.f_reshape([0i64; 0])?;
+        // The kernel writes the gradients, scaled, straight into the tensors it returns (no
+        // staging buffers, scaled copies and tensors copied from them).
         let grads = if grads {
-            let g = 2.0 * self.scaling * weight;
-            let ga = Tensor::f_from_slice(&ga.scaled(T::from_f64_lossy(g)).data)?
-                .f_view([a.rows as i64, a.cols as i64])?;
-            let gb = Tensor::f_from_slice(&gb.scaled(T::from_f64_lossy(g)).data)?
-                .f_view([b.rows as i64, b.cols as i64])?;
-            Some((ga, gb))
+            let out = |rows: usize, cols: usize| {
+                Tensor::f_empty([rows as i64, cols as i64], (T::KIND, tch::Device::Cpu))
+            };
+            Some((out(a.rows, a.cols)?, out(b.rows, b.cols)?))
         } else {
             None
         };
+        let p = match &grads {
+            Some((ga, gb)) => {
+                let scale = T::from_f64_lossy(2.0 * self.scaling * weight);
+                // SAFETY: fresh contiguous CPU tensors of dtype T, referenced nowhere else.
+                let (ga, gb) = unsafe { (slice_mut::<T>(ga), slice_mut::<T>(gb)) };
+                penalty_rows(om, &d, a, b, Some(GradOut { ga, gb, scale }))?
+            }
+            None => penalty_rows(om, &d, a, b, None)?,
+        };
+        // One dispatcher op (0-d, rounded to T as `from_f64_lossy` would).
+        let value = Tensor::f_scalar_tensor(p * weight, (T::KIND, tch::Device::Cpu))?;
         Ok(PenaltyOut { value, grads })
     }
 
@@ -144,34 +153,54 @@ impl PenaltyJob {
     }
 }
 
+/// Where [`penalty_rows`] writes the gradients, each multiplied by `scale`: Bᵀ·G into `ga`
+/// (r × in) and G·Aᵀ into `gb` (out × r), both row-major.
+struct GradOut<'a, T> {
+    ga: &'a mut [T],
+    gb: &'a mut [T],
+    scale: T,
+}
+
 /// One pass over Ω: per tile of `ROW_BLOCK` rows, D is formed in L1 buffers, G = Ω⊙D, and P,
 /// G·Aᵀ (per row) and Bᵀ·G (per task, reduced in task order — deterministic) are accumulated.
-/// Returns (P, Bᵀ·G, G·Aᵀ) without the 2s factor.
+/// Returns P; the gradients (without the 2s factor, times `out.scale`) go to `out`.
 fn penalty_rows<S: Storage, T: Real>(
     omega: &[S],
     d: &LowRank<T>,
     a: &Dense<T>,
     b: &Dense<T>,
-    grads: bool,
-) -> Result<(f64, Dense<T>, Dense<T>)> {
+    out: Option<GradOut<'_, T>>,
+) -> Result<f64> {
     let (rows, cols, r) = (d.rows, d.cols, a.rows);
-    let mut gb = vec![T::zero(); rows * r];
-    let mut ga = vec![T::zero(); r * cols];
+    let grads = out.is_some();
+    let (ga, gb, scale) = match out {
+        Some(GradOut { ga, gb, scale }) => (ga, gb, scale),
+        None => (&mut [][..], &mut [][..], T::one()),
+    };
+    debug_assert!(!grads || (ga.len() == r * cols && gb.len() == rows * r));
     if rows == 0 || cols == 0 {
-        return Ok((0.0, Dense::new(r, cols, ga), Dense::new(rows, r, gb)));
+        ga.fill(T::zero());
+        gb.fill(T::zero());
+        return Ok(0.0);
     }
     let layout = GradLayout::new::<T>(r, cols);
     let a_packed = layout.pack(a);
     // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
     let rpt = rows_per_task(rows, cols, rows.div_ceil(32));
-    let tasks = omega
-        .chunks(rpt * cols)
-        .zip(gb.chunks_mut(rpt * r))
-        .collect();
+    let tasks: Vec<_> = if grads {
+        let gb_chunks = gb.chunks_mut(rpt * r).map(Some);
+        omega.chunks(rpt * cols).zip(gb_chunks).collect()
+    } else {
+        omega.chunks(rpt * cols).map(|om| (om, None)).collect()
+    };
     let partials = pool::run_items(tasks, |task, (om, gb_rows)| {
-        penalty_task(task * rpt, om, gb_rows, d, b, &layout, &a_packed, grads)
+        let gb_rows = gb_rows.map(|rows| (rows, scale));
+        penalty_task(task * rpt, om, gb_rows, d, b, &layout, &a_packed)
     })?;
     let mut total = 0.0f64;
+    if grads {
+        ga.fill(T::zero());
+    }
     for (p, part) in partials {
         total += p;
         if grads {
@@ -185,7 +214,10 @@ fn penalty_rows<S: Storage, T: Real>(
             }
         }
     }
-    Ok((total, Dense::new(r, cols, ga), Dense::new(rows, r, gb)))
+    for x in ga.iter_mut() {
+        *x = *x * scale;
+    }
+    Ok(total)
 }
 
 /// Memory layouts of the gradient pass, chosen so its inner loops are unit-stride, free of
@@ -224,25 +256,27 @@ impl GradLayout {
     }
 }
 
-multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: &mut [T], d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T], grads: bool) -> (f64, Vec<T>) = penalty_task_body);
+multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: Option<(&mut [T], T)>, d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T]) -> (f64, Vec<T>) = penalty_task_body);
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn penalty_task_body<M: Madd, S: Storage, T: Real>(
     row0: usize,
     om: &[S],
-    gb_rows: &mut [T],
+    gb_rows: Option<(&mut [T], T)>,
     d: &LowRank<T>,
     b: &Dense<T>,
     layout: &GradLayout,
     a_packed: &[T],
-    grads: bool,
 ) -> (f64, Vec<T>) {
     let nrows = om.len() / d.cols;
+    let grads = gb_rows.is_some();
+    let (gb_rows, gb_scale) = gb_rows.unwrap_or((&mut [], T::one()));
     let mut task = PenaltyTask {
         row0,
         om,
         gb_rows,
+        gb_scale,
         d,
         b,
         layout,
@@ -272,7 +306,9 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
 struct PenaltyTask<'a, S, T> {
     row0: usize,
     om: &'a [S],
+    /// This task's rows of G·Aᵀ, written once each (times `gb_scale`) as its group ends.
     gb_rows: &'a mut [T],
+    gb_scale: T,
     d: &'a LowRank<T>,
     b: &'a Dense<T>,
     layout: &'a GradLayout,
@@ -342,8 +378,8 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
             for rr in 0..RB {
                 for q in 0..r {
                     let lanes = &mut self.gb_lanes[rr * r_pad + q];
-                    let slot = &mut self.gb_rows[(li + rr) * r + q];
-                    *slot = *slot + lanes.iter().fold(T::zero(), |acc, &x| acc + x);
+                    let sum = lanes.iter().fold(T::zero(), |acc, &x| acc + x);
+                    self.gb_rows[(li + rr) * r + q] = sum * self.gb_scale;
                     *lanes = [T::zero(); 8];
                 }
             }
@@ -444,7 +480,16 @@ mod tests {
         let b = Dense::new(rows, r, values(rows * r, 2));
         let d = LowRank::new(b.clone(), a.clone());
         let omega: Vec<f64> = values(rows * cols, 3).iter().map(|x| x.abs()).collect();
-        let (p, ga, gb) = penalty_rows(&omega, &d, &a, &b, true).unwrap();
+        let (mut ga, mut gb) = (vec![f64::NAN; r * cols], vec![f64::NAN; rows * r]);
+        let out = GradOut {
+            ga: &mut ga,
+            gb: &mut gb,
+            scale: 2.0,
+        };
+        let p = penalty_rows(&omega, &d, &a, &b, Some(out)).unwrap();
+        // The buffers start as NaN: every element must be written, none accumulated into.
+        let ga = Dense::new(r, cols, ga.iter().map(|x| x / 2.0).collect());
+        let gb = Dense::new(rows, r, gb.iter().map(|x| x / 2.0).collect());
         let dd = d.to_dense();
         let g: Vec<f64> = omega.iter().zip(&dd.data).map(|(o, x)| o * x).collect();
         let want_p: f64 = g.iter().zip(&dd.data).map(|(g, x)| g * x).sum();
@@ -464,7 +509,7 @@ mod tests {
                 assert!((gb.data[i * r + q] - want).abs() < 1e-11);
             }
         }
-        let (p_only, _, _) = penalty_rows(&omega, &d, &a, &b, false).unwrap();
+        let p_only = penalty_rows(&omega, &d, &a, &b, None).unwrap();
         assert_eq!(p_only, p);
     }
 }
