@@ -177,13 +177,27 @@ impl<T: Real> LowRank<T> {
         n: usize,
         bufs: &mut [[T; TILE_COLS]; RB],
     ) {
+        self.rows_tile_finish::<M, RB, _>(i0, j0, n, bufs, &mut Copied);
+    }
+
+    /// [`Self::rows_tile_into`], handing each finished block of a row's values to `finish`
+    /// (still in registers) instead of storing them as they are.
+    #[inline(always)]
+    pub fn rows_tile_finish<M: Madd, const RB: usize, F: Finish<T>>(
+        &self,
+        i0: usize,
+        j0: usize,
+        n: usize,
+        bufs: &mut [[T; TILE_COLS]; RB],
+        finish: &mut F,
+    ) {
         let n = n.min(TILE_COLS);
         // Two AVX2 registers of columns per row (16 f32 or 8 f64): 2·RB accumulators fit in
         // the 16 registers; 16 f64 columns would spill them.
         let jb = if std::mem::size_of::<T>() == 8 {
-            self.column_blocks::<M, RB, 8>(i0, j0, n, bufs)
+            self.column_blocks::<M, RB, 8, F>(i0, j0, n, bufs, finish)
         } else {
-            self.column_blocks::<M, RB, 16>(i0, j0, n, bufs)
+            self.column_blocks::<M, RB, 16, F>(i0, j0, n, bufs, finish)
         };
         // Remainder columns: j indexes R and every row's buffer.
         #[allow(clippy::needless_range_loop)]
@@ -193,19 +207,21 @@ impl<T: Real> LowRank<T> {
                 for q in 0..self.k {
                     acc = M::madd(self.left(i0 + rr, q), self.right(q, j0 + j), acc);
                 }
-                bufs[rr][j] = acc;
+                let dst: &mut [T; 1] = (&mut bufs[rr][j..j + 1]).try_into().expect("one element");
+                finish.finish::<M, 1>(rr, j, &[acc], dst);
             }
         }
     }
 
-    /// [`Self::rows_tile_into`]'s whole blocks of `W` columns; returns the columns done.
+    /// [`Self::rows_tile_finish`]'s whole blocks of `W` columns; returns the columns done.
     #[inline(always)]
-    fn column_blocks<M: Madd, const RB: usize, const W: usize>(
+    fn column_blocks<M: Madd, const RB: usize, const W: usize, F: Finish<T>>(
         &self,
         i0: usize,
         j0: usize,
         n: usize,
         bufs: &mut [[T; TILE_COLS]; RB],
+        finish: &mut F,
     ) -> usize {
         let mut jb = 0;
         while jb + W <= n {
@@ -221,8 +237,9 @@ impl<T: Real> LowRank<T> {
                     }
                 }
             }
-            for rr in 0..RB {
-                bufs[rr][jb..jb + W].copy_from_slice(&acc[rr]);
+            for (rr, (acc_r, buf)) in acc.iter().zip(bufs.iter_mut()).enumerate() {
+                let dst: &mut [T; W] = (&mut buf[jb..jb + W]).try_into().expect("W elements");
+                finish.finish::<M, W>(rr, jb, acc_r, dst);
             }
             jb += W;
         }
@@ -242,6 +259,35 @@ impl<T: Real> LowRank<T> {
             }
         }
         Dense::new(self.rows, self.cols, data)
+    }
+}
+
+/// What the micro-kernel does with a finished block of one row's values: `vals` are row `rr` of
+/// the tile at tile columns `j..j + W`, `dst` the same places of that row's buffer. Methods are
+/// `#[inline(always)]` so they compile inside the caller's AVX2+FMA variant (as `Madd`'s do).
+pub trait Finish<T> {
+    fn finish<M: Madd, const W: usize>(
+        &mut self,
+        rr: usize,
+        j: usize,
+        vals: &[T; W],
+        dst: &mut [T; W],
+    );
+}
+
+/// Stores the values as they are.
+pub struct Copied;
+
+impl<T: Copy> Finish<T> for Copied {
+    #[inline(always)]
+    fn finish<M: Madd, const W: usize>(
+        &mut self,
+        _: usize,
+        _: usize,
+        vals: &[T; W],
+        dst: &mut [T; W],
+    ) {
+        *dst = *vals;
     }
 }
 

@@ -4,7 +4,9 @@
 use crate::dispatch::{path_for, Path};
 use crate::error::Result;
 use crate::forms::{assemble, Converted};
-use crate::lowrank::{conflict_free_stride, rows_per_task, Dense, LowRank, ROW_BLOCK, TILE_COLS};
+use crate::lowrank::{
+    conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
+};
 use crate::pool;
 use crate::scalar::{Real, Storage};
 use crate::simd::{multiversion, Madd};
@@ -220,6 +222,32 @@ fn penalty_rows<S: Storage, T: Real>(
     Ok(total)
 }
 
+/// The micro-kernel's last step in the penalty: each value d of D leaves the registers as
+/// G = Ω⊙d, and Ω·d² is summed into per-lane partials of P (no separate pass over the tile).
+struct Weighted<'a, S, T, const RB: usize> {
+    /// The tile's rows of Ω.
+    omega: [&'a [S]; RB],
+    lanes: [T; 16],
+}
+
+impl<S: Storage, T: Real, const RB: usize> Finish<T> for Weighted<'_, S, T, RB> {
+    #[inline(always)]
+    fn finish<M: Madd, const W: usize>(
+        &mut self,
+        rr: usize,
+        j: usize,
+        vals: &[T; W],
+        dst: &mut [T; W],
+    ) {
+        let w: &[S; W] = self.omega[rr][j..j + W].try_into().expect("W weights");
+        for l in 0..W {
+            let g = T::load(w[l]) * vals[l];
+            self.lanes[l % 16] = M::madd(g, vals[l], self.lanes[l % 16]);
+            dst[l] = g;
+        }
+    }
+}
+
 /// Memory layouts of the gradient pass, chosen so its inner loops are unit-stride, free of
 /// bounds checks and of cache-set conflicts.
 struct GradLayout {
@@ -324,8 +352,8 @@ struct PenaltyTask<'a, S, T> {
 }
 
 impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
-    /// Rows li..li+RB (task-local): D tile by tile, then G = Ω⊙D in place, then P, the RB×r
-    /// row gradients and the r×tile column gradients.
+    /// Rows li..li+RB (task-local), tile by tile: G = Ω⊙D and P's terms as D leaves the
+    /// micro-kernel's registers, then the RB×r row gradients and the r×tile column gradients.
     #[inline(always)]
     fn group<M: Madd, const RB: usize>(&mut self, li: usize, grads: bool) {
         let cols = self.d.cols;
@@ -339,29 +367,15 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         }
         for j0 in (0..cols).step_by(TILE_COLS) {
             let n = TILE_COLS.min(cols - j0);
+            let mut weigh = Weighted::<S, T, RB> {
+                omega: std::array::from_fn(|rr| {
+                    &self.om[(li + rr) * cols + j0..(li + rr) * cols + j0 + n]
+                }),
+                lanes: [T::zero(); 16],
+            };
             self.d
-                .rows_tile_into::<M, RB>(self.row0 + li, j0, n, &mut g);
-            for (rr, g_row) in g.iter_mut().enumerate() {
-                let orow = &self.om[(li + rr) * cols + j0..(li + rr) * cols + j0 + n];
-                let mut lanes = [T::zero(); 16];
-                let (gc, gt) = g_row[..n].split_at_mut(n - n % 16);
-                let (oc, ot) = orow.split_at(n - n % 16);
-                for (gch, och) in gc.chunks_exact_mut(16).zip(oc.chunks_exact(16)) {
-                    for l in 0..16 {
-                        let dv = gch[l];
-                        let gv = T::load(och[l]) * dv;
-                        lanes[l] = M::madd(gv, dv, lanes[l]);
-                        gch[l] = gv;
-                    }
-                }
-                let mut tail = T::zero();
-                for (gv, &o) in gt.iter_mut().zip(ot) {
-                    let dv = *gv;
-                    *gv = T::load(o) * dv;
-                    tail = M::madd(*gv, dv, tail);
-                }
-                self.p += (lanes.iter().fold(T::zero(), |s, &x| s + x) + tail).to_f64();
-            }
+                .rows_tile_finish::<M, RB, _>(self.row0 + li, j0, n, &mut g, &mut weigh);
+            self.p += weigh.lanes.iter().fold(T::zero(), |s, &x| s + x).to_f64();
             if grads {
                 // Whole blocks of columns: G's last tile is padded with zeros (A's packing too).
                 let n16 = n.div_ceil(GRAD_BLOCK) * GRAD_BLOCK;
