@@ -176,3 +176,34 @@ def test_numpy_importance_beside_tracked_factors_keeps_the_gradient(backend):
     lines = [line.split() for line in proc.stdout.strip().splitlines()]
     assert [line[0] for line in lines] == ["Tensor", "Tensor", "ndarray"]
     assert all(float(line[1]) <= 1e-5 for line in lines[:2])
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_many_ops_take_numpy_and_give_numpy_back(backend):
+    """The ``_many`` ops behave like the single-matrix ones: NumPy Ω/ω in, NumPy out, with the
+    same values — on both backends (the plain-PyTorch one once refused NumPy ω in
+    finalize_importance_many with a TypeError that contradicted itself)."""
+    proc = _run("""
+        import numpy as np
+        from hlora import ops
+        rng = np.random.default_rng(0)
+        shapes, weights = [(5, 7), (3, 4)], [1.0, 3.0]
+        om = [rng.random(s, dtype=np.float32) for s in shapes]
+        a = [rng.standard_normal((2, s[1])).astype(np.float32) for s in shapes]
+        b = [rng.standard_normal((s[0], 2)).astype(np.float32) for s in shapes]
+        a0, b0 = [0.5 * x for x in a], [0.5 * x for x in b]
+        mats = list(zip(om, a, b, a0, b0))
+        p = ops.importance_penalty_many(om, a, b, a0, b0, scaling=2.0, weights=weights)
+        want = sum(w * float(ops.importance_penalty(*m, scaling=2.0)) for w, m in zip(weights, mats))
+        print(type(p).__name__, p.shape == (), abs(float(p) - want) / want)
+        omegas, norms = ops.finalize_importance_many(om, a, b, a0, b0, scaling=2.0, xi=1e-3)
+        singles = [ops.finalize_importance(o, x, y, scaling=2.0, xi=1e-3, a_start=x0, b_start=y0)
+                   for o, x, y, x0, y0 in mats]
+        print(" ".join(type(t).__name__ for t in (*omegas, norms)),
+              max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(omegas, singles)),
+              float(np.abs(norms - [np.linalg.norm(y.astype(np.float64)) for y in singles]).max() / norms.max()))
+    """, HLORA_BACKEND=backend)
+    assert proc.returncode == 0, proc.stderr
+    (p_type, scalar, p_err), line = (x.split() for x in proc.stdout.strip().splitlines())
+    assert (p_type, scalar) == ("ndarray", "True") and float(p_err) <= 1e-6
+    assert line[:3] == ["ndarray"] * 3 and float(line[3]) <= 1e-6 and float(line[4]) <= 1e-6

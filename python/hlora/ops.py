@@ -133,6 +133,18 @@ def _as_list(v: Any, name: str) -> list:
     return list(v)
 
 
+def _torch_views(v: Any, name: str) -> Optional[list]:
+    """A list argument of a ``_many`` op with its NumPy entries viewed as tensors (for the
+    plain-PyTorch backend), each named by its index."""
+    return None if v is None else [_torch_view(x, f"{name}[{i}]") for i, x in enumerate(_as_list(v, name))]
+
+
+def _all_numpy(v: Any) -> bool:
+    """Whether a ``_many`` op's ω/Ω list is all NumPy arrays: then its results come back as NumPy,
+    as the single-matrix ops' do."""
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, np.ndarray) for x in v)
+
+
 def finalize_importance(
     omega: Array,
     a: Array,
@@ -167,28 +179,34 @@ def finalize_importance(
 
 
 def finalize_importance_many(
-    omega: Sequence[torch.Tensor],
-    a: Sequence[torch.Tensor],
-    b: Sequence[torch.Tensor],
-    a_start: Optional[Sequence[torch.Tensor]] = None,
-    b_start: Optional[Sequence[torch.Tensor]] = None,
+    omega: Sequence[Array],
+    a: Sequence[Array],
+    b: Sequence[Array],
+    a_start: Optional[Sequence[Array]] = None,
+    b_start: Optional[Sequence[Array]] = None,
     *,
     scaling: Scalars,
     xi: float,
     clamp_negative: bool = True,
-) -> Tuple[List[torch.Tensor], torch.Tensor]:
+) -> Tuple[List[Array], Array]:
     """:func:`finalize_importance` over lists of matrices (one launch on CUDA), plus the
     Frobenius norms ‖Ω_l‖ (float64, on Ω's device) that :func:`layer_coefficients` takes —
-    computed in the same pass over ω on CUDA."""
+    computed in the same pass over ω on CUDA. NumPy ω in, NumPy Ω and norms out."""
     if NATIVE is None:
-        return reference.finalize_importance_many(omega, a, b, a_start, b_start, scaling=scaling, xi=xi,
-                                                  clamp_negative=clamp_negative)
-    results, sq_norms = NATIVE.finalize_importance_many(
-        _as_list(omega, "omega"), _as_list(a, "a"), _as_list(b, "b"),
-        None if a_start is None else _as_list(a_start, "a_start"),
-        None if b_start is None else _as_list(b_start, "b_start"),
-        scaling=check.numbers(scaling, "scaling"), xi=check.number(xi, "xi"), clamp_negative=clamp_negative)
-    return results, sq_norms.sqrt()
+        args = [_torch_views(v, name) for v, name in
+                zip((omega, a, b, a_start, b_start), ("omega", "a", "b", "a_start", "b_start"))]
+        results, norms = reference.finalize_importance_many(*args, scaling=scaling, xi=xi,
+                                                            clamp_negative=clamp_negative)
+    else:
+        results, sq_norms = NATIVE.finalize_importance_many(
+            _as_list(omega, "omega"), _as_list(a, "a"), _as_list(b, "b"),
+            None if a_start is None else _as_list(a_start, "a_start"),
+            None if b_start is None else _as_list(b_start, "b_start"),
+            scaling=check.numbers(scaling, "scaling"), xi=check.number(xi, "xi"), clamp_negative=clamp_negative)
+        norms = sq_norms.sqrt()
+    if _all_numpy(omega):
+        return [r.numpy() for r in results], norms.numpy()
+    return results, norms
 
 
 def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: float = 1.0) -> Array:
@@ -327,14 +345,16 @@ def importance_penalty_many(
     scaling: Scalars,
     scaling_ref: Optional[Scalars] = None,
     weights: Optional[Scalars] = None,
-) -> torch.Tensor:
+) -> Array:
     """Σ_l w_l · P_l over every adapted matrix in one call (one entry per matrix in each list;
     ``scaling``, ``scaling_ref`` and ``weights`` one number or one per matrix; w_l = 1 unless
-    given — the Regularizer passes φ·c_l). Differentiable w.r.t. every ``a[l]`` and ``b[l]``."""
+    given — the Regularizer passes φ·c_l). Differentiable w.r.t. every ``a[l]`` and ``b[l]``.
+    NumPy Ω in, a NumPy 0-d array out — unless a factor is a tensor autograd tracks."""
     if NATIVE is None:
-        conv = [None if v is None else [_torch_view(x, name) for x in _as_list(v, name)]
-                for v, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
-        return reference.importance_penalty_many(*conv, scaling=scaling, scaling_ref=scaling_ref, weights=weights)
+        conv = [_torch_views(v, name) for v, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
+        result = reference.importance_penalty_many(*conv, scaling=scaling, scaling_ref=scaling_ref, weights=weights)
+        numpy_result = _all_numpy(Omega) and not _tracked(*_as_list(a, "a"), *_as_list(b, "b"))
+        return result.detach().numpy() if numpy_result else result
     om, av, bv = _as_list(Omega, "Omega"), _as_list(a, "a"), _as_list(b, "b")
     n = len(om)
     if n == 0:
@@ -357,7 +377,7 @@ def importance_penalty_many(
         if not _tracked(*av, *bv):
             value, _, _ = NATIVE.importance_penalty_many(om, av, bv, a_ref, b_ref, scaling=scalings,
                                                          scaling_ref=scalings_ref, weights=w, compute_grads=False)
-            return value
+            return value.numpy() if _all_numpy(om) else value
         # Arrays beside tracked factors: viewed as tensors, so the penalty keeps its gradient.
         groups = (om, av, bv, refs[:n], refs[n:])
         names = [f"{name}[{i}]" for name, group in zip(_PENALTY_ARGS, groups) for i in range(len(group))]
