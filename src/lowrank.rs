@@ -265,6 +265,11 @@ impl<T: Real> LowRank<T> {
 /// What the micro-kernel does with a finished block of one row's values: `vals` are row `rr` of
 /// the tile at tile columns `j..j + W`, `dst` the same places of that row's buffer. Methods are
 /// `#[inline(always)]` so they compile inside the caller's AVX2+FMA variant (as `Madd`'s do).
+///
+/// Write only to `dst`: an implementation that stored through a `&mut` slice kept in its own
+/// struct (ω, updated in the ω kernel's last step) left the whole micro-kernel scalar, 10×
+/// slower (measured; presumably the compiler could no longer prove those stores miss its
+/// accumulators, as it can for a `&mut` parameter).
 pub trait Finish<T> {
     fn finish<M: Madd, const W: usize>(
         &mut self,
