@@ -350,9 +350,8 @@ pub(crate) use for_each_tile;
 /// Rows per parallel task: about 16k elements (enough work to amortize scheduling), at least
 /// `min_rows` before the evening out below, in whole `ROW_BLOCK`s (rows left over in a task take
 /// the one-row micro-kernel, ~4× slower per element: at 3072 columns, 5 rows per task put a
-/// fifth of all rows there). A
-/// function of the shape only, so reductions over tasks are deterministic whatever the thread
-/// count. The task count is then evened out (to a multiple of 2, or of 4 from 8 tasks on) so
+/// fifth of all rows there). A function of the shape only, so reductions over tasks are
+/// deterministic whatever the thread count. The task count is then evened out (to a multiple of 2, or of 4 from 8 tasks on) so
 /// 2 or 4 threads get equal shares: 32 × 576 as tasks of 28 and 4 rows ran mostly on one of 2
 /// threads (penalty 50 µs); as 4 tasks of 8 rows, 40 µs.
 pub fn rows_per_task(rows: usize, cols: usize, min_rows: usize) -> usize {

@@ -380,6 +380,5 @@ def importance_penalty_many(
             return value.numpy() if _all_numpy(om) else value
         # Arrays beside tracked factors: viewed as tensors, so the penalty keeps its gradient.
         groups = (om, av, bv, refs[:n], refs[n:])
-        names = [f"{name}[{i}]" for name, group in zip(_PENALTY_ARGS, groups) for i in range(len(group))]
-        tensors = [_torch_view(t, name) for t, name in zip(tensors, names)]
+        tensors = [t for group, name in zip(groups, _PENALTY_ARGS) for t in _torch_views(group, name)]
     return _FusedPenaltyMany.apply(n, bool(refs), scalings, scalings_ref, w, *tensors)
