@@ -44,10 +44,11 @@ def _kernels(x: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
     from hlora import _native, ops
 
     common = dict(scaling=4.0, scaling_ref=None)
+    omega = x["omega"].clone()  # updated in place thousands of times: kept apart from the penalty's Ω
     return {
         "penalty fwd+bwd (ops)": bench._op_calls(ops, x)["penalty fwd+bwd"],
         "omega update": lambda: _native.accumulate_omega_(
-            x["omega"], x["a0"], x["b0"], x["ga"], x["gb"], x["a1"], x["b1"], lr=8e-4, scaling=4.0),
+            omega, x["a0"], x["b0"], x["ga"], x["gb"], x["a1"], x["b1"], lr=8e-4, scaling=4.0),
         "penalty + grads": lambda: _native.importance_penalty(
             x["omega"], x["a1"], x["b1"], x["a0"], x["b0"], compute_grads=True, **common),
         "penalty only": lambda: _native.importance_penalty(

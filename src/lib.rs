@@ -433,6 +433,7 @@ fn importance_penalty(
             Ok::<_, Error>(penalty::PenaltyOut {
                 value: out.total,
                 grads: out.grads.and_then(|g| g.into_iter().next()),
+                summed: None,
             })
         })?,
         None => py.allow_threads(move || job.run(weight, compute_grads))?,
@@ -494,25 +495,21 @@ fn importance_penalty_many(
         };
         return Ok((PyTensor(out.total), grads_a, grads_b));
     }
-    let outs = py.allow_threads(move || {
-        jobs.iter()
+    let (total, outs) = py.allow_threads(move || {
+        let outs = jobs
+            .iter()
             .map(|(job, w)| job.run(*w, compute_grads))
-            .collect::<Result<Vec<_>, Error>>()
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok::<_, Error>((penalty::total(&jobs, &outs)?, outs))
     })?;
-    let mut total: Option<tch::Tensor> = None;
-    let (mut grads_a, mut grads_b) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for out in outs {
-        total = Some(match total {
-            None => out.value,
-            Some(t) => t.f_add(&out.value).map_err(Error::from)?,
-        });
-        let (ga, gb) = out.grads.map_or((None, None), |(x, y)| {
-            (Some(PyTensor(x)), Some(PyTensor(y)))
-        });
-        grads_a.push(ga);
-        grads_b.push(gb);
-    }
-    let total = total.ok_or_else(|| Error::value("Omega must hold at least one matrix"))?;
+    let (grads_a, grads_b) = outs
+        .into_iter()
+        .map(|out| {
+            out.grads.map_or((None, None), |(x, y)| {
+                (Some(PyTensor(x)), Some(PyTensor(y)))
+            })
+        })
+        .unzip();
     Ok((PyTensor(total), grads_a, grads_b))
 }
 

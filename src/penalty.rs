@@ -2,7 +2,7 @@
 //! analytic gradients ∂P/∂B = 2s·(Ω⊙D)·Aᵀ and ∂P/∂A = 2s·Bᵀ·(Ω⊙D), in one pass over Ω.
 
 use crate::dispatch::{path_for, Path};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::forms::{assemble, Converted};
 use crate::lowrank::{
     conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
@@ -28,6 +28,50 @@ pub struct PenaltyJob {
 pub struct PenaltyOut {
     pub value: Tensor,
     pub grads: Option<(Tensor, Tensor)>,
+    /// The fused CPU kernel's sums behind `value`, before rounding (None on the tch path).
+    pub summed: Option<Summed>,
+}
+
+/// P·weight as the CPU kernel summed it, and the magnitude its rounding is relative to:
+/// Σ |w·Ω|·D² for float32 maths, 0 for float64 maths (whose rounding is negligible here).
+#[derive(Clone, Copy, Debug)]
+pub struct Summed {
+    pub p: f64,
+    pub magnitude: f64,
+}
+
+/// Σ_l w_l·P_l over `jobs` (each with its weight) and their `outs`, as a 0-d tensor. From the
+/// fused CPU kernels' sums: added in float64 and rounded once, with float64 maths where the
+/// matrices' values cancel (negative Ω or weights). The tch path's tensors are just added.
+pub fn total(jobs: &[(PenaltyJob, f64)], outs: &[PenaltyOut]) -> Result<Tensor> {
+    if outs.is_empty() {
+        return Err(Error::value("Omega must hold at least one matrix"));
+    }
+    let summed: Option<Vec<Summed>> = outs.iter().map(|o| o.summed).collect();
+    let Some(mut summed) = summed else {
+        let first = outs[0].value.shallow_clone();
+        return outs[1..]
+            .iter()
+            .try_fold(first, |t, o| Ok(t.f_add(&o.value)?));
+    };
+    let sum = |s: &[Summed]| s.iter().map(|x| x.p).sum::<f64>();
+    let magnitude: f64 = summed.iter().map(|x| x.magnitude).sum();
+    if magnitude > CANCELLATION_LIMIT * sum(&summed).abs() {
+        for (s, (job, weight)) in summed.iter_mut().zip(jobs) {
+            if s.magnitude > 0.0 {
+                *s = Summed {
+                    p: job.resum_f64(*weight)?,
+                    magnitude: 0.0,
+                };
+            }
+        }
+    }
+    let any_f64 = outs.iter().any(|o| o.value.kind() == Kind::Double);
+    let kind = if any_f64 { Kind::Double } else { Kind::Float };
+    Ok(Tensor::f_scalar_tensor(
+        sum(&summed),
+        (kind, tch::Device::Cpu),
+    )?)
 }
 
 impl PenaltyJob {
@@ -96,6 +140,41 @@ impl PenaltyJob {
     }
 
     fn run_fused<S: Storage, T: Real>(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
+        // The kernel writes the gradients, scaled, straight into the tensors it returns (no
+        // staging buffers, scaled copies and tensors copied from them).
+        let grads = if grads {
+            let out = |like: &Tensor| Tensor::f_empty(like.size(), (T::KIND, tch::Device::Cpu));
+            Some((out(&self.a)?, out(&self.b)?))
+        } else {
+            None
+        };
+        let mut sums = self.sums::<S, T>(grads.as_ref(), 2.0 * self.scaling * weight)?;
+        if T::KIND == Kind::Double {
+            sums.magnitude = 0.0;
+        } else if sums.cancelled() {
+            sums = self.sums::<S, f64>(None, 0.0)?;
+            sums.magnitude = 0.0;
+        }
+        let summed = Summed {
+            p: sums.p * weight,
+            magnitude: sums.magnitude * weight.abs(),
+        };
+        // One dispatcher op (0-d, rounded to T as `from_f64_lossy` would).
+        let value = Tensor::f_scalar_tensor(summed.p, (T::KIND, tch::Device::Cpu))?;
+        Ok(PenaltyOut {
+            value,
+            grads,
+            summed: Some(summed),
+        })
+    }
+
+    /// P's sums from the fused kernel with maths in `T`; with `grads`, ∂P/∂A and ∂P/∂B times
+    /// `grad_scale` are written into those (fresh, contiguous, dtype T) tensors.
+    fn sums<S: Storage, T: Real>(
+        &self,
+        grads: Option<&(Tensor, Tensor)>,
+        grad_scale: f64,
+    ) -> Result<Sums> {
         let anchor = self
             .reference
             .as_ref()
@@ -106,28 +185,27 @@ impl PenaltyJob {
         let omega = self.omega.f_contiguous()?;
         // SAFETY: contiguous CPU tensor of dtype S, only read.
         let om = unsafe { slice::<S>(&omega) };
-        // The kernel writes the gradients, scaled, straight into the tensors it returns (no
-        // staging buffers, scaled copies and tensors copied from them).
-        let grads = if grads {
-            let out = |rows: usize, cols: usize| {
-                Tensor::f_empty([rows as i64, cols as i64], (T::KIND, tch::Device::Cpu))
-            };
-            Some((out(a.rows, a.cols)?, out(b.rows, b.cols)?))
-        } else {
-            None
-        };
-        let p = match &grads {
+        match grads {
             Some((ga, gb)) => {
-                let scale = T::from_f64_lossy(2.0 * self.scaling * weight);
+                let scale = T::from_f64_lossy(grad_scale);
                 // SAFETY: fresh contiguous CPU tensors of dtype T, referenced nowhere else.
                 let (ga, gb) = unsafe { (slice_mut::<T>(ga), slice_mut::<T>(gb)) };
-                penalty_rows(om, &d, a, b, Some(GradOut { ga, gb, scale }))?
+                penalty_rows(om, &d, a, b, Some(GradOut { ga, gb, scale }))
             }
-            None => penalty_rows(om, &d, a, b, None)?,
+            None => penalty_rows(om, &d, a, b, None),
+        }
+    }
+
+    /// P·weight summed again with float64 maths (value only): for a sum over several matrices
+    /// whose values cancel across them.
+    fn resum_f64(&self, weight: f64) -> Result<f64> {
+        let sums = match self.omega.f_kind()? {
+            Kind::Double => self.sums::<f64, f64>(None, 0.0)?,
+            Kind::Float => self.sums::<f32, f64>(None, 0.0)?,
+            Kind::BFloat16 => self.sums::<bf16, f64>(None, 0.0)?,
+            _ => self.sums::<f16, f64>(None, 0.0)?,
         };
-        // One dispatcher op (0-d, rounded to T as `from_f64_lossy` would).
-        let value = Tensor::f_scalar_tensor(p * weight, (T::KIND, tch::Device::Cpu))?;
-        Ok(PenaltyOut { value, grads })
+        Ok(sums.p * weight)
     }
 
     fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
@@ -151,7 +229,11 @@ impl PenaltyJob {
         } else {
             None
         };
-        Ok(PenaltyOut { value, grads })
+        Ok(PenaltyOut {
+            value,
+            grads,
+            summed: None,
+        })
     }
 }
 
@@ -163,16 +245,66 @@ struct GradOut<'a, T> {
     scale: T,
 }
 
+/// P = Σ Ω·D² as summed by the kernel, and Σ |Ω|·D² beside it. Each term carries the rounding
+/// of D in the compute precision, so P's error is bounded relative to the magnitude, which is
+/// P itself when Ω ≥ 0 (the default clamp) but can exceed it by orders of magnitude when signs
+/// mix and the terms cancel: then float32 maths would miss the contract's 1e-5, and the value
+/// is summed again with float64 maths.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sums {
+    pub p: f64,
+    pub magnitude: f64,
+}
+
+impl Sums {
+    /// Whether the terms cancelled more than float32 maths can afford.
+    fn cancelled(&self) -> bool {
+        self.magnitude > CANCELLATION_LIMIT * self.p.abs()
+    }
+
+    fn add(&mut self, other: Sums) {
+        self.p += other.p;
+        self.magnitude += other.magnitude;
+    }
+}
+
+/// A sum whose magnitude exceeds |P| by this factor is summed again in float64: float32 terms
+/// err by a few 1e-7 each, so P's relative error stays near 1e-6, a tenth of the contract's.
+const CANCELLATION_LIMIT: f64 = 4.0;
+
+/// Whether any stored value is below zero, as T sees it (NaN is not). Eight running minima,
+/// so the loop vectorizes.
+#[inline(always)]
+fn has_negative<S: Storage, T: Real>(xs: &[S]) -> bool {
+    let min = |m: T, x: S| {
+        let v = T::load(x);
+        if v < m {
+            v
+        } else {
+            m
+        }
+    };
+    let mut lanes = [T::zero(); 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(T::zero(), |m, &x| min(m, x));
+    for chunk in chunks {
+        for l in 0..8 {
+            lanes[l] = min(lanes[l], chunk[l]);
+        }
+    }
+    tail < T::zero() || lanes.iter().any(|&m| m < T::zero())
+}
+
 /// One pass over Ω: per tile of `ROW_BLOCK` rows, D is formed in L1 buffers, G = Ω⊙D, and P,
 /// G·Aᵀ (per row) and Bᵀ·G (per task, reduced in task order — deterministic) are accumulated.
-/// Returns P; the gradients (without the 2s factor, times `out.scale`) go to `out`.
+/// Returns P's sums; the gradients (without the 2s factor, times `out.scale`) go to `out`.
 fn penalty_rows<S: Storage, T: Real>(
     omega: &[S],
     d: &LowRank<T>,
     a: &Dense<T>,
     b: &Dense<T>,
     out: Option<GradOut<'_, T>>,
-) -> Result<f64> {
+) -> Result<Sums> {
     let (rows, cols, r) = (d.rows, d.cols, a.rows);
     let grads = out.is_some();
     let (ga, gb, scale) = match out {
@@ -183,7 +315,7 @@ fn penalty_rows<S: Storage, T: Real>(
     if rows == 0 || cols == 0 {
         ga.fill(T::zero());
         gb.fill(T::zero());
-        return Ok(0.0);
+        return Ok(Sums::default());
     }
     let layout = GradLayout::new::<T>(r, cols);
     let a_packed = layout.pack(a);
@@ -199,12 +331,12 @@ fn penalty_rows<S: Storage, T: Real>(
         let gb_rows = gb_rows.map(|rows| (rows, scale));
         penalty_task(task * rpt, om, gb_rows, d, b, &layout, &a_packed)
     })?;
-    let mut total = 0.0f64;
+    let mut total = Sums::default();
     if grads {
         ga.fill(T::zero());
     }
-    for (p, part) in partials {
-        total += p;
+    for (sums, part) in partials {
+        total.add(sums);
         if grads {
             for (acc_row, part_row) in ga
                 .chunks_exact_mut(cols)
@@ -224,13 +356,20 @@ fn penalty_rows<S: Storage, T: Real>(
 
 /// The micro-kernel's last step in the penalty: each value d of D leaves the registers as
 /// G = Ω⊙d, and Ω·d² is summed into per-lane partials of P (no separate pass over the tile).
-struct Weighted<'a, S, T, const RB: usize> {
+/// With `MIXED` (a tile whose Ω has negative entries) |Ω|·d² is summed too; otherwise it
+/// equals Ω·d². Registers are short here: that sum for every tile cost 10–20 %, and even a
+/// running min of Ω (to find mixed tiles) 15–35 %, against 0–5 % for a pass over the tile's Ω
+/// in L1 after it (`has_negative`).
+struct Weighted<'a, S, T, const RB: usize, const MIXED: bool> {
     /// The tile's rows of Ω.
     omega: [&'a [S]; RB],
     lanes: [T; 16],
+    magnitude: [T; 16],
 }
 
-impl<S: Storage, T: Real, const RB: usize> Finish<T> for Weighted<'_, S, T, RB> {
+impl<S: Storage, T: Real, const RB: usize, const MIXED: bool> Finish<T>
+    for Weighted<'_, S, T, RB, MIXED>
+{
     #[inline(always)]
     fn finish<M: Madd, const W: usize>(
         &mut self,
@@ -243,6 +382,9 @@ impl<S: Storage, T: Real, const RB: usize> Finish<T> for Weighted<'_, S, T, RB> 
         for l in 0..W {
             let g = T::load(w[l]) * vals[l];
             self.lanes[l % 16] = M::madd(g, vals[l], self.lanes[l % 16]);
+            if MIXED {
+                self.magnitude[l % 16] = M::madd(g.abs(), vals[l].abs(), self.magnitude[l % 16]);
+            }
             dst[l] = g;
         }
     }
@@ -284,7 +426,7 @@ impl GradLayout {
     }
 }
 
-multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: Option<(&mut [T], T)>, d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T]) -> (f64, Vec<T>) = penalty_task_body);
+multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: Option<(&mut [T], T)>, d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T]) -> (Sums, Vec<T>) = penalty_task_body);
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -296,7 +438,7 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
     b: &Dense<T>,
     layout: &GradLayout,
     a_packed: &[T],
-) -> (f64, Vec<T>) {
+) -> (Sums, Vec<T>) {
     let nrows = om.len() / d.cols;
     let grads = gb_rows.is_some();
     let (gb_rows, gb_scale) = gb_rows.unwrap_or((&mut [], T::one()));
@@ -316,7 +458,7 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
         } else {
             Vec::new()
         },
-        p: 0.0,
+        sums: Sums::default(),
     };
     let mut li = 0;
     while li < nrows {
@@ -328,7 +470,7 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
             li += 1;
         }
     }
-    (task.p, task.ga)
+    (task.sums, task.ga)
 }
 
 struct PenaltyTask<'a, S, T> {
@@ -348,7 +490,7 @@ struct PenaltyTask<'a, S, T> {
     coefs: Vec<[T; ROW_BLOCK]>,
     /// This task's Bᵀ·G partial: r rows of `ga_stride`.
     ga: Vec<T>,
-    p: f64,
+    sums: Sums,
 }
 
 impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
@@ -367,15 +509,16 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         }
         for j0 in (0..cols).step_by(TILE_COLS) {
             let n = TILE_COLS.min(cols - j0);
-            let mut weigh = Weighted::<S, T, RB> {
-                omega: std::array::from_fn(|rr| {
-                    &self.om[(li + rr) * cols + j0..(li + rr) * cols + j0 + n]
-                }),
-                lanes: [T::zero(); 16],
-            };
-            self.d
-                .rows_tile_finish::<M, RB, _>(self.row0 + li, j0, n, &mut g, &mut weigh);
-            self.p += weigh.lanes.iter().fold(T::zero(), |s, &x| s + x).to_f64();
+            let omega: [&[S]; RB] = std::array::from_fn(|rr| {
+                &self.om[(li + rr) * cols + j0..(li + rr) * cols + j0 + n]
+            });
+            let mut sums = self.tile::<M, RB, false>(omega, li, j0, &mut g);
+            // Ω ≥ 0 is the rule: its check runs on the tile's Ω while it is in L1, and only a
+            // tile with a negative entry is formed again, with the magnitude summed.
+            if omega.iter().any(|w| has_negative::<S, T>(w)) {
+                sums = self.tile::<M, RB, true>(omega, li, j0, &mut g);
+            }
+            self.sums.add(sums);
             if grads {
                 // Whole blocks of columns: G's last tile is padded with zeros (A's packing too).
                 let n16 = n.div_ceil(GRAD_BLOCK) * GRAD_BLOCK;
@@ -397,6 +540,31 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
                     *lanes = [T::zero(); 8];
                 }
             }
+        }
+    }
+
+    /// G = Ω⊙D over the tile of rows li..li+RB and columns j0.. into `g`; returns P's sums.
+    #[inline(always)]
+    fn tile<M: Madd, const RB: usize, const MIXED: bool>(
+        &self,
+        omega: [&[S]; RB],
+        li: usize,
+        j0: usize,
+        g: &mut [[T; TILE_COLS]; RB],
+    ) -> Sums {
+        let mut weigh = Weighted::<S, T, RB, MIXED> {
+            omega,
+            lanes: [T::zero(); 16],
+            magnitude: [T::zero(); 16],
+        };
+        let n = omega[0].len();
+        self.d
+            .rows_tile_finish::<M, RB, _>(self.row0 + li, j0, n, g, &mut weigh);
+        let total = |lanes: &[T; 16]| lanes.iter().fold(T::zero(), |s, &x| s + x).to_f64();
+        let p = total(&weigh.lanes);
+        Sums {
+            p,
+            magnitude: if MIXED { total(&weigh.magnitude) } else { p },
         }
     }
 
@@ -500,14 +668,18 @@ mod tests {
             gb: &mut gb,
             scale: 2.0,
         };
-        let p = penalty_rows(&omega, &d, &a, &b, Some(out)).unwrap();
+        let sums = penalty_rows(&omega, &d, &a, &b, Some(out)).unwrap();
         // The buffers start as NaN: every element must be written, none accumulated into.
         let ga = Dense::new(r, cols, ga.iter().map(|x| x / 2.0).collect());
         let gb = Dense::new(rows, r, gb.iter().map(|x| x / 2.0).collect());
         let dd = d.to_dense();
         let g: Vec<f64> = omega.iter().zip(&dd.data).map(|(o, x)| o * x).collect();
         let want_p: f64 = g.iter().zip(&dd.data).map(|(g, x)| g * x).sum();
-        assert!((p - want_p).abs() < 1e-12 * want_p.abs().max(1.0));
+        assert!((sums.p - want_p).abs() < 1e-12 * want_p.abs().max(1.0));
+        assert_eq!(
+            sums.magnitude, sums.p,
+            "Ω ≥ 0: the terms are their magnitudes"
+        );
         // (Bᵀ·G)[q, j] = Σ_i B[i, q]·G[i, j]; (G·Aᵀ)[i, q] = Σ_j G[i, j]·A[q, j]
         for q in 0..r {
             for j in 0..cols {
@@ -524,6 +696,38 @@ mod tests {
             }
         }
         let p_only = penalty_rows(&omega, &d, &a, &b, None).unwrap();
-        assert_eq!(p_only, p);
+        assert_eq!(p_only.p, sums.p);
+    }
+
+    #[test]
+    fn mixed_sign_omega_sums_the_magnitude_of_the_terms() {
+        // Negative Ω in some tiles only (rows 2 and 5 of 9): those tiles sum Σ|Ω|·D² as well.
+        let (rows, cols, r) = (9, 270, 2);
+        let a = Dense::new(r, cols, values(r * cols, 4));
+        let b = Dense::new(rows, r, values(rows * r, 5));
+        let d = LowRank::new(b.clone(), a.clone());
+        let mut omega: Vec<f64> = values(rows * cols, 6).iter().map(|x| x.abs()).collect();
+        for row in [2, 5] {
+            for x in &mut omega[row * cols..row * cols + 40] {
+                *x = -*x;
+            }
+        }
+        let dd = d.to_dense();
+        let want_p: f64 = omega.iter().zip(&dd.data).map(|(o, x)| o * x * x).sum();
+        let want_magnitude: f64 = omega
+            .iter()
+            .zip(&dd.data)
+            .map(|(o, x)| o.abs() * x * x)
+            .sum();
+        let sums = penalty_rows(&omega, &d, &a, &b, None).unwrap();
+        assert!((sums.p - want_p).abs() < 1e-12 * want_magnitude);
+        assert!((sums.magnitude - want_magnitude).abs() < 1e-12 * want_magnitude);
+        assert!(sums.magnitude > sums.p);
+        assert!(!sums.cancelled());
+        let cancelling = Sums {
+            p: 0.2 * sums.magnitude,
+            magnitude: sums.magnitude,
+        };
+        assert!(cancelling.cancelled());
     }
 }

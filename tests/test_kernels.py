@@ -257,6 +257,55 @@ def test_penalty_reads_stored_omega_dtypes(omega_dtype, cpu_path):
     assert rel_err(a.grad, a64.grad) <= 1e-5
 
 
+def _cancelling_omega(d: torch.Tensor, cancel: float, seed: int) -> torch.Tensor:
+    """Float32 Ω of mixed signs whose terms Ω·D² cancel: Σ Ω·D² ≈ Σ |Ω|·D² / ``cancel``
+    (D in float64). Such Ω are legitimate (``clamp="none"``: the paper's text)."""
+    omega = torch.randn(d.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pos, neg = (omega.clamp_min(0) * d**2).sum(), (-omega.clamp_max(0) * d**2).sum()
+    k = pos * (cancel - 1) / (neg * (cancel + 1))  # pos − k·neg = (pos + k·neg) / cancel
+    return torch.where(omega < 0, omega * k, omega).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(192, 576, 8), (37, 29, 3)], ids=str)
+def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype):
+    """With Ω ≥ 0 every term is positive and float32 maths meets 1e-5. With mixed signs the
+    error is relative to Σ|Ω|·D², which can be 1e4·|P|: the fused kernel sees the negative Ω
+    (per tile), and sums such a value again with float64 maths. (The device paths keep
+    float32 D: there the error stays ~1e-7·Σ|Ω|·D²/|P|, see the README.)"""
+    out, inn, r = shape
+    step = make_step(out, inn, r, dtype, seed=out + r)
+    d64 = reference._delta(step.a1.double(), step.b1.double(), 1.7, step.a0.double(), step.b0.double(), 1.7)
+    omega = _cancelling_omega(d64, 1e4, seed=r)
+    magnitude = float((omega.double().abs() * d64**2).sum())
+    a, b = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
+    value = ops.importance_penalty(omega, a, b, step.a0, step.b0, scaling=1.7)
+    value.backward()
+    a64, b64 = step.a1.double().requires_grad_(), step.b1.double().requires_grad_()
+    want = reference.importance_penalty(omega.double(), a64, b64, step.a0.double(), step.b0.double(), scaling=1.7)
+    want.backward()
+    assert magnitude > 1e3 * abs(float(want.detach())), "the case must cancel"
+    assert rel_err(value, want) <= FORWARD_TOL[dtype]
+    assert rel_err(a.grad, a64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
+
+
+def test_penalty_many_total_is_accurate_when_matrices_cancel():
+    """Σ w_l·P_l with weights of both signs that nearly cancel: every P_l is accurate to 1e-7
+    of itself, the total is not — the fused path sums such totals again in float64."""
+    steps = _many_inputs(torch.float32, n=2, seed=40)
+    omegas = [torch.rand(s.omega.shape, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(steps)]
+    args = ([s.a1 for s in steps], [s.b1 for s in steps], [s.a0 for s in steps], [s.b0 for s in steps])
+    args64 = tuple([t.double() for t in col] for col in args)
+    parts = [float(reference.importance_penalty(o.double(), *(c[k] for c in args64), scaling=1.5))
+             for k, o in enumerate(omegas)]
+    weights = [1.0, -(parts[0] / parts[1]) * (1 - 1e-5)]  # total ≈ 1e-5 of each term
+    total = ops.importance_penalty_many(omegas, *args, scaling=1.5, weights=weights)
+    want = reference.importance_penalty_many([o.double() for o in omegas], *args64, scaling=1.5, weights=weights)
+    assert abs(float(want)) < 1e-4 * parts[0]
+    assert rel_err(total, want) <= FORWARD_TOL[torch.float32]
+
+
 def _many_inputs(dtype, n=4, seed=0):
     shapes = [(17, 9, 2), (576, 576, 8), (1, 1, 1), (40, 3, 5)][:n]
     return [make_step(o, i, r, dtype, seed=seed + k) for k, (o, i, r) in enumerate(shapes)]
