@@ -12,6 +12,9 @@ use crate::view::{
 };
 use tch::{Kind, Tensor};
 
+/// Matrices of at most this many elements get float64 maths on the CPU (see `OmegaJob::run`).
+const TINY_MATRIX: usize = 64;
+
 /// One matrix's update, validated and detached from Python (safe to run without the GIL).
 pub struct OmegaJob {
     omega: Tensor,
@@ -114,9 +117,13 @@ impl OmegaJob {
     }
 
     pub fn run(&self) -> Result<()> {
+        // A matrix of a few elements runs its maths in float64: there one element's
+        // cancellation in g~ (gB·A0 ≈ −B0·gA, rare but met by random tests) is the whole norm,
+        // and float32's rounding of the folded factor A0 − η·gA would show; it costs nothing.
+        let tiny = self.omega.numel() <= TINY_MATRIX;
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),
-            Path::Fused => match (self.omega.f_kind()?, self.f64_math) {
+            Path::Fused => match (self.omega.f_kind()?, self.f64_math || tiny) {
                 (Kind::Double, _) => self.run_fused::<f64, f64>(),
                 (_, true) => self.run_fused::<f32, f64>(),
                 _ => self.run_fused::<f32, f32>(),

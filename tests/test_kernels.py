@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import hlora
 from hlora import ops, reference
 
-from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, make_step, rel_err
+from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, Step, make_step, rel_err
 
 SHAPES = [(1, 1, 1), (7, 5, 3), (13, 1, 2), (1, 17, 4), (33, 65, 1), (40, 24, 64), (130, 129, 8),
           (576, 576, 8), (192, 576, 8)]
@@ -304,6 +304,25 @@ def test_penalty_many_total_is_accurate_when_matrices_cancel():
     want = reference.importance_penalty_many([o.double() for o in omegas], *args64, scaling=1.5, weights=weights)
     assert abs(float(want)) < 1e-4 * parts[0]
     assert rel_err(total, want) <= FORWARD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_update_of_a_single_element_is_accurate_when_g_tilde_cancels(dtype):
+    """(1, 1) with r = 1: g~ = s·(gB·A0 + B0·gA − η·gB·gA) with gB·A0 ≈ −B0·gA. The kernels fold
+    η into A0 − η·gA, whose float32 rounding the cancellation magnifies — at one element that is
+    the whole norm, so matrices this small run their maths in float64."""
+    eps = torch.finfo(dtype).eps
+    one = lambda x: torch.tensor([[x]], dtype=torch.float64).to(dtype)  # noqa: E731
+    a0, b0, gb, ga = one(1.0), one(0.75), one(1.0), one(-(1 - eps) / 0.75)
+    a1, b1 = one(1.0 + 64 * eps), one(0.75 - 32 * eps)
+    lr, s = 1.3e-3 * eps, 2.0
+    step = Step(torch.tensor([[3e-3 * eps**2]]), a0, b0, ga, gb, a1, b1)
+    before = step.omega.clone()
+    want = _ref_update(step, lr, s)
+    ops.accumulate_omega_(*step.args(), lr=lr, scaling=s)
+    increment = want - before.double()
+    assert abs(float(increment)) > 0.1 * float(before)  # the update shows in ω
+    assert rel_err(step.omega.double() - before.double(), increment) <= FORWARD_TOL[dtype]
 
 
 def _many_inputs(dtype, n=4, seed=0):
