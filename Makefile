@@ -54,7 +54,7 @@ $(NATIVE_STAMP): $(VENV)/.deps-installed $(RUST_SOURCES) pyproject.toml
 lint: build
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
-	$(PY) -m ruff check python tests scripts
+	$(PY) -m ruff check python tests scripts notebooks
 
 clean:
 	rm -rf $(VENV) target

@@ -17,10 +17,11 @@ This notebook runs the whole method on the real model that works offline here �
 `SCALE` chooses the budget: `"ci"` (the test suite executes this notebook with it: a few steps, so numbers
 are noise), `"small"` (a few minutes on 2 CPU cores) or `"demo"` (the `hlora demo` budget)."""),
     new_code_cell("""import os
-import torch
+
+from IPython.display import Image, Markdown, display
+
 import hlora
 from hlora import experiment, plots
-from IPython.display import Image, Markdown, display
 
 SCALE = os.environ.get("HLORA_NOTEBOOK_SCALE", "small")
 budgets = {
@@ -63,6 +64,8 @@ shrink it while domain accuracy stays close; φ trades one against the other (`h
 validation split; `hlora experiment` repeats everything over seeds with t-tests). At the `ci` scale the
 numbers are noise — the point there is that every step runs."""),
 ]
+for index, cell in enumerate(cells):
+    cell["id"] = f"cell-{index:02d}"  # stable ids: regenerating changes only what changed
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                         "language": "python"}})
 nbformat.write(nb, "notebooks/hlora_walkthrough.ipynb")
