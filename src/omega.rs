@@ -5,15 +5,12 @@ use crate::error::{Error, Result};
 use crate::forms::{assemble, d_theta, g_tilde};
 use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
-use crate::scalar::{Real, Storage};
+use crate::scalar::{Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
 use crate::view::{
     dense, finite, same_device, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS,
 };
 use tch::{Kind, Tensor};
-
-/// Matrices of at most this many elements get float64 maths on the CPU (see `OmegaJob::run`).
-const TINY_MATRIX: usize = 64;
 
 /// One matrix's update, validated and detached from Python (safe to run without the GIL).
 pub struct OmegaJob {
@@ -117,9 +114,8 @@ impl OmegaJob {
     }
 
     pub fn run(&self) -> Result<()> {
-        // A matrix of a few elements runs its maths in float64: there one element's
-        // cancellation in g~ (gB·A0 ≈ −B0·gA, rare but met by random tests) is the whole norm,
-        // and float32's rounding of the folded factor A0 − η·gA would show; it costs nothing.
+        // A matrix of a few elements runs its maths in float64 (`TINY_MATRIX`): here the
+        // float32 rounding of the folded factor A0 − η·gA, magnified where gB·A0 ≈ −B0·gA.
         let tiny = self.omega.numel() <= TINY_MATRIX;
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),

@@ -8,7 +8,7 @@ use crate::lowrank::{
     conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
 };
 use crate::pool;
-use crate::scalar::{Real, Storage};
+use crate::scalar::{Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, STORED_OMEGA_KINDS};
 use half::{bf16, f16};
@@ -30,6 +30,20 @@ pub struct PenaltyOut {
     pub grads: Option<(Tensor, Tensor)>,
     /// The fused CPU kernel's sums behind `value`, before rounding (None on the tch path).
     pub summed: Option<Summed>,
+}
+
+impl PenaltyOut {
+    fn into_kind(self, kind: Kind) -> Result<PenaltyOut> {
+        let grads = match self.grads {
+            Some((ga, gb)) => Some((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)),
+            None => None,
+        };
+        Ok(PenaltyOut {
+            value: self.value.f_to_kind(kind)?,
+            grads,
+            summed: self.summed,
+        })
+    }
 }
 
 /// P·weight as the CPU kernel summed it, and the magnitude its rounding is relative to:
@@ -119,15 +133,25 @@ impl PenaltyJob {
     pub fn run(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(weight, grads),
-            Path::Fused => match (self.omega.f_kind()?, self.f64_math) {
-                (Kind::Double, _) => self.run_fused::<f64, f64>(weight, grads),
-                (Kind::Float, true) => self.run_fused::<f32, f64>(weight, grads),
-                (Kind::Float, false) => self.run_fused::<f32, f32>(weight, grads),
-                (Kind::BFloat16, true) => self.run_fused::<bf16, f64>(weight, grads),
-                (Kind::BFloat16, false) => self.run_fused::<bf16, f32>(weight, grads),
-                (_, true) => self.run_fused::<f16, f64>(weight, grads),
-                (_, false) => self.run_fused::<f16, f32>(weight, grads),
-            },
+            Path::Fused => {
+                // A matrix of a few elements runs its maths in float64 (`TINY_MATRIX`): here
+                // one element's D, whose terms can cancel. Results keep the compute dtype.
+                let tiny = !self.f64_math && self.omega.numel() <= TINY_MATRIX;
+                let out = match (self.omega.f_kind()?, self.f64_math || tiny) {
+                    (Kind::Double, _) => self.run_fused::<f64, f64>(weight, grads),
+                    (Kind::Float, true) => self.run_fused::<f32, f64>(weight, grads),
+                    (Kind::Float, false) => self.run_fused::<f32, f32>(weight, grads),
+                    (Kind::BFloat16, true) => self.run_fused::<bf16, f64>(weight, grads),
+                    (Kind::BFloat16, false) => self.run_fused::<bf16, f32>(weight, grads),
+                    (_, true) => self.run_fused::<f16, f64>(weight, grads),
+                    (_, false) => self.run_fused::<f16, f32>(weight, grads),
+                }?;
+                if tiny {
+                    out.into_kind(Kind::Float)
+                } else {
+                    Ok(out)
+                }
+            }
         })
     }
 

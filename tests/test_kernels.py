@@ -290,6 +290,32 @@ def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype):
     assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("r", [8, 64])
+def test_penalty_of_a_single_element_is_accurate_when_d_cancels(r, dtype):
+    """(1, 1): P = Ω·D² with D = s·Σ_k B_k·A_k, whose terms here cancel to a small fraction of
+    their size. At one element D's float32 rounding is the whole error (1e-3 relative at r = 64
+    in one random case of 300), so matrices this small run their maths in float64."""
+    g = torch.Generator().manual_seed(r)
+    a = torch.randn(r, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(1, r, generator=g, dtype=torch.float64)
+    b[0, -1] = -float(b[0, :-1] @ a[:-1, 0]) / float(a[-1, 0]) * (1 - 1e-4)
+    a, b = a.to(dtype), b.to(dtype)
+    terms = b.double()[0] * a.double()[:, 0]
+    assert float(terms.abs().sum()) > 100 * abs(float(terms.sum())), "the case must cancel"
+    omega = torch.tensor([[0.7]])
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    value = ops.importance_penalty(omega, a1, b1, scaling=1.7)
+    value.backward()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    want = reference.importance_penalty(omega.double(), a64, b64, scaling=1.7)
+    want.backward()
+    assert value.dtype == torch.float32 and a1.grad.dtype == dtype
+    assert rel_err(value, want) <= FORWARD_TOL[dtype]
+    assert rel_err(a1.grad, a64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(b1.grad, b64.grad) <= GRAD_TOL[dtype]
+
+
 def test_penalty_many_total_is_accurate_when_matrices_cancel():
     """Σ w_l·P_l with weights of both signs that nearly cancel: every P_l is accurate to 1e-7
     of itself, the total is not — the fused path sums such totals again in float64."""
