@@ -430,6 +430,7 @@ fn importance_penalty(
     let out = match cuda_route(py, [job.device()])? {
         Some((k, stream)) => py.allow_threads(move || {
             let out = cuda::penalty_many(&k, stream, &[job.cuda_mat(weight)], compute_grads)?;
+            let out = penalty::from_cuda(&[(job, weight)], out)?;
             Ok::<_, Error>(penalty::PenaltyOut {
                 value: out.total,
                 grads: out.grads.and_then(|g| g.into_iter().next()),
@@ -481,7 +482,8 @@ fn importance_penalty_many(
     if let Some((k, stream)) = cuda_route(py, jobs.iter().map(|(j, _)| j.device()))? {
         let out = py.allow_threads(move || {
             let mats: Vec<_> = jobs.iter().map(|(j, w)| j.cuda_mat(*w)).collect();
-            cuda::penalty_many(&k, stream, &mats, compute_grads)
+            let out = cuda::penalty_many(&k, stream, &mats, compute_grads)?;
+            penalty::from_cuda(&jobs, out)
         })?;
         let (grads_a, grads_b) = match out.grads {
             Some(g) => g

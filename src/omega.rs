@@ -109,17 +109,21 @@ impl OmegaJob {
             ],
             lr: self.lr,
             scaling: self.scaling,
-            f64_math: self.f64_math,
+            f64_math: self.f64_maths(),
         }
     }
 
+    /// Whether the maths runs in float64: float64 inputs, or a matrix of a few elements
+    /// (`TINY_MATRIX`: here the float32 rounding of the folded factor A0 − η·gA, magnified
+    /// where gB·A0 ≈ −B0·gA).
+    fn f64_maths(&self) -> bool {
+        self.f64_math || self.omega.numel() <= TINY_MATRIX
+    }
+
     pub fn run(&self) -> Result<()> {
-        // A matrix of a few elements runs its maths in float64 (`TINY_MATRIX`): here the
-        // float32 rounding of the folded factor A0 − η·gA, magnified where gB·A0 ≈ −B0·gA.
-        let tiny = self.omega.numel() <= TINY_MATRIX;
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),
-            Path::Fused => match (self.omega.f_kind()?, self.f64_math || tiny) {
+            Path::Fused => match (self.omega.f_kind()?, self.f64_maths()) {
                 (Kind::Double, _) => self.run_fused::<f64, f64>(),
                 (_, true) => self.run_fused::<f32, f64>(),
                 _ => self.run_fused::<f32, f32>(),
@@ -154,7 +158,7 @@ impl OmegaJob {
     }
 
     fn run_tch(&self) -> Result<()> {
-        let kind = if self.f64_math {
+        let kind = if self.f64_maths() {
             Kind::Double
         } else {
             Kind::Float

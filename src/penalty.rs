@@ -1,6 +1,7 @@
 //! The importance penalty (Eq. 14, 16): P = Σ Ω ⊙ D², D = s·B·A − s_ref·B_ref·A_ref, with its
 //! analytic gradients ∂P/∂B = 2s·(Ω⊙D)·Aᵀ and ∂P/∂A = 2s·Bᵀ·(Ω⊙D), in one pass over Ω.
 
+use crate::cuda::PenaltyManyOut;
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
 use crate::forms::{assemble, Converted};
@@ -33,7 +34,11 @@ pub struct PenaltyOut {
 }
 
 impl PenaltyOut {
-    fn into_kind(self, kind: Kind) -> Result<PenaltyOut> {
+    /// The same results in `kind` (as they are when they have it already).
+    pub fn into_kind(self, kind: Kind) -> Result<PenaltyOut> {
+        if self.value.kind() == kind {
+            return Ok(self);
+        }
         let grads = match self.grads {
             Some((ga, gb)) => Some((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)),
             None => None,
@@ -44,6 +49,32 @@ impl PenaltyOut {
             summed: self.summed,
         })
     }
+}
+
+/// The CUDA kernels' results for `jobs` in each job's result dtype (a tiny matrix ran its
+/// maths in float64): the total in float64 if any job's results are, each pair of gradients
+/// in its own job's.
+pub fn from_cuda(jobs: &[(PenaltyJob, f64)], out: PenaltyManyOut) -> Result<PenaltyManyOut> {
+    let kinds: Vec<Kind> = jobs.iter().map(|(job, _)| job.result_kind()).collect();
+    let total_kind = if kinds.contains(&Kind::Double) {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let grads = match out.grads {
+        Some(grads) => Some(
+            grads
+                .into_iter()
+                .zip(&kinds)
+                .map(|((ga, gb), &kind)| Ok((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    Ok(PenaltyManyOut {
+        total: out.total.f_to_kind(total_kind)?,
+        grads,
+    })
 }
 
 /// P·weight as the CPU kernel summed it, and the magnitude its rounding is relative to:
@@ -125,42 +156,40 @@ impl PenaltyJob {
             scaling: self.scaling,
             scaling_ref: self.scaling_ref,
             weight,
-            f64_math: self.f64_math,
+            f64_math: self.f64_maths(),
         }
     }
 
     /// `weight` multiplies the value and the gradients (the layer coefficient times φ).
     pub fn run(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
-        tch::no_grad(|| match path_for(self.omega.device()) {
+        let out = tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(weight, grads),
-            Path::Fused => {
-                // A matrix of a few elements runs its maths in float64 (`TINY_MATRIX`): here
-                // one element's D, whose terms can cancel. Results keep the compute dtype.
-                let tiny = !self.f64_math && self.omega.numel() <= TINY_MATRIX;
-                let out = match (self.omega.f_kind()?, self.f64_math || tiny) {
-                    (Kind::Double, _) => self.run_fused::<f64, f64>(weight, grads),
-                    (Kind::Float, true) => self.run_fused::<f32, f64>(weight, grads),
-                    (Kind::Float, false) => self.run_fused::<f32, f32>(weight, grads),
-                    (Kind::BFloat16, true) => self.run_fused::<bf16, f64>(weight, grads),
-                    (Kind::BFloat16, false) => self.run_fused::<bf16, f32>(weight, grads),
-                    (_, true) => self.run_fused::<f16, f64>(weight, grads),
-                    (_, false) => self.run_fused::<f16, f32>(weight, grads),
-                }?;
-                if tiny {
-                    out.into_kind(Kind::Float)
-                } else {
-                    Ok(out)
-                }
-            }
-        })
+            Path::Fused => match (self.omega.f_kind()?, self.f64_maths()) {
+                (Kind::Double, _) => self.run_fused::<f64, f64>(weight, grads),
+                (Kind::Float, true) => self.run_fused::<f32, f64>(weight, grads),
+                (Kind::Float, false) => self.run_fused::<f32, f32>(weight, grads),
+                (Kind::BFloat16, true) => self.run_fused::<bf16, f64>(weight, grads),
+                (Kind::BFloat16, false) => self.run_fused::<bf16, f32>(weight, grads),
+                (_, true) => self.run_fused::<f16, f64>(weight, grads),
+                (_, false) => self.run_fused::<f16, f32>(weight, grads),
+            },
+        })?;
+        out.into_kind(self.result_kind())
     }
 
-    fn compute_kind(&self) -> Kind {
+    /// The dtype of the value and gradients: float64 with float64 inputs, else float32.
+    pub fn result_kind(&self) -> Kind {
         if self.f64_math {
             Kind::Double
         } else {
             Kind::Float
         }
+    }
+
+    /// Whether the maths runs in float64: float64 inputs, or a matrix of a few elements
+    /// (`TINY_MATRIX`: here one element's D, whose terms can cancel).
+    fn f64_maths(&self) -> bool {
+        self.f64_math || self.omega.numel() <= TINY_MATRIX
     }
 
     fn run_fused<S: Storage, T: Real>(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
@@ -233,7 +262,11 @@ impl PenaltyJob {
     }
 
     fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
-        let kind = self.compute_kind();
+        let kind = if self.f64_maths() {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let anchor = self
             .reference

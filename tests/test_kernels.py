@@ -292,7 +292,7 @@ def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("r", [8, 64])
-def test_penalty_of_a_single_element_is_accurate_when_d_cancels(r, dtype):
+def test_penalty_of_a_single_element_is_accurate_when_d_cancels(r, dtype, cpu_path):
     """(1, 1): P = Ω·D² with D = s·Σ_k B_k·A_k, whose terms here cancel to a small fraction of
     their size. At one element D's float32 rounding is the whole error (1e-3 relative at r = 64
     in one random case of 300), so matrices this small run their maths in float64."""
@@ -333,7 +333,7 @@ def test_penalty_many_total_is_accurate_when_matrices_cancel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_update_of_a_single_element_is_accurate_when_g_tilde_cancels(dtype):
+def test_update_of_a_single_element_is_accurate_when_g_tilde_cancels(dtype, cpu_path):
     """(1, 1) with r = 1: g~ = s·(gB·A0 + B0·gA − η·gB·gA) with gB·A0 ≈ −B0·gA. The kernels fold
     η into A0 − η·gA, whose float32 rounding the cancellation magnifies — at one element that is
     the whole norm, so matrices this small run their maths in float64."""

@@ -12,7 +12,8 @@ mod ops;
 mod tables;
 
 pub use ops::{
-    finalize_many, omega_many, penalty_many, FinalizeMat, FinalizeOut, OmegaMat, PenaltyMat,
+    finalize_many, omega_many, penalty_many, FinalizeMat, FinalizeOut, OmegaMat, PenaltyManyOut,
+    PenaltyMat,
 };
 
 use crate::error::{Error, Result};
