@@ -109,21 +109,21 @@ impl OmegaJob {
             ],
             lr: self.lr,
             scaling: self.scaling,
-            f64_math: self.f64_maths(),
+            f64_math: self.maths_in_f64(),
         }
     }
 
     /// Whether the maths runs in float64: float64 inputs, or a matrix of a few elements
     /// (`TINY_MATRIX`: here the float32 rounding of the folded factor A0 − η·gA, magnified
     /// where gB·A0 ≈ −B0·gA).
-    fn f64_maths(&self) -> bool {
+    fn maths_in_f64(&self) -> bool {
         self.f64_math || self.omega.numel() <= TINY_MATRIX
     }
 
     pub fn run(&self) -> Result<()> {
         tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(),
-            Path::Fused => match (self.omega.f_kind()?, self.f64_maths()) {
+            Path::Fused => match (self.omega.f_kind()?, self.maths_in_f64()) {
                 (Kind::Double, _) => self.run_fused::<f64, f64>(),
                 (_, true) => self.run_fused::<f32, f64>(),
                 _ => self.run_fused::<f32, f32>(),
@@ -158,7 +158,7 @@ impl OmegaJob {
     }
 
     fn run_tch(&self) -> Result<()> {
-        let kind = if self.f64_maths() {
+        let kind = if self.maths_in_f64() {
             Kind::Double
         } else {
             Kind::Float

@@ -156,7 +156,7 @@ impl PenaltyJob {
             scaling: self.scaling,
             scaling_ref: self.scaling_ref,
             weight,
-            f64_math: self.f64_maths(),
+            f64_math: self.maths_in_f64(),
         }
     }
 
@@ -164,7 +164,7 @@ impl PenaltyJob {
     pub fn run(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
         let out = tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(weight, grads),
-            Path::Fused => match (self.omega.f_kind()?, self.f64_maths()) {
+            Path::Fused => match (self.omega.f_kind()?, self.maths_in_f64()) {
                 (Kind::Double, _) => self.run_fused::<f64, f64>(weight, grads),
                 (Kind::Float, true) => self.run_fused::<f32, f64>(weight, grads),
                 (Kind::Float, false) => self.run_fused::<f32, f32>(weight, grads),
@@ -188,7 +188,7 @@ impl PenaltyJob {
 
     /// Whether the maths runs in float64: float64 inputs, or a matrix of a few elements
     /// (`TINY_MATRIX`: here one element's D, whose terms can cancel).
-    fn f64_maths(&self) -> bool {
+    fn maths_in_f64(&self) -> bool {
         self.f64_math || self.omega.numel() <= TINY_MATRIX
     }
 
@@ -262,7 +262,7 @@ impl PenaltyJob {
     }
 
     fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
-        let kind = if self.f64_maths() {
+        let kind = if self.maths_in_f64() {
             Kind::Double
         } else {
             Kind::Float

@@ -5,10 +5,10 @@
 use half::{bf16, f16};
 use num_traits::Float;
 
-/// Matrices of at most this many elements get float64 maths on the CPU whatever the factors'
-/// dtype. There one element's cancellation (in D, or in the ω update's g~) is the whole norm,
-/// and float32 rounding shows past the contract's 1e-5 — e.g. a (1, 1) penalty with r = 64
-/// erred by 1e-3 in one random case of 300. At that size float64 costs nothing.
+/// Matrices of at most this many elements get float64 maths (on every path) whatever the
+/// factors' dtype. There one element's cancellation (in D, or in the ω update's g~) is the whole
+/// norm, and float32 rounding shows past the contract's 1e-5 — e.g. a (1, 1) penalty with
+/// r = 64 erred by 1e-3 in one random case of 300. At that size float64 costs nothing.
 pub const TINY_MATRIX: usize = 64;
 
 pub trait Storage: Copy + Send + Sync + 'static {
