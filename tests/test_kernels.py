@@ -272,7 +272,7 @@ def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype):
     """With Ω ≥ 0 every term is positive and float32 maths meets 1e-5. With mixed signs the
     error is relative to Σ|Ω|·D², which can be 1e4·|P|: the fused kernel sees the negative Ω
     (per tile), and sums such a value again with float64 maths. (The device paths keep
-    float32 D: there the error stays ~1e-7·Σ|Ω|·D²/|P|, see the README.)"""
+    float32 D: there the error stays ~1e-8·Σ|Ω|·D²/|P|, see the README.)"""
     out, inn, r = shape
     step = make_step(out, inn, r, dtype, seed=out + r)
     d64 = reference._delta(step.a1.double(), step.b1.double(), 1.7, step.a0.double(), step.b0.double(), 1.7)
