@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nimportance cost — HLoRA recording overhead {hl:.1f} s (its whole ν phase "
               f"{costs['hlora_nu_phase_s']:.1f} s), {costs['hlora_importance_bytes'] / 1e6:.1f} MB; "
               f"EWC Fisher {costs['ewc_fisher_s']:.1f} s, {costs['ewc_fisher_bytes'] / 1e6:.1f} MB "
-              f"({costs['ewc_fisher_s'] / max(hl, 1e-9):.0f}× the recording overhead, "
+              f"({experiment.versus_recording(costs['ewc_fisher_s'], hl)}, "
               f"{costs['ewc_fisher_s'] / costs['hlora_nu_phase_s']:.1f}× the whole ν phase)")
     figures = {
         "loss_curves": plots.loss_curves({m: cmp.results[m].history for m in experiment.METHODS},

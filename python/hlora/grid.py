@@ -96,8 +96,8 @@ def summarize(out: str) -> str:
             ewc = statistics.mean(c["ewc_fisher_s"] for c in costs)
             lines += ["", f"Importance cost (mean over seeds): HLoRA recording overhead {rec:.1f} s, whole ν phase "
                           f"{nu:.1f} s, {costs[0]['hlora_importance_bytes'] / 1e6:.1f} MB; EWC Fisher {ewc:.1f} s, "
-                          f"{costs[0]['ewc_fisher_bytes'] / 1e6:.1f} MB → {ewc / max(rec, 1e-9):.0f}× the recording "
-                          f"overhead, {ewc / nu:.2f}× the whole ν phase."]
+                          f"{costs[0]['ewc_fisher_bytes'] / 1e6:.1f} MB → {experiment.versus_recording(ewc, rec)}, "
+                          f"{ewc / nu:.2f}× the whole ν phase."]
         if len(runs) >= 2:
             compared = [m for m in methods if m not in ("base", "after ν")]
             welch = {m: stats.welch(rise[m], rise["HLoRA"])[1] for m in compared if m != "HLoRA"}
