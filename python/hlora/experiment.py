@@ -223,9 +223,9 @@ class Comparison:
         self.evaluate(self.model, "after ν", seconds, hist)
 
     def measure_recording_overhead(self, steps: int = 4) -> None:
-        """Seconds of a ν-phase step without and with recording, on the same batch: one untimed
-        warm-up step, then `steps` rounds alternating the two, medians. The overhead (~1 % of a
-        step) is a difference of two noisy timings; 0 means it was lost in the noise."""
+        """Seconds of a ν-phase step without and with recording, on the same batch: an untimed
+        warm-up round, then `steps` rounds alternating the two, medians. The overhead (a small
+        fraction of a step) is a difference of two noisy timings; 0 means it was lost in the noise."""
         b = self.budget
         times: Dict[bool, List[float]] = {False: [], True: []}
         for rnd in range(steps + 1):
