@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::forms::{assemble, d_theta, g_tilde};
 use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
 use crate::pool;
-use crate::scalar::{Real, Storage, TINY_MATRIX};
+use crate::scalar::{math_kind, Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
 use crate::view::{
     dense, finite, same_device, slice_mut, wants_f64, Arg, FACTOR_KINDS, OMEGA_KINDS,
@@ -158,11 +158,7 @@ impl OmegaJob {
     }
 
     fn run_tch(&self) -> Result<()> {
-        let kind = if self.maths_in_f64() {
-            Kind::Double
-        } else {
-            Kind::Float
-        };
+        let kind = math_kind(self.maths_in_f64());
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let (a0, b0, ga, gb) = (
             c(&self.a_prev)?,

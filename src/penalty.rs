@@ -9,7 +9,7 @@ use crate::lowrank::{
     conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
 };
 use crate::pool;
-use crate::scalar::{Real, Storage, TINY_MATRIX};
+use crate::scalar::{math_kind, Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, STORED_OMEGA_KINDS};
 use half::{bf16, f16};
@@ -29,8 +29,10 @@ pub struct PenaltyJob {
 pub struct PenaltyOut {
     pub value: Tensor,
     pub grads: Option<(Tensor, Tensor)>,
-    /// The fused CPU kernel's sums behind `value`, before rounding (None on the tch path).
-    pub summed: Option<Summed>,
+    /// The fused CPU kernel's sums behind `value`, times the weight, before rounding; the
+    /// magnitude is 0 once summed with float64 maths (its rounding negligible here). None on
+    /// the tch path.
+    pub summed: Option<Sums>,
 }
 
 impl PenaltyOut {
@@ -56,11 +58,7 @@ impl PenaltyOut {
 /// in its own job's.
 pub fn from_cuda(jobs: &[(PenaltyJob, f64)], out: PenaltyManyOut) -> Result<PenaltyManyOut> {
     let kinds: Vec<Kind> = jobs.iter().map(|(job, _)| job.result_kind()).collect();
-    let total_kind = if kinds.contains(&Kind::Double) {
-        Kind::Double
-    } else {
-        Kind::Float
-    };
+    let total_kind = math_kind(kinds.contains(&Kind::Double));
     let grads = match out.grads {
         Some(grads) => Some(
             grads
@@ -77,14 +75,6 @@ pub fn from_cuda(jobs: &[(PenaltyJob, f64)], out: PenaltyManyOut) -> Result<Pena
     })
 }
 
-/// P·weight as the CPU kernel summed it, and the magnitude its rounding is relative to:
-/// Σ |w·Ω|·D² for float32 maths, 0 for float64 maths (whose rounding is negligible here).
-#[derive(Clone, Copy, Debug)]
-pub struct Summed {
-    pub p: f64,
-    pub magnitude: f64,
-}
-
 /// Σ_l w_l·P_l over `jobs` (each with its weight) and their `outs`, as a 0-d tensor. From the
 /// fused CPU kernels' sums: added in float64 and rounded once, with float64 maths where the
 /// matrices' values cancel (negative Ω or weights). The tch path's tensors are just added.
@@ -92,29 +82,32 @@ pub fn total(jobs: &[(PenaltyJob, f64)], outs: &[PenaltyOut]) -> Result<Tensor> 
     if outs.is_empty() {
         return Err(Error::value("Omega must hold at least one matrix"));
     }
-    let summed: Option<Vec<Summed>> = outs.iter().map(|o| o.summed).collect();
+    let summed: Option<Vec<Sums>> = outs.iter().map(|o| o.summed).collect();
     let Some(mut summed) = summed else {
         let first = outs[0].value.shallow_clone();
         return outs[1..]
             .iter()
             .try_fold(first, |t, o| Ok(t.f_add(&o.value)?));
     };
-    let sum = |s: &[Summed]| s.iter().map(|x| x.p).sum::<f64>();
-    let magnitude: f64 = summed.iter().map(|x| x.magnitude).sum();
-    if magnitude > CANCELLATION_LIMIT * sum(&summed).abs() {
+    let sum = |s: &[Sums]| {
+        s.iter().fold(Sums::default(), |mut acc, &x| {
+            acc.add(x);
+            acc
+        })
+    };
+    if sum(&summed).cancelled() {
         for (s, (job, weight)) in summed.iter_mut().zip(jobs) {
             if s.magnitude > 0.0 {
-                *s = Summed {
+                *s = Sums {
                     p: job.resum_f64(*weight)?,
                     magnitude: 0.0,
                 };
             }
         }
     }
-    let any_f64 = outs.iter().any(|o| o.value.kind() == Kind::Double);
-    let kind = if any_f64 { Kind::Double } else { Kind::Float };
+    let kind = math_kind(outs.iter().any(|o| o.value.kind() == Kind::Double));
     Ok(Tensor::f_scalar_tensor(
-        sum(&summed),
+        sum(&summed).p,
         (kind, tch::Device::Cpu),
     )?)
 }
@@ -179,11 +172,7 @@ impl PenaltyJob {
 
     /// The dtype of the value and gradients: float64 with float64 inputs, else float32.
     pub fn result_kind(&self) -> Kind {
-        if self.f64_math {
-            Kind::Double
-        } else {
-            Kind::Float
-        }
+        math_kind(self.f64_math)
     }
 
     /// Whether the maths runs in float64: float64 inputs, or a matrix of a few elements
@@ -208,7 +197,7 @@ impl PenaltyJob {
             sums = self.sums::<S, f64>(None, 0.0)?;
             sums.magnitude = 0.0;
         }
-        let summed = Summed {
+        let summed = Sums {
             p: sums.p * weight,
             magnitude: sums.magnitude * weight.abs(),
         };
@@ -262,11 +251,7 @@ impl PenaltyJob {
     }
 
     fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
-        let kind = if self.maths_in_f64() {
-            Kind::Double
-        } else {
-            Kind::Float
-        };
+        let kind = math_kind(self.maths_in_f64());
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let anchor = self
             .reference

@@ -11,6 +11,15 @@ use num_traits::Float;
 /// r = 64 erred by 1e-3 in one random case of 300. At that size float64 costs nothing.
 pub const TINY_MATRIX: usize = 64;
 
+/// The dtype the maths (and its results) run in: float64, or float32.
+pub fn math_kind(f64_math: bool) -> tch::Kind {
+    if f64_math {
+        tch::Kind::Double
+    } else {
+        tch::Kind::Float
+    }
+}
+
 pub trait Storage: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn to_f64(self) -> f64;

@@ -6,6 +6,7 @@
 use super::tables::{self, *};
 use super::Kernels;
 use crate::error::{Error, Result};
+use crate::scalar::math_kind;
 use std::ffi::c_void;
 use tch::{Device, Kind, Tensor};
 
@@ -58,14 +59,6 @@ fn launches(names: &[&str]) -> Vec<Vec<usize>> {
         .chunk_by(|&x, &y| names[x] == names[y])
         .flat_map(|group| group.chunks(MAX_MATS).map(<[usize]>::to_vec))
         .collect()
-}
-
-fn math_kind(f64_math: bool) -> Kind {
-    if f64_math {
-        Kind::Double
-    } else {
-        Kind::Float
-    }
 }
 
 fn ceil_div(a: usize, b: usize) -> usize {
