@@ -437,7 +437,13 @@ fn importance_penalty(
                 summed: None,
             })
         })?,
-        None => py.allow_threads(move || job.run(weight, compute_grads))?,
+        None => py.allow_threads(move || {
+            let mut job = job;
+            penalty::exact_on_device([&mut job], false)?;
+            let mut out = job.run(weight, compute_grads)?;
+            out.value = out.value.f_to_kind(job.result_kind())?;
+            Ok::<_, Error>(out)
+        })?,
     };
     let (ga, gb) = out.grads.map_or((None, None), |(x, y)| {
         (Some(PyTensor(x)), Some(PyTensor(y)))
@@ -498,6 +504,11 @@ fn importance_penalty_many(
         return Ok((PyTensor(out.total), grads_a, grads_b));
     }
     let (total, outs) = py.allow_threads(move || {
+        let mut jobs = jobs;
+        penalty::exact_on_device(
+            jobs.iter_mut().map(|(job, _)| job),
+            penalty::mixed_signs(&weights),
+        )?;
         let outs = jobs
             .iter()
             .map(|(job, w)| job.run(*w, compute_grads))

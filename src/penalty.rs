@@ -23,6 +23,8 @@ pub struct PenaltyJob {
     scaling: f64,
     scaling_ref: f64,
     f64_math: bool,
+    /// The tch path sums the value from D formed in float64 (see [`exact_on_device`]).
+    exact_value: bool,
 }
 
 /// P as a 0-d tensor and, when asked for, (∂P/∂A, ∂P/∂B) in compute precision.
@@ -33,24 +35,6 @@ pub struct PenaltyOut {
     /// magnitude is 0 once summed with float64 maths (its rounding negligible here). None on
     /// the tch path.
     pub summed: Option<Sums>,
-}
-
-impl PenaltyOut {
-    /// The same results in `kind` (as they are when they have it already).
-    pub fn into_kind(self, kind: Kind) -> Result<PenaltyOut> {
-        if self.value.kind() == kind {
-            return Ok(self);
-        }
-        let grads = match self.grads {
-            Some((ga, gb)) => Some((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)),
-            None => None,
-        };
-        Ok(PenaltyOut {
-            value: self.value.f_to_kind(kind)?,
-            grads,
-            summed: self.summed,
-        })
-    }
 }
 
 /// The CUDA kernels' results for `jobs` in each job's result dtype (a tiny matrix ran its
@@ -77,17 +61,23 @@ pub fn from_cuda(jobs: &[(PenaltyJob, f64)], out: PenaltyManyOut) -> Result<Pena
 
 /// Σ_l w_l·P_l over `jobs` (each with its weight) and their `outs`, as a 0-d tensor. From the
 /// fused CPU kernels' sums: added in float64 and rounded once, with float64 maths where the
-/// matrices' values cancel (negative Ω or weights). The tch path's tensors are just added.
+/// matrices' values cancel (negative Ω or weights). The tch path's are added in float64.
 pub fn total(jobs: &[(PenaltyJob, f64)], outs: &[PenaltyOut]) -> Result<Tensor> {
     if outs.is_empty() {
         return Err(Error::value("Omega must hold at least one matrix"));
     }
+    let kind = math_kind(
+        jobs.iter()
+            .any(|(job, _)| job.result_kind() == Kind::Double),
+    );
     let summed: Option<Vec<Sums>> = outs.iter().map(|o| o.summed).collect();
     let Some(mut summed) = summed else {
-        let first = outs[0].value.shallow_clone();
-        return outs[1..]
+        // The tch path: values on the device, in float64 where they may cancel.
+        let first = outs[0].value.f_to_kind(Kind::Double)?;
+        let total = outs[1..]
             .iter()
-            .try_fold(first, |t, o| Ok(t.f_add(&o.value)?));
+            .try_fold(first, |t, o| Ok::<_, Error>(t.f_add(&o.value)?))?;
+        return Ok(total.f_to_kind(kind)?);
     };
     let sum = |s: &[Sums]| {
         s.iter().fold(Sums::default(), |mut acc, &x| {
@@ -105,7 +95,6 @@ pub fn total(jobs: &[(PenaltyJob, f64)], outs: &[PenaltyOut]) -> Result<Tensor> 
             }
         }
     }
-    let kind = math_kind(outs.iter().any(|o| o.value.kind() == Kind::Double));
     Ok(Tensor::f_scalar_tensor(
         sum(&summed).p,
         (kind, tch::Device::Cpu),
@@ -132,6 +121,7 @@ impl PenaltyJob {
             scaling,
             scaling_ref,
             f64_math,
+            exact_value: false,
         })
     }
 
@@ -153,7 +143,9 @@ impl PenaltyJob {
         }
     }
 
-    /// `weight` multiplies the value and the gradients (the layer coefficient times φ).
+    /// `weight` multiplies the value and the gradients (the layer coefficient times φ). The
+    /// gradients come in [`Self::result_kind`]; the value in the precision it was summed in
+    /// (float64 where the maths needed it), for the caller to round once.
     pub fn run(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
         let out = tch::no_grad(|| match path_for(self.omega.device()) {
             Path::Tch => self.run_tch(weight, grads),
@@ -167,7 +159,14 @@ impl PenaltyJob {
                 (_, false) => self.run_fused::<f16, f32>(weight, grads),
             },
         })?;
-        out.into_kind(self.result_kind())
+        let kind = self.result_kind();
+        Ok(PenaltyOut {
+            grads: match out.grads {
+                Some((ga, gb)) => Some((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)),
+                None => None,
+            },
+            ..out
+        })
     }
 
     /// The dtype of the value and gradients: float64 with float64 inputs, else float32.
@@ -250,8 +249,8 @@ impl PenaltyJob {
         Ok(sums.p * weight)
     }
 
-    fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
-        let kind = math_kind(self.maths_in_f64());
+    /// D in `kind` on the tensors' device, with the factors it was formed from.
+    fn delta_tch(&self, kind: Kind) -> Result<(Tensor, Converted<Tensor>)> {
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
         let anchor = self
             .reference
@@ -259,14 +258,29 @@ impl PenaltyJob {
             .map(|(a0, b0)| (a0, b0, self.scaling_ref));
         let factors = Converted::new(&self.a, &self.b, anchor, c)?;
         let (l, r) = assemble(&factors.delta(self.scaling)?)?;
-        let (a, b) = (&factors.a, &factors.b);
-        let d = l.f_mm(&r)?;
-        let g = c(&self.omega)?.f_mul(&d)?;
-        let value = g.f_mul(&d)?.f_sum(kind)?.f_mul_scalar(weight)?;
+        Ok((l.f_mm(&r)?, factors))
+    }
+
+    fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
+        let kind = math_kind(self.maths_in_f64());
+        let (d, factors) = self.delta_tch(kind)?;
+        let g = self.omega.f_to_kind(kind)?.f_mul(&d)?;
+        let value = if self.exact_value && kind != Kind::Double {
+            // The terms cancel: float32 D would err relative to Σ|Ω|·D², not to P.
+            let (d64, _) = self.delta_tch(Kind::Double)?;
+            let terms = self
+                .omega
+                .f_to_kind(Kind::Double)?
+                .f_mul(&d64.f_square()?)?;
+            terms.f_sum(Kind::Double)?
+        } else {
+            g.f_mul(&d)?.f_sum(kind)?
+        };
+        let value = value.f_mul_scalar(weight)?;
         let grads = if grads {
             let s2 = 2.0 * self.scaling * weight;
-            let grad_b = g.f_mm(&a.f_tr()?)?.f_mul_scalar(s2)?;
-            let grad_a = b.f_tr()?.f_mm(&g)?.f_mul_scalar(s2)?;
+            let grad_b = g.f_mm(&factors.a.f_tr()?)?.f_mul_scalar(s2)?;
+            let grad_a = factors.b.f_tr()?.f_mm(&g)?.f_mul_scalar(s2)?;
             Some((grad_a, grad_b))
         } else {
             None
@@ -277,6 +291,40 @@ impl PenaltyJob {
             summed: None,
         })
     }
+}
+
+/// Decides, for jobs on the tch path, which values are summed from D in float64: those whose
+/// Ω has a negative entry (their terms can cancel, which float32 D cannot afford), and all of
+/// them when `weights_mixed` (weights of both signs: the matrices' values can cancel each
+/// other). The fused kernels find this out while they run, the CUDA kernels per block; here
+/// the Ω are scanned first, with one transfer to the host for all of them.
+pub fn exact_on_device<'a>(
+    jobs: impl IntoIterator<Item = &'a mut PenaltyJob>,
+    weights_mixed: bool,
+) -> Result<()> {
+    let on_tch: Vec<&mut PenaltyJob> = jobs
+        .into_iter()
+        .filter(|job| path_for(job.device()) == Path::Tch && job.omega.numel() > 0)
+        .collect();
+    if on_tch.is_empty() {
+        return Ok(());
+    }
+    let minima = on_tch
+        .iter()
+        .map(|job| Ok(job.omega.f_min()?.f_to_kind(Kind::Double)?))
+        .collect::<Result<Vec<_>>>()?;
+    let negative = Tensor::f_stack(&minima, 0)?
+        .f_lt(0.0)?
+        .f_to_device(tch::Device::Cpu)?;
+    for (job, negative) in on_tch.into_iter().zip(Vec::<bool>::try_from(&negative)?) {
+        job.exact_value = weights_mixed || negative;
+    }
+    Ok(())
+}
+
+/// Whether `weights` has both signs.
+pub fn mixed_signs(weights: &[f64]) -> bool {
+    weights.iter().any(|&w| w > 0.0) && weights.iter().any(|&w| w < 0.0)
 }
 
 /// Where [`penalty_rows`] writes the gradients, each multiplied by `scale`: Bᵀ·G into `ga`

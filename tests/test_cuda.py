@@ -115,6 +115,28 @@ def test_accumulate_many_spans_launches_and_dtype_groups(device):
             assert rel_err(s.omega, w) <= FORWARD_TOL[torch.float32]
 
 
+def test_penalty_many_cancelling_across_launch_groups_stays_accurate(device):
+    """Weights of both signs over matrices in three launches (two dtype groups), half the Ω
+    signed, the total ~1e-5 of its terms: every block forms D in float64 for the values and the
+    groups' totals are added in float64 (each in float32 would err by ~1e-2 here)."""
+    steps = _steps(device, seed=300)
+    g = torch.Generator().manual_seed(2)
+    omegas = [(torch.randn if k % 2 else torch.rand)(s.omega.shape, generator=g).to(device)
+              for k, s in enumerate(steps)]
+    a64, b64 = [s.a1.double() for s in steps], [s.b1.double() for s in steps]
+    parts = [float(reference.importance_penalty(o.double(), a, b, scaling=1.5)) for o, a, b in zip(omegas, a64, b64)]
+    weights = [(-1.0) ** k for k in range(len(steps))]
+    big = max(range(len(steps)), key=lambda k: abs(parts[k]))
+    rest = sum(w * p for k, (w, p) in enumerate(zip(weights, parts)) if k != big)
+    weights[big] = -rest / parts[big] * (1 - 1e-5)  # the total: ~1e-5 of the largest term
+    _poison(device)
+    total = ops.importance_penalty_many(omegas, [s.a1 for s in steps], [s.b1 for s in steps], scaling=1.5,
+                                        weights=weights)
+    want = reference.importance_penalty_many([o.double() for o in omegas], a64, b64, scaling=1.5, weights=weights)
+    assert abs(float(want)) < 1e-4 * abs(parts[big] * weights[big]), "the case must cancel"
+    assert rel_err(total, want) <= FORWARD_TOL[torch.float32]
+
+
 def test_finalize_many_returns_norms_from_the_same_pass(device):
     steps = _steps(device, seed=100)
     args = dict(scaling=2.0, xi=1e-3)

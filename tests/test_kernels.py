@@ -268,11 +268,11 @@ def _cancelling_omega(d: torch.Tensor, cancel: float, seed: int) -> torch.Tensor
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(192, 576, 8), (37, 29, 3)], ids=str)
-def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype):
+def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype, cpu_path):
     """With Ω ≥ 0 every term is positive and float32 maths meets 1e-5. With mixed signs the
     error is relative to Σ|Ω|·D², which can be 1e4·|P|: the fused kernel sees the negative Ω
-    (per tile), and sums such a value again with float64 maths. (The device paths keep
-    float32 D: there the error stays ~1e-8·Σ|Ω|·D²/|P|, see the README.)"""
+    per tile and sums such a value again with float64 maths; the CUDA kernels form D in
+    float64 in blocks with a negative Ω; the tch path checks Ω's minimum first."""
     out, inn, r = shape
     step = make_step(out, inn, r, dtype, seed=out + r)
     d64 = reference._delta(step.a1.double(), step.b1.double(), 1.7, step.a0.double(), step.b0.double(), 1.7)
@@ -316,9 +316,10 @@ def test_penalty_of_a_single_element_is_accurate_when_d_cancels(r, dtype, cpu_pa
     assert rel_err(b1.grad, b64.grad) <= GRAD_TOL[dtype]
 
 
-def test_penalty_many_total_is_accurate_when_matrices_cancel():
+def test_penalty_many_total_is_accurate_when_matrices_cancel(cpu_path):
     """Σ w_l·P_l with weights of both signs that nearly cancel: every P_l is accurate to 1e-7
-    of itself, the total is not — the fused path sums such totals again in float64."""
+    of itself, the total is not — the fused path sums such totals again in float64, the device
+    paths (weights known up front) form every D in float64 for the values."""
     steps = _many_inputs(torch.float32, n=2, seed=40)
     omegas = [torch.rand(s.omega.shape, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(steps)]
     args = ([s.a1 for s in steps], [s.b1 for s in steps], [s.a0 for s in steps], [s.b0 for s in steps])

@@ -21,6 +21,16 @@ static std::barrier<>* hl_barrier = nullptr;
 
 static inline void __syncthreads() { hl_barrier->arrive_and_wait(); }
 
+static int __syncthreads_or(int v) {
+    static int slots[256];
+    slots[threadIdx.x] = v;
+    __syncthreads();
+    int any = 0;
+    for (int i = 0; i < 256; ++i) any |= slots[i];
+    __syncthreads();
+    return any;
+}
+
 // Every caller in kernels.cu is block-uniform, so a block-wide exchange is a faithful shuffle.
 template <typename T>
 static T __shfl_down_sync(unsigned, T v, int offset) {

@@ -252,10 +252,35 @@ struct PenaltyEntry {
     int first_block, mode;
     double scaling, scaling_ref;
 };
-struct PenaltyTable { PenaltyEntry m[HL_MAX_MATS]; int count; int grads; };
+// exact: every block sums its value from D in double (the host's weights have both signs).
+struct PenaltyTable { PenaltyEntry m[HL_MAX_MATS]; int count; int grads; int exact; int pad; };
 
 template <typename M> struct PenaltyTile { static constexpr int TM = 64; };
 template <> struct PenaltyTile<double> { static constexpr int TM = 32; };  // fits 48 KB of shared
+
+// P's partial over rows row_first .. row_first+RPT-1 of column j, with D formed in double
+// from the factors (the same forms as `mode` above): for blocks whose terms can cancel.
+template <typename F, typename O, int RPT>
+__device__ double exact_partial(const PenaltyEntry& e, int row_first, int j) {
+    if (j >= e.in) return 0.0;
+    const F *a = (const F*)e.a, *b = (const F*)e.b;
+    const F *ar = (const F*)e.a_ref, *br = (const F*)e.b_ref;
+    double p = 0.0;
+    for (int q = 0; q < RPT && row_first + q < e.out; ++q) {
+        const int row = row_first + q;
+        double d = 0.0;
+        for (int k = 0; k < e.r; ++k) {
+            const long long ob = (long long)row * e.r + k, oa = (long long)k * e.in + j;
+            const double va = ld<double>(a, oa), vb = ld<double>(b, ob);
+            if (e.mode == 0) { d += e.scaling * vb * va; continue; }
+            const double vr = ld<double>(br, ob), l2 = e.scaling_ref * vr;
+            const double l1 = e.mode == 1 ? e.scaling * (vb - vr) : e.scaling * vb - l2;
+            d += l1 * va + l2 * (va - ld<double>(ar, oa));
+        }
+        p += ld<double>((const O*)e.omega, (long long)row * e.in + j) * d * d;
+    }
+    return p;
+}
 
 template <typename F, typename O, typename M>
 __device__ void penalty(const PenaltyTable& t) {
@@ -312,6 +337,7 @@ __device__ void penalty(const PenaltyTable& t) {
     }
     // E = Ω ⊙ D into shared memory (zero outside the matrix), P's partial in double.
     double p = 0.0;
+    int negative = 0;
     const O* omega = (const O*)e.omega;
 #pragma unroll
     for (int q = 0; q < RPT; ++q) {
@@ -319,11 +345,17 @@ __device__ void penalty(const PenaltyTable& t) {
         M ev = 0;
         if (col_ok && row < e.out) {
             const M w = ld<M>(omega, (long long)row * e.in + j);
+            negative |= w < 0;
             ev = w * dv[q];
             p += (double)ev * (double)dv[q];
         }
         et[i][tx] = ev;
     }
+    // With a negative Ω in the block (or weights of both signs) the terms can cancel, and P's
+    // error would be float32 D's relative to Σ|Ω|·D², not to P: the value is summed again from
+    // D in double. Block-uniform, so the vote's barrier is reached by every thread.
+    if (sizeof(M) < sizeof(double) && (__syncthreads_or(negative) || t.exact))
+        p = exact_partial<F, O, RPT>(e, row0 + ty * RPT, j);
     p = block_sum(p);
     if (threadIdx.x == 0) e.value_part[tile] = p;
     if (!t.grads) return;

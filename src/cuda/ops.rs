@@ -339,6 +339,10 @@ pub fn penalty_many(
     let device = first.omega.device();
     let any_f64 = mats.iter().any(|m| m.f64_math);
     let total_kind = math_kind(any_f64);
+    // Weights of both signs: the matrices' values can cancel each other, so every block sums
+    // its value from D in double and the groups' totals stay in float64 until the end.
+    let weights: Vec<f64> = mats.iter().map(|m| m.weight).collect();
+    let exact = crate::penalty::mixed_signs(&weights);
     let mut totals = Vec::new();
     let mut grad_out = Vec::with_capacity(mats.len());
     struct Prepared {
@@ -478,6 +482,7 @@ pub fn penalty_many(
         let n = chunk.len();
         table.count = n as i32;
         table.grads = grads as i32;
+        table.exact = exact as i32;
         gtable.count = n as i32;
         sums.first[n] = dim(blocks, "blocks")?;
         sums.count = n as i32;
@@ -495,25 +500,28 @@ pub fn penalty_many(
                 &mut params,
             )?;
         }
-        let values = Tensor::f_empty([n as i64 + 1], (mkind, device))?;
+        let sum_f64 = f64_math || exact;
+        let values = Tensor::f_empty([n as i64 + 1], (math_kind(sum_f64), device))?;
         let (mut pp, mut op) = (at(&base, values_at), values.data_ptr());
         let mut params = [
             &mut *sums as *mut SumTable as *mut c_void,
             &mut pp as *mut PtrMut as *mut c_void,
             &mut op as *mut PtrMut as *mut c_void,
         ];
-        let sname = format!("segment_sums_{}", if f64_math { "f64" } else { "f32" });
+        let sname = format!("segment_sums_{}", if sum_f64 { "f64" } else { "f32" });
         k.launch(&sname, 1, stream, &mut params)?;
         totals.push(values.f_select(0, n as i64)?);
     }
     // One group (the usual case): no extra launch unless the dtype must change.
+    let add_kind = if exact { Kind::Double } else { total_kind };
     let mut total = match totals.pop() {
-        None => Tensor::f_zeros([], (total_kind, device))?,
-        Some(t) => t.f_to_kind(total_kind)?,
+        None => Tensor::f_zeros([], (add_kind, device))?,
+        Some(t) => t.f_to_kind(add_kind)?,
     };
     for t in totals {
-        total = total.f_add(&t.f_to_kind(total_kind)?)?;
+        total = total.f_add(&t.f_to_kind(add_kind)?)?;
     }
+    let total = total.f_to_kind(total_kind)?;
     Ok(PenaltyManyOut {
         total,
         grads: grads.then_some(grad_out),

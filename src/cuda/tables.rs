@@ -101,6 +101,8 @@ pub struct PenaltyTable {
     pub m: [PenaltyEntry; MAX_MATS],
     pub count: i32,
     pub grads: i32,
+    pub exact: i32,
+    pub pad: i32,
 }
 
 #[repr(C)]
