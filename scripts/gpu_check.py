@@ -96,10 +96,18 @@ def check_ops(device: str, shapes: List[Tuple[int, int, int]], out: Lines) -> bo
                                                    [s.b1.double() for s in steps], [s.a0.double() for s in steps],
                                                    [s.b0.double() for s in steps], scaling=2.0)
     e_pen = rel_err(total, want_total)
-    ok = e_many <= 1e-5 and e_pen <= 1e-5
+    # Signed Ω (clamp="none"): P cancels, and the blocks with a negative Ω form D in float64.
+    signed = [torch.randn(s.omega.shape, generator=torch.Generator().manual_seed(k)).to(device)
+              for k, s in enumerate(steps)]
+    args = [[s.a1 for s in steps], [s.b1 for s in steps], [s.a0 for s in steps], [s.b0 for s in steps]]
+    args64 = [[t.double() for t in col] for col in args]
+    e_signed = max(rel_err(ops.importance_penalty(o, *(c[k] for c in args), scaling=2.0),
+                           reference.importance_penalty(o.double(), *(c[k] for c in args64), scaling=2.0))
+                   for k, o in enumerate(signed))
+    ok = e_many <= 1e-5 and e_pen <= 1e-5 and e_signed <= 1e-5
     all_ok &= ok
-    out += ["", f"70 matrices in one call (two launches): ω update max rel {e_many:.1e}, Σ P rel {e_pen:.1e} "
-            f"({'ok' if ok else 'FAILED'})"]
+    out += ["", f"70 matrices in one call (two launches): ω update max rel {e_many:.1e}, Σ P rel {e_pen:.1e}; "
+            f"P over randn Ω, each matrix: max rel {e_signed:.1e} ({'ok' if ok else 'FAILED'})"]
     # bfloat16 storage of Ω: what the penalty loses.
     step = make_step(1024, 3072 if device == "cuda" else 300, 8, torch.float32, seed=3, device=device)
     big = torch.rand(step.omega.shape, device=device)
@@ -176,12 +184,15 @@ def op_cases(steps, r: int) -> list:
         impl.importance_penalty_many(om, a, b, scaling=4.0, **refs).backward()
 
     bf16_omegas = [o.bfloat16() for o in omegas]
+    signed_omegas = [o * torch.randn_like(o).sign() for o in omegas]  # every block votes float64 D
     return [  # (op, fused, reference, bytes, flops)
         ("ω update", update, lambda: update(reference), 8 * n, (8 * r + 3) * n),
         ("Ω finalize (+ norms)", finalize_many, lambda: finalize(reference), 8 * n, (4 * r + 5) * n),
         ("penalty fwd+bwd", penalty, lambda: penalty(reference), 4 * n, (8 * r + 3) * n),
         ("penalty fwd+bwd, bf16 Ω", lambda: penalty(om=bf16_omegas), lambda: penalty(reference, bf16_omegas),
          2 * n, (8 * r + 3) * n),
+        ("penalty fwd+bwd, signed Ω", lambda: penalty(om=signed_omegas),
+         lambda: penalty(reference, signed_omegas), 4 * n, (8 * r + 3) * n),
     ]
 
 
