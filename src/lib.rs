@@ -441,7 +441,7 @@ fn importance_penalty(
             let mut job = job;
             penalty::exact_on_device([&mut job], false)?;
             let mut out = job.run(weight, compute_grads)?;
-            out.value = out.value.f_to_kind(job.result_kind())?;
+            out.value = scalar::in_kind(out.value, job.result_kind())?;
             Ok::<_, Error>(out)
         })?,
     };

@@ -9,7 +9,7 @@ use crate::lowrank::{
     conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
 };
 use crate::pool;
-use crate::scalar::{math_kind, Real, Storage, TINY_MATRIX};
+use crate::scalar::{in_kind, math_kind, Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, STORED_OMEGA_KINDS};
 use half::{bf16, f16};
@@ -48,13 +48,13 @@ pub fn from_cuda(jobs: &[(PenaltyJob, f64)], out: PenaltyManyOut) -> Result<Pena
             grads
                 .into_iter()
                 .zip(&kinds)
-                .map(|((ga, gb), &kind)| Ok((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)))
+                .map(|((ga, gb), &kind)| Ok((in_kind(ga, kind)?, in_kind(gb, kind)?)))
                 .collect::<Result<Vec<_>>>()?,
         ),
         None => None,
     };
     Ok(PenaltyManyOut {
-        total: out.total.f_to_kind(total_kind)?,
+        total: in_kind(out.total, total_kind)?,
         grads,
     })
 }
@@ -162,7 +162,7 @@ impl PenaltyJob {
         let kind = self.result_kind();
         Ok(PenaltyOut {
             grads: match out.grads {
-                Some((ga, gb)) => Some((ga.f_to_kind(kind)?, gb.f_to_kind(kind)?)),
+                Some((ga, gb)) => Some((in_kind(ga, kind)?, in_kind(gb, kind)?)),
                 None => None,
             },
             ..out

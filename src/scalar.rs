@@ -20,6 +20,15 @@ pub fn math_kind(f64_math: bool) -> tch::Kind {
     }
 }
 
+/// `t` in `kind`: itself when it has it already (no dispatcher call on the hot path).
+pub fn in_kind(t: tch::Tensor, kind: tch::Kind) -> Result<tch::Tensor, tch::TchError> {
+    if t.kind() == kind {
+        Ok(t)
+    } else {
+        t.f_to_kind(kind)
+    }
+}
+
 pub trait Storage: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn to_f64(self) -> f64;
