@@ -104,10 +104,20 @@ def check_ops(device: str, shapes: List[Tuple[int, int, int]], out: Lines) -> bo
     e_signed = max(rel_err(ops.importance_penalty(o, *(c[k] for c in args), scaling=2.0),
                            reference.importance_penalty(o.double(), *(c[k] for c in args64), scaling=2.0))
                    for k, o in enumerate(signed))
-    ok = e_many <= 1e-5 and e_pen <= 1e-5 and e_signed <= 1e-5
+    # Ω ≥ 0 in whole tiles (rows < 64), < 0 below, cancelling to 1e-4: the sums stage's re-sum.
+    step = make_step(192, 300, 8, torch.float32, seed=5, device=device)
+    a64, b64, a064, b064 = (t.double() for t in (step.a1, step.b1, step.a0, step.b0))
+    d2 = (1.3 * ((b64 - b064) @ a64 + b064 @ (a64 - a064))) ** 2
+    tiles = torch.rand(192, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device) + 0.1
+    pos, neg = (tiles[:64] * d2[:64]).sum(), (tiles[64:] * d2[64:]).sum()
+    tiles[64:] *= -pos * (1e4 - 1) / (neg * (1e4 + 1))
+    e_tiles = rel_err(ops.importance_penalty(tiles.float(), step.a1, step.b1, step.a0, step.b0, scaling=1.3),
+                      reference.importance_penalty(tiles.float().double(), a64, b64, a064, b064, scaling=1.3))
+    ok = e_many <= 1e-5 and e_pen <= 1e-5 and e_signed <= 1e-5 and e_tiles <= 1e-5
     all_ok &= ok
     out += ["", f"70 matrices in one call (two launches): ω update max rel {e_many:.1e}, Σ P rel {e_pen:.1e}; "
-            f"P over randn Ω, each matrix: max rel {e_signed:.1e} ({'ok' if ok else 'FAILED'})"]
+            f"P over randn Ω, each matrix: max rel {e_signed:.1e}; P over Ω signed by whole tiles, "
+            f"cancelling to 1e-4: rel {e_tiles:.1e} ({'ok' if ok else 'FAILED'})"]
     # bfloat16 storage of Ω: what the penalty loses.
     step = make_step(1024, 3072 if device == "cuda" else 300, 8, torch.float32, seed=3, device=device)
     big = torch.rand(step.omega.shape, device=device)

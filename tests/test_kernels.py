@@ -257,10 +257,16 @@ def test_penalty_reads_stored_omega_dtypes(omega_dtype, cpu_path):
     assert rel_err(a.grad, a64.grad) <= 1e-5
 
 
-def _cancelling_omega(d: torch.Tensor, cancel: float, seed: int) -> torch.Tensor:
+def _cancelling_omega(d: torch.Tensor, cancel: float, seed: int, negative_from_row: int | None = None) -> torch.Tensor:
     """Float32 Ω of mixed signs whose terms Ω·D² cancel: Σ Ω·D² ≈ Σ |Ω|·D² / ``cancel``
-    (D in float64). Such Ω are legitimate (``clamp="none"``: the paper's text)."""
-    omega = torch.randn(d.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (D in float64). Such Ω are legitimate (``clamp="none"``: the paper's text). Signs at random,
+    or (``negative_from_row``) Ω ≥ 0 above that row and < 0 from it on."""
+    g = torch.Generator().manual_seed(seed)
+    if negative_from_row is None:
+        omega = torch.randn(d.shape, generator=g, dtype=torch.float64)
+    else:
+        omega = torch.rand(d.shape, generator=g, dtype=torch.float64) + 0.1
+        omega[negative_from_row:] *= -1
     pos, neg = (omega.clamp_min(0) * d**2).sum(), (-omega.clamp_max(0) * d**2).sum()
     k = pos * (cancel - 1) / (neg * (cancel + 1))  # pos − k·neg = (pos + k·neg) / cancel
     return torch.where(omega < 0, omega * k, omega).float()
@@ -288,6 +294,20 @@ def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype, cpu_pa
     assert rel_err(value, want) <= FORWARD_TOL[dtype]
     assert rel_err(a.grad, a64.grad) <= GRAD_TOL[dtype]
     assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
+
+
+def test_penalty_value_is_accurate_when_whole_tiles_of_signs_cancel(cpu_path):
+    """Ω ≥ 0 in the first 64 rows (whole tiles, where a tile-local check sees no negative entry)
+    and < 0 below, the two parts cancelling to 1e-4 of their size: the CUDA kernels' sums stage
+    sees that the tiles summed from float32 D exceed 4·|P| and sums them again in double."""
+    step = make_step(192, 300, 8, torch.float32, seed=5)
+    d64 = reference._delta(step.a1.double(), step.b1.double(), 1.3, step.a0.double(), step.b0.double(), 1.3)
+    omega = _cancelling_omega(d64, 1e4, seed=6, negative_from_row=64)
+    value = ops.importance_penalty(omega, step.a1, step.b1, step.a0, step.b0, scaling=1.3)
+    want = reference.importance_penalty(omega.double(), step.a1.double(), step.b1.double(), step.a0.double(),
+                                        step.b0.double(), scaling=1.3)
+    assert float((omega.double().abs() * d64**2).sum()) > 1e3 * abs(float(want)), "the case must cancel"
+    assert rel_err(value, want) <= FORWARD_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

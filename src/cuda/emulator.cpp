@@ -86,6 +86,20 @@ static bool bind_kernel(const std::string& name, void** p, Call& call) {
     HL_TABLE_KERNEL(penalty_bf16_f16, PenaltyTable) HL_TABLE_KERNEL(penalty_f16_f16, PenaltyTable)
     HL_TABLE_KERNEL(penalty_grads_f32, GradTable) HL_TABLE_KERNEL(penalty_grads_f64, GradTable)
 #undef HL_TABLE_KERNEL
+#define HL_SUMS_KERNEL(k) \
+    if (name == #k) { \
+        call = [p] { k(*(PenaltyTable*)p[0], *(SumTable*)p[1], *(double**)p[2], *(double**)p[3]); }; \
+        return true; \
+    }
+    HL_SUMS_KERNEL(penalty_sums_f32_f32) HL_SUMS_KERNEL(penalty_sums_f64_f32)
+    HL_SUMS_KERNEL(penalty_sums_bf16_f32) HL_SUMS_KERNEL(penalty_sums_f16_f32)
+    HL_SUMS_KERNEL(penalty_sums_f32_f64) HL_SUMS_KERNEL(penalty_sums_f64_f64)
+    HL_SUMS_KERNEL(penalty_sums_bf16_f64) HL_SUMS_KERNEL(penalty_sums_f16_f64)
+    HL_SUMS_KERNEL(penalty_sums_f32_bf16) HL_SUMS_KERNEL(penalty_sums_f64_bf16)
+    HL_SUMS_KERNEL(penalty_sums_bf16_bf16) HL_SUMS_KERNEL(penalty_sums_f16_bf16)
+    HL_SUMS_KERNEL(penalty_sums_f32_f16) HL_SUMS_KERNEL(penalty_sums_f64_f16)
+    HL_SUMS_KERNEL(penalty_sums_bf16_f16) HL_SUMS_KERNEL(penalty_sums_f16_f16)
+#undef HL_SUMS_KERNEL
     if (name == "segment_sums_f32") {
         call = [p] { segment_sums_f32(*(SumTable*)p[0], *(const double**)p[1], *(float**)p[2]); };
         return true;

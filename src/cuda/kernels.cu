@@ -248,10 +248,14 @@ struct PenaltyEntry {
     void* gb_part;  // [tiles_col][out][r], M
     void* ga_part;  // [tiles_row][r][in], M
     double* value_part;  // one per block of this matrix
+    int* block_exact;    // one per block: 1 where the value was summed from D in double
     int out, in, r, tiles_col;
     int first_block, mode;
     double scaling, scaling_ref;
 };
+// Per-matrix block ranges [first[m], first[m + 1]) and weights, for the sums kernels below.
+struct SumTable { int first[HL_MAX_MATS + 1]; double weight[HL_MAX_MATS]; int count; int pad; };
+
 // exact: every block sums its value from D in double (the host's weights have both signs).
 struct PenaltyTable { PenaltyEntry m[HL_MAX_MATS]; int count; int grads; int exact; int pad; };
 
@@ -354,10 +358,13 @@ __device__ void penalty(const PenaltyTable& t) {
     // With a negative Ω in the block (or weights of both signs) the terms can cancel, and P's
     // error would be float32 D's relative to Σ|Ω|·D², not to P: the value is summed again from
     // D in double. Block-uniform, so the vote's barrier is reached by every thread.
-    if (sizeof(M) < sizeof(double) && (__syncthreads_or(negative) || t.exact))
-        p = exact_partial<F, O, RPT>(e, row0 + ty * RPT, j);
+    const bool exact = sizeof(M) == sizeof(double) || __syncthreads_or(negative) || t.exact;
+    if (exact && sizeof(M) < sizeof(double)) p = exact_partial<F, O, RPT>(e, row0 + ty * RPT, j);
     p = block_sum(p);
-    if (threadIdx.x == 0) e.value_part[tile] = p;
+    if (threadIdx.x == 0) {
+        e.value_part[tile] = p;
+        e.block_exact[tile] = exact;
+    }
     if (!t.grads) return;
     M* gb_part = (M*)e.gb_part;
     M* ga_part = (M*)e.ga_part;
@@ -393,6 +400,46 @@ __device__ void penalty(const PenaltyTable& t) {
     }
 }
 
+// The penalty's per-matrix sums (as segment_sums below, in double) and the last word
+// on accuracy: blocks with Ω ≥ 0 kept float32 D, fine unless their sum cancels against blocks
+// with a negative Ω (their sum > 4·|P|, Ω signed in whole blocks); then this one block sums
+// them again from D in double. Rare, so one block does it, block by block, in order.
+template <typename F, typename O, typename M>
+__device__ void penalty_sums(const PenaltyTable& t, const SumTable& st, double* partial, double* out) {
+    constexpr int TM = PenaltyTile<M>::TM, RPT = TM / (HL_THREADS / HL_TN);
+    __shared__ int resum;
+    double total = 0.0;
+    for (int m = 0; m < st.count; ++m) {
+        const PenaltyEntry& e = t.m[m];
+        const int first = st.first[m], last = st.first[m + 1];
+        double v = 0.0, kept = 0.0;
+        for (int i = first + threadIdx.x; i < last; i += HL_THREADS) {
+            v += partial[i];
+            if (!e.block_exact[i - first]) kept += partial[i];
+        }
+        v = block_sum(v);
+        kept = block_sum(kept);
+        if (threadIdx.x == 0) resum = kept > 4.0 * (v < 0 ? -v : v);
+        __syncthreads();
+        if (resum) {
+            const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
+            for (int tile = 0; tile < last - first; ++tile) {
+                if (e.block_exact[tile]) continue;
+                const int row = (tile / e.tiles_col) * TM + ty * RPT, col = (tile % e.tiles_col) * HL_TN + tx;
+                const double q = block_sum(exact_partial<F, O, RPT>(e, row, col));
+                if (threadIdx.x == 0) partial[first + tile] = q;
+            }
+            __syncthreads();
+            v = 0.0;
+            for (int i = first + threadIdx.x; i < last; i += HL_THREADS) v += partial[i];
+            v = block_sum(v);
+        }
+        v *= st.weight[m];
+        if (threadIdx.x == 0) { out[m] = v; total += v; }
+    }
+    if (threadIdx.x == 0) out[st.count] = total;
+}
+
 // Second stage: ∂P/∂B = scale·Σ_tcol gb_part, ∂P/∂A = scale·Σ_trow ga_part (scale = 2·s·weight),
 // one thread per gradient element, tiles summed in order.
 struct GradEntry {
@@ -424,10 +471,8 @@ __device__ void penalty_grads(const GradTable& t) {
     }
 }
 
-// Per-matrix sums of block partials (Σ Ω² for finalization, P for the penalty), in block
-// order, times a weight; out[count] holds the weighted total. One block does it all.
-struct SumTable { int first[HL_MAX_MATS + 1]; double weight[HL_MAX_MATS]; int count; int pad; };
-
+// Per-matrix sums of block partials (Σ Ω² for finalization), in block order, times a weight;
+// out[count] holds the weighted total. One block does it all.
 template <typename M>
 __device__ void segment_sums(const SumTable& t, const double* partial, M* out) {
     double total = 0.0;
@@ -458,6 +503,11 @@ static_assert(sizeof(SumTable) == HL_SUM_TABLE_BYTES, "SumTable layout differs f
     extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC FinalizeTable t) { finalize<F, W, M>(t); }
 #define HL_PENALTY(name, F, O, M) \
     extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC PenaltyTable t) { penalty<F, O, M>(t); }
+#define HL_PENALTY_SUMS(name, F, O, M) \
+    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC PenaltyTable t, HL_GC SumTable st, \
+                                                                  double* partial, double* out) { \
+        penalty_sums<F, O, M>(t, st, partial, out); \
+    }
 
 HL_OMEGA(omega_f32_f32, float, float, float)
 HL_OMEGA(omega_f64_f32, double, float, double)
@@ -493,6 +543,23 @@ HL_PENALTY(penalty_f32_f16, float, f16_t, float)
 HL_PENALTY(penalty_f64_f16, double, f16_t, double)
 HL_PENALTY(penalty_bf16_f16, bf16_t, f16_t, float)
 HL_PENALTY(penalty_f16_f16, f16_t, f16_t, float)
+
+HL_PENALTY_SUMS(penalty_sums_f32_f32, float, float, float)
+HL_PENALTY_SUMS(penalty_sums_f64_f32, double, float, double)
+HL_PENALTY_SUMS(penalty_sums_bf16_f32, bf16_t, float, float)
+HL_PENALTY_SUMS(penalty_sums_f16_f32, f16_t, float, float)
+HL_PENALTY_SUMS(penalty_sums_f32_f64, float, double, double)
+HL_PENALTY_SUMS(penalty_sums_f64_f64, double, double, double)
+HL_PENALTY_SUMS(penalty_sums_bf16_f64, bf16_t, double, double)
+HL_PENALTY_SUMS(penalty_sums_f16_f64, f16_t, double, double)
+HL_PENALTY_SUMS(penalty_sums_f32_bf16, float, bf16_t, float)
+HL_PENALTY_SUMS(penalty_sums_f64_bf16, double, bf16_t, double)
+HL_PENALTY_SUMS(penalty_sums_bf16_bf16, bf16_t, bf16_t, float)
+HL_PENALTY_SUMS(penalty_sums_f16_bf16, f16_t, bf16_t, float)
+HL_PENALTY_SUMS(penalty_sums_f32_f16, float, f16_t, float)
+HL_PENALTY_SUMS(penalty_sums_f64_f16, double, f16_t, double)
+HL_PENALTY_SUMS(penalty_sums_bf16_f16, bf16_t, f16_t, float)
+HL_PENALTY_SUMS(penalty_sums_f16_f16, f16_t, f16_t, float)
 
 extern "C" __global__ void __launch_bounds__(HL_THREADS) penalty_grads_f32(HL_GC GradTable t) { penalty_grads<float>(t); }
 extern "C" __global__ void __launch_bounds__(HL_THREADS) penalty_grads_f64(HL_GC GradTable t) { penalty_grads<double>(t); }

@@ -6,7 +6,7 @@
 use super::tables::{self, *};
 use super::Kernels;
 use crate::error::{Error, Result};
-use crate::scalar::math_kind;
+use crate::scalar::{in_kind, math_kind};
 use std::ffi::c_void;
 use tch::{Device, Kind, Tensor};
 
@@ -340,7 +340,7 @@ pub fn penalty_many(
     let any_f64 = mats.iter().any(|m| m.f64_math);
     let total_kind = math_kind(any_f64);
     // Weights of both signs: the matrices' values can cancel each other, so every block sums
-    // its value from D in double and the groups' totals stay in float64 until the end.
+    // its value from D in double.
     let weights: Vec<f64> = mats.iter().map(|m| m.weight).collect();
     let exact = crate::penalty::mixed_signs(&weights);
     let mut totals = Vec::new();
@@ -406,7 +406,7 @@ pub fn penalty_many(
         let f64_math = mkind == Kind::Double;
         let elem = if f64_math { 8 } else { 4 };
         let rows_per_tile = penalty_rows(f64_math);
-        // Layout: per matrix its gB and gA partials, then one value partial per block.
+        // Layout: per matrix its gB and gA partials, then one value partial and one flag per block.
         let mut ws = Workspace::new();
         let mut blocks = 0usize;
         let mut shapes = Vec::new();
@@ -426,6 +426,7 @@ pub fn penalty_many(
             blocks += tr * tc;
         }
         let values_at = ws.reserve(blocks * 8);
+        let flags_at = ws.reserve(blocks * 4);
         let base = ws.allocate(device)?;
         let mut table = tables::zeroed::<PenaltyTable>();
         let mut gtable = tables::zeroed::<GradTable>();
@@ -450,6 +451,7 @@ pub fn penalty_many(
                 gb_part: at(&base, gb_at),
                 ga_part: at(&base, ga_at),
                 value_part: (at(&base, values_at) as *mut f64).wrapping_add(first),
+                block_exact: (at(&base, flags_at) as *mut i32).wrapping_add(first),
                 out: dim(out, "out")?,
                 inn: dim(inn, "in")?,
                 r: dim(r, "r")?,
@@ -500,28 +502,27 @@ pub fn penalty_many(
                 &mut params,
             )?;
         }
-        let sum_f64 = f64_math || exact;
-        let values = Tensor::f_empty([n as i64 + 1], (math_kind(sum_f64), device))?;
+        let values = Tensor::f_empty([n as i64 + 1], (Kind::Double, device))?;
         let (mut pp, mut op) = (at(&base, values_at), values.data_ptr());
         let mut params = [
+            &mut *table as *mut PenaltyTable as *mut c_void,
             &mut *sums as *mut SumTable as *mut c_void,
             &mut pp as *mut PtrMut as *mut c_void,
             &mut op as *mut PtrMut as *mut c_void,
         ];
-        let sname = format!("segment_sums_{}", if sum_f64 { "f64" } else { "f32" });
+        let sname = name.replacen("penalty_", "penalty_sums_", 1);
         k.launch(&sname, 1, stream, &mut params)?;
         totals.push(values.f_select(0, n as i64)?);
     }
-    // One group (the usual case): no extra launch unless the dtype must change.
-    let add_kind = if exact { Kind::Double } else { total_kind };
+    // The groups' totals (float64) added, then rounded once.
     let mut total = match totals.pop() {
-        None => Tensor::f_zeros([], (add_kind, device))?,
-        Some(t) => t.f_to_kind(add_kind)?,
+        None => Tensor::f_zeros([], (Kind::Double, device))?,
+        Some(t) => t,
     };
     for t in totals {
-        total = total.f_add(&t.f_to_kind(add_kind)?)?;
+        total = total.f_add(&t)?;
     }
-    let total = total.f_to_kind(total_kind)?;
+    let total = in_kind(total, total_kind)?;
     Ok(PenaltyManyOut {
         total,
         grads: grads.then_some(grad_out),

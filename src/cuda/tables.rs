@@ -86,6 +86,7 @@ pub struct PenaltyEntry {
     pub gb_part: PtrMut,
     pub ga_part: PtrMut,
     pub value_part: *mut f64,
+    pub block_exact: *mut i32,
     pub out: i32,
     pub inn: i32,
     pub r: i32,
@@ -168,6 +169,7 @@ mod tests {
             std::mem::size_of::<PenaltyTable>(),
             std::mem::size_of::<GradTable>(),
             std::mem::size_of::<SumTable>() + 16,
+            std::mem::size_of::<PenaltyTable>() + std::mem::size_of::<SumTable>() + 16,
         ] {
             assert!(size <= 32764, "{size}");
         }
