@@ -104,7 +104,7 @@ def check_ops(device: str, shapes: List[Tuple[int, int, int]], out: Lines) -> bo
     e_signed = max(rel_err(ops.importance_penalty(o, *(c[k] for c in args), scaling=2.0),
                            reference.importance_penalty(o.double(), *(c[k] for c in args64), scaling=2.0))
                    for k, o in enumerate(signed))
-    # Ω ≥ 0 in whole tiles (rows < 64), < 0 below, cancelling to 1e-4: the sums stage's re-sum.
+    # Ω ≥ 0 in whole tiles (rows < 64), < 0 below, cancelling to 1e-4: penalty_sums re-sums.
     step = make_step(192, 300, 8, torch.float32, seed=5, device=device)
     a64, b64, a064, b064 = (t.double() for t in (step.a1, step.b1, step.a0, step.b0))
     d2 = (1.3 * ((b64 - b064) @ a64 + b064 @ (a64 - a064))) ** 2

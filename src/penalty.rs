@@ -293,11 +293,11 @@ impl PenaltyJob {
     }
 }
 
-/// Decides, for jobs on the tch path, which values are summed from D in float64: those whose
-/// Ω has a negative entry (their terms can cancel, which float32 D cannot afford), and all of
-/// them when `weights_mixed` (weights of both signs: the matrices' values can cancel each
-/// other). The fused kernels find this out while they run, the CUDA kernels per block; here
-/// the Ω are scanned first, with one transfer to the host for all of them.
+/// Decides, for jobs on the tch path, whether their values are summed from D in float64: when
+/// some Ω has a negative entry (its terms can cancel, which float32 D cannot afford, and its
+/// value can be negative, cancelling against the other matrices') or `weights_mixed` (weights
+/// of both signs). The fused kernels find this out while they run, the CUDA kernels per block
+/// and in the kernel adding up the blocks; here the Ω are scanned first, one transfer for all.
 pub fn exact_on_device<'a>(
     jobs: impl IntoIterator<Item = &'a mut PenaltyJob>,
     weights_mixed: bool,
@@ -309,15 +309,15 @@ pub fn exact_on_device<'a>(
     if on_tch.is_empty() {
         return Ok(());
     }
-    let minima = on_tch
-        .iter()
-        .map(|job| Ok(job.omega.f_min()?.f_to_kind(Kind::Double)?))
-        .collect::<Result<Vec<_>>>()?;
-    let negative = Tensor::f_stack(&minima, 0)?
-        .f_lt(0.0)?
-        .f_to_device(tch::Device::Cpu)?;
-    for (job, negative) in on_tch.into_iter().zip(Vec::<bool>::try_from(&negative)?) {
-        job.exact_value = weights_mixed || negative;
+    let exact = weights_mixed || {
+        let minima = on_tch
+            .iter()
+            .map(|job| Ok(job.omega.f_min()?.f_to_kind(Kind::Double)?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::f_stack(&minima, 0)?.f_min()?.f_double_value(&[])? < 0.0
+    };
+    for job in on_tch {
+        job.exact_value = exact;
     }
     Ok(())
 }

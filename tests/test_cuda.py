@@ -29,7 +29,7 @@ def test_nvrtc_compiles_the_kernels_without_a_gpu(arch):
 
 @pytest.mark.slow
 def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
-    """First use compiles (~12 s) and stores the cubin; the next process loads it; a damaged file
+    """First use compiles (~15 s) and stores the cubin; the next process loads it; a damaged file
     is recompiled and replaced; HLORA_CACHE_DIR=off compiles every time and writes nothing."""
     monkeypatch.setenv("HLORA_CACHE_DIR", str(tmp_path))
     size, origin, path = native.cuda_cubin("sm_90")

@@ -298,8 +298,9 @@ def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype, cpu_pa
 
 def test_penalty_value_is_accurate_when_whole_tiles_of_signs_cancel(cpu_path):
     """Ω ≥ 0 in the first 64 rows (whole tiles, where a tile-local check sees no negative entry)
-    and < 0 below, the two parts cancelling to 1e-4 of their size: the CUDA kernels' sums stage
-    sees that the tiles summed from float32 D exceed 4·|P| and sums them again in double."""
+    and < 0 below, the two parts cancelling to 1e-4 of their size: the CUDA kernel that adds up
+    the tiles' values sees that those summed from float32 D exceed 4·|P| and sums them again in
+    double."""
     step = make_step(192, 300, 8, torch.float32, seed=5)
     d64 = reference._delta(step.a1.double(), step.b1.double(), 1.3, step.a0.double(), step.b0.double(), 1.3)
     omega = _cancelling_omega(d64, 1e4, seed=6, negative_from_row=64)
@@ -336,17 +337,23 @@ def test_penalty_of_a_single_element_is_accurate_when_d_cancels(r, dtype, cpu_pa
     assert rel_err(b1.grad, b64.grad) <= GRAD_TOL[dtype]
 
 
-def test_penalty_many_total_is_accurate_when_matrices_cancel(cpu_path):
-    """Σ w_l·P_l with weights of both signs that nearly cancel: every P_l is accurate to 1e-7
-    of itself, the total is not — the fused path sums such totals again in float64, the device
-    paths (weights known up front) form every D in float64 for the values."""
+@pytest.mark.parametrize("negative", ["weight", "omega"])
+def test_penalty_many_total_is_accurate_when_matrices_cancel(negative, cpu_path):
+    """Σ w_l·P_l whose two terms nearly cancel — by a negative weight, or (positive weights) by
+    the second matrix's Ω ≤ 0. Every P_l is accurate to 1e-7 of itself, the total is not: the
+    fused path sums such totals again in float64, as does the CUDA kernel that adds up the
+    tiles' values; the tch path (weights and Ω's signs known before) forms every D in float64."""
     steps = _many_inputs(torch.float32, n=2, seed=40)
     omegas = [torch.rand(s.omega.shape, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(steps)]
     args = ([s.a1 for s in steps], [s.b1 for s in steps], [s.a0 for s in steps], [s.b0 for s in steps])
     args64 = tuple([t.double() for t in col] for col in args)
     parts = [float(reference.importance_penalty(o.double(), *(c[k] for c in args64), scaling=1.5))
              for k, o in enumerate(omegas)]
-    weights = [1.0, -(parts[0] / parts[1]) * (1 - 1e-5)]  # total ≈ 1e-5 of each term
+    ratio = (parts[0] / parts[1]) * (1 - 1e-5)  # total ≈ 1e-5 of each term
+    if negative == "weight":
+        weights = [1.0, -ratio]
+    else:
+        weights, omegas[1] = [1.0, 1.0], -ratio * omegas[1]
     total = ops.importance_penalty_many(omegas, *args, scaling=1.5, weights=weights)
     want = reference.importance_penalty_many([o.double() for o in omegas], *args64, scaling=1.5, weights=weights)
     assert abs(float(want)) < 1e-4 * parts[0]

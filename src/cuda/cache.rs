@@ -1,5 +1,5 @@
 //! The compiled kernels kept on disk, so only the first process on a machine pays NVRTC's
-//! ~12 s (every DDP rank and every notebook restart would otherwise pay it again).
+//! ~15 s (every DDP rank and every notebook restart would otherwise pay it again).
 //!
 //! One file per architecture and build: `<dir>/<arch>-<key>.cubin`, where the key hashes the
 //! kernel source, the compile options, NVRTC's version and hlora's version, so a changed

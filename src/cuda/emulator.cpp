@@ -59,6 +59,7 @@ static inline float hl_half_to_float(unsigned short h) {
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(n)
 #define __grid_constant__
 #define __shared__ static

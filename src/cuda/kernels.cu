@@ -400,40 +400,63 @@ __device__ void penalty(const PenaltyTable& t) {
     }
 }
 
-// The penalty's per-matrix sums (as segment_sums below, in double) and the last word
-// on accuracy: blocks with Ω ≥ 0 kept float32 D, fine unless their sum cancels against blocks
-// with a negative Ω (their sum > 4·|P|, Ω signed in whole blocks); then this one block sums
+__device__ __forceinline__ double magnitude(double x) { return x < 0 ? -x : x; }
+
+// Matrix e's blocks [first, last) summed again in order, the float32-D ones (block_exact 0)
+// from D in double first; the result is valid in thread 0. Not inlined: a rare path, and
+// inlined NVRTC 13.0 emitted a different cubin on every compile (the disk cache compares bytes).
+template <typename F, typename O, typename M>
+__device__ __noinline__ double resum_blocks(const PenaltyEntry& e, int first, int last, double* partial) {
+    constexpr int TM = PenaltyTile<M>::TM, RPT = TM / (HL_THREADS / HL_TN);
+    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
+    for (int tile = 0; tile < last - first; ++tile) {
+        if (e.block_exact[tile]) continue;
+        const int row = (tile / e.tiles_col) * TM + ty * RPT, col = (tile % e.tiles_col) * HL_TN + tx;
+        const double q = block_sum(exact_partial<F, O, RPT>(e, row, col));
+        if (threadIdx.x == 0) partial[first + tile] = q;
+    }
+    __syncthreads();  // thread 0's writes seen by all
+    double v = 0.0;
+    for (int i = first + threadIdx.x; i < last; i += HL_THREADS) v += partial[i];
+    return block_sum(v);
+}
+
+// The penalty's per-matrix sums (as segment_sums below, in double) and the last word on
+// accuracy. Blocks with Ω ≥ 0 kept float32 D (error ~1e-7 of their sum): fine unless that sum
+// cancels against negative terms — in the matrix (Ω signed in whole blocks) or across the
+// launch's matrices (one matrix's P < 0) — to below a quarter of it; then this one block sums
 // them again from D in double. Rare, so one block does it, block by block, in order.
 template <typename F, typename O, typename M>
 __device__ void penalty_sums(const PenaltyTable& t, const SumTable& st, double* partial, double* out) {
-    constexpr int TM = PenaltyTile<M>::TM, RPT = TM / (HL_THREADS / HL_TN);
-    __shared__ int resum;
-    double total = 0.0;
+    __shared__ double value[HL_MAX_MATS], kept[HL_MAX_MATS];
+    __shared__ int resum[HL_MAX_MATS];
     for (int m = 0; m < st.count; ++m) {
         const PenaltyEntry& e = t.m[m];
         const int first = st.first[m], last = st.first[m + 1];
-        double v = 0.0, kept = 0.0;
+        double v = 0.0, k = 0.0;
         for (int i = first + threadIdx.x; i < last; i += HL_THREADS) {
             v += partial[i];
-            if (!e.block_exact[i - first]) kept += partial[i];
+            if (!e.block_exact[i - first]) k += partial[i];
         }
         v = block_sum(v);
-        kept = block_sum(kept);
-        if (threadIdx.x == 0) resum = kept > 4.0 * (v < 0 ? -v : v);
-        __syncthreads();
-        if (resum) {
-            const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
-            for (int tile = 0; tile < last - first; ++tile) {
-                if (e.block_exact[tile]) continue;
-                const int row = (tile / e.tiles_col) * TM + ty * RPT, col = (tile % e.tiles_col) * HL_TN + tx;
-                const double q = block_sum(exact_partial<F, O, RPT>(e, row, col));
-                if (threadIdx.x == 0) partial[first + tile] = q;
-            }
-            __syncthreads();
-            v = 0.0;
-            for (int i = first + threadIdx.x; i < last; i += HL_THREADS) v += partial[i];
-            v = block_sum(v);
+        k = block_sum(k);
+        if (threadIdx.x == 0) { value[m] = v; kept[m] = k; }
+    }
+    if (threadIdx.x == 0) {
+        double total = 0.0, kept_total = 0.0;
+        for (int m = 0; m < st.count; ++m) {
+            resum[m] = kept[m] > 4.0 * magnitude(value[m]);
+            total += st.weight[m] * value[m];
+            if (!resum[m]) kept_total += magnitude(st.weight[m]) * kept[m];
         }
+        if (kept_total > 4.0 * magnitude(total))
+            for (int m = 0; m < st.count; ++m) resum[m] |= kept[m] > 0.0;
+    }
+    __syncthreads();
+    double total = 0.0;
+    for (int m = 0; m < st.count; ++m) {
+        double v = value[m];
+        if (resum[m]) v = resum_blocks<F, O, M>(t.m[m], st.first[m], st.first[m + 1], partial);
         v *= st.weight[m];
         if (threadIdx.x == 0) { out[m] = v; total += v; }
     }
