@@ -101,10 +101,6 @@ static bool bind_kernel(const std::string& name, void** p, Call& call) {
     HL_SUMS_KERNEL(penalty_sums_f32_f16) HL_SUMS_KERNEL(penalty_sums_f64_f16)
     HL_SUMS_KERNEL(penalty_sums_bf16_f16) HL_SUMS_KERNEL(penalty_sums_f16_f16)
 #undef HL_SUMS_KERNEL
-    if (name == "segment_sums_f32") {
-        call = [p] { segment_sums_f32(*(SumTable*)p[0], *(const double**)p[1], *(float**)p[2]); };
-        return true;
-    }
     if (name == "segment_sums_f64") {
         call = [p] { segment_sums_f64(*(SumTable*)p[0], *(const double**)p[1], *(double**)p[2]); };
         return true;

@@ -496,16 +496,15 @@ __device__ void penalty_grads(const GradTable& t) {
 
 // Per-matrix sums of block partials (Σ Ω² for finalization), in block order, times a weight;
 // out[count] holds the weighted total. One block does it all.
-template <typename M>
-__device__ void segment_sums(const SumTable& t, const double* partial, M* out) {
+__device__ void segment_sums(const SumTable& t, const double* partial, double* out) {
     double total = 0.0;
     for (int m = 0; m < t.count; ++m) {
         double v = 0.0;
         for (int i = t.first[m] + threadIdx.x; i < t.first[m + 1]; i += HL_THREADS) v += partial[i];
         v = block_sum(v) * t.weight[m];
-        if (threadIdx.x == 0) { out[m] = (M)v; total += v; }
+        if (threadIdx.x == 0) { out[m] = v; total += v; }
     }
-    if (threadIdx.x == 0) out[t.count] = (M)total;
+    if (threadIdx.x == 0) out[t.count] = total;
 }
 
 #if defined(HL_OMEGA_TABLE_BYTES)
@@ -586,9 +585,6 @@ HL_PENALTY_SUMS(penalty_sums_f16_f16, f16_t, f16_t, float)
 
 extern "C" __global__ void __launch_bounds__(HL_THREADS) penalty_grads_f32(HL_GC GradTable t) { penalty_grads<float>(t); }
 extern "C" __global__ void __launch_bounds__(HL_THREADS) penalty_grads_f64(HL_GC GradTable t) { penalty_grads<double>(t); }
-extern "C" __global__ void __launch_bounds__(HL_THREADS) segment_sums_f32(HL_GC SumTable t, const double* partial, float* out) {
-    segment_sums<float>(t, partial, out);
-}
 extern "C" __global__ void __launch_bounds__(HL_THREADS) segment_sums_f64(HL_GC SumTable t, const double* partial, double* out) {
-    segment_sums<double>(t, partial, out);
+    segment_sums(t, partial, out);
 }

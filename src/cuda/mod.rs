@@ -78,7 +78,6 @@ const KERNELS: &[&str] = &[
     "penalty_sums_f16_f16",
     "penalty_grads_f32",
     "penalty_grads_f64",
-    "segment_sums_f32",
     "segment_sums_f64",
 ];
 
