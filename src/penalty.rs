@@ -264,20 +264,24 @@ impl PenaltyJob {
     fn run_tch(&self, weight: f64, grads: bool) -> Result<PenaltyOut> {
         let kind = math_kind(self.maths_in_f64());
         let (d, factors) = self.delta_tch(kind)?;
-        let g = self.omega.f_to_kind(kind)?.f_mul(&d)?;
-        let value = if self.exact_value && kind != Kind::Double {
-            // The terms cancel: float32 D would err relative to Σ|Ω|·D², not to P.
-            let (d64, _) = self.delta_tch(Kind::Double)?;
-            let terms = self
-                .omega
-                .f_to_kind(Kind::Double)?
-                .f_mul(&d64.f_square()?)?;
-            terms.f_sum(Kind::Double)?
+        let exact = self.exact_value && kind != Kind::Double;
+        // G = Ω ⊙ D, for the gradients and (unless the value needs float64 D) the value.
+        let g = if grads || !exact {
+            Some(self.omega.f_to_kind(kind)?.f_mul(&d)?)
         } else {
-            g.f_mul(&d)?.f_sum(kind)?
+            None
+        };
+        let value = match &g {
+            Some(g) if !exact => g.f_mul(&d)?.f_sum(kind)?,
+            // The terms can cancel: float32 D would err relative to Σ|Ω|·D², not to P.
+            _ => {
+                let (d64, _) = self.delta_tch(Kind::Double)?;
+                let omega = self.omega.f_to_kind(Kind::Double)?;
+                omega.f_mul(&d64.f_square()?)?.f_sum(Kind::Double)?
+            }
         };
         let value = value.f_mul_scalar(weight)?;
-        let grads = if grads {
+        let grads = if let Some(g) = g.filter(|_| grads) {
             let s2 = 2.0 * self.scaling * weight;
             let grad_b = g.f_mm(&factors.a.f_tr()?)?.f_mul_scalar(s2)?;
             let grad_a = factors.b.f_tr()?.f_mm(&g)?.f_mul_scalar(s2)?;
