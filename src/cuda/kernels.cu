@@ -51,15 +51,20 @@ __device__ __forceinline__ int find_matrix(const Table& t) {
     return m;
 }
 
-// This block's tile of its matrix (its index, tile row and column, first row and column) and
-// this thread's place in it: column tx (global column j) and the row group ty.
+// Tile `tile` of a matrix (its index, tile row and column, first row and column) and this
+// thread's place in it: column tx (global column j) and the row group ty.
 struct Tile { int tile, trow, tcol, row0, col0, tx, ty, j; };
 template <int TM, typename Entry>
-__device__ __forceinline__ Tile tile_of(const Entry& e) {
-    const int tile = blockIdx.x - e.first_block;
+__device__ __forceinline__ Tile tile_at(const Entry& e, int tile) {
     const int trow = tile / e.tiles_col, tcol = tile % e.tiles_col;
     const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
     return Tile{tile, trow, tcol, trow * TM, tcol * HL_TN, tx, ty, tcol * HL_TN + tx};
+}
+
+// This block's tile of its matrix.
+template <int TM, typename Entry>
+__device__ __forceinline__ Tile tile_of(const Entry& e) {
+    return tile_at<TM>(e, blockIdx.x - e.first_block);
 }
 
 // Deterministic block sum (fixed tree order); the result is valid in thread 0.
@@ -408,11 +413,10 @@ __device__ __forceinline__ double magnitude(double x) { return x < 0 ? -x : x; }
 template <typename F, typename O, typename M>
 __device__ __noinline__ double resum_blocks(const PenaltyEntry& e, int first, int last, double* partial) {
     constexpr int TM = PenaltyTile<M>::TM, RPT = TM / (HL_THREADS / HL_TN);
-    const int tx = threadIdx.x % HL_TN, ty = threadIdx.x / HL_TN;
     for (int tile = 0; tile < last - first; ++tile) {
         if (e.block_exact[tile]) continue;
-        const int row = (tile / e.tiles_col) * TM + ty * RPT, col = (tile % e.tiles_col) * HL_TN + tx;
-        const double q = block_sum(exact_partial<F, O, RPT>(e, row, col));
+        const Tile tl = tile_at<TM>(e, tile);  // as the penalty kernel's block for this tile
+        const double q = block_sum(exact_partial<F, O, RPT>(e, tl.row0 + tl.ty * RPT, tl.j));
         if (threadIdx.x == 0) partial[first + tile] = q;
     }
     __syncthreads();  // thread 0's writes seen by all
