@@ -31,7 +31,7 @@ from hlora import _native, bench_training, ops, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, make_step, rel_err  # noqa: E402
+from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, cancelling_omega, make_step, rel_err  # noqa: E402
 
 Lines = List[str]
 
@@ -107,12 +107,10 @@ def check_ops(device: str, shapes: List[Tuple[int, int, int]], out: Lines) -> bo
     # Ω ≥ 0 in whole tiles (rows < 64), < 0 below, cancelling to 1e-4: penalty_sums re-sums.
     step = make_step(192, 300, 8, torch.float32, seed=5, device=device)
     a64, b64, a064, b064 = (t.double() for t in (step.a1, step.b1, step.a0, step.b0))
-    d2 = (1.3 * ((b64 - b064) @ a64 + b064 @ (a64 - a064))) ** 2
-    tiles = torch.rand(192, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device) + 0.1
-    pos, neg = (tiles[:64] * d2[:64]).sum(), (tiles[64:] * d2[64:]).sum()
-    tiles[64:] *= -pos * (1e4 - 1) / (neg * (1e4 + 1))
-    e_tiles = rel_err(ops.importance_penalty(tiles.float(), step.a1, step.b1, step.a0, step.b0, scaling=1.3),
-                      reference.importance_penalty(tiles.float().double(), a64, b64, a064, b064, scaling=1.3))
+    d64 = reference._delta(a64, b64, 1.3, a064, b064, 1.3)
+    tiles = cancelling_omega(d64.cpu(), 1e4, seed=6, negative_from_row=64).to(device)
+    e_tiles = rel_err(ops.importance_penalty(tiles, step.a1, step.b1, step.a0, step.b0, scaling=1.3),
+                      reference.importance_penalty(tiles.double(), a64, b64, a064, b064, scaling=1.3))
     ok = e_many <= 1e-5 and e_pen <= 1e-5 and e_signed <= 1e-5 and e_tiles <= 1e-5
     all_ok &= ok
     out += ["", f"70 matrices in one call (two launches): ω update max rel {e_many:.1e}, Σ P rel {e_pen:.1e}; "

@@ -78,6 +78,21 @@ def make_step(out: int, inn: int, r: int, dtype: torch.dtype, seed: int = 0,
     return Step(omega.to(device), *(t.to(device) for t in cast))
 
 
+def cancelling_omega(d: torch.Tensor, cancel: float, seed: int, negative_from_row: int | None = None) -> torch.Tensor:
+    """Float32 Ω of mixed signs whose terms Ω·D² cancel: Σ Ω·D² ≈ Σ |Ω|·D² / ``cancel``
+    (D in float64). Such Ω are legitimate (``clamp="none"``: the paper's text). Signs at random,
+    or (``negative_from_row``) Ω ≥ 0 above that row and < 0 from it on."""
+    g = torch.Generator().manual_seed(seed)
+    if negative_from_row is None:
+        omega = torch.randn(d.shape, generator=g, dtype=torch.float64)
+    else:
+        omega = torch.rand(d.shape, generator=g, dtype=torch.float64) + 0.1
+        omega[negative_from_row:] *= -1
+    pos, neg = (omega.clamp_min(0) * d**2).sum(), (-omega.clamp_max(0) * d**2).sum()
+    k = pos * (cancel - 1) / (neg * (cancel + 1))  # pos − k·neg = (pos + k·neg) / cancel
+    return torch.where(omega < 0, omega * k, omega).float()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _backend_is_what_ci_asked_for():
     """Under HLORA_BACKEND=rust (what .ci/run exports) the native module must be in use: a broken

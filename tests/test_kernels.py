@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import hlora
 from hlora import ops, reference
 
-from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, Step, make_step, rel_err
+from conftest import FACTOR_DTYPES, FORWARD_TOL, GRAD_TOL, Step, cancelling_omega, make_step, rel_err
 
 SHAPES = [(1, 1, 1), (7, 5, 3), (13, 1, 2), (1, 17, 4), (33, 65, 1), (40, 24, 64), (130, 129, 8),
           (576, 576, 8), (192, 576, 8)]
@@ -257,21 +257,6 @@ def test_penalty_reads_stored_omega_dtypes(omega_dtype, cpu_path):
     assert rel_err(a.grad, a64.grad) <= 1e-5
 
 
-def _cancelling_omega(d: torch.Tensor, cancel: float, seed: int, negative_from_row: int | None = None) -> torch.Tensor:
-    """Float32 Ω of mixed signs whose terms Ω·D² cancel: Σ Ω·D² ≈ Σ |Ω|·D² / ``cancel``
-    (D in float64). Such Ω are legitimate (``clamp="none"``: the paper's text). Signs at random,
-    or (``negative_from_row``) Ω ≥ 0 above that row and < 0 from it on."""
-    g = torch.Generator().manual_seed(seed)
-    if negative_from_row is None:
-        omega = torch.randn(d.shape, generator=g, dtype=torch.float64)
-    else:
-        omega = torch.rand(d.shape, generator=g, dtype=torch.float64) + 0.1
-        omega[negative_from_row:] *= -1
-    pos, neg = (omega.clamp_min(0) * d**2).sum(), (-omega.clamp_max(0) * d**2).sum()
-    k = pos * (cancel - 1) / (neg * (cancel + 1))  # pos − k·neg = (pos + k·neg) / cancel
-    return torch.where(omega < 0, omega * k, omega).float()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(192, 576, 8), (37, 29, 3)], ids=str)
 def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype, cpu_path):
@@ -282,7 +267,7 @@ def test_penalty_value_is_accurate_when_signed_terms_cancel(shape, dtype, cpu_pa
     out, inn, r = shape
     step = make_step(out, inn, r, dtype, seed=out + r)
     d64 = reference._delta(step.a1.double(), step.b1.double(), 1.7, step.a0.double(), step.b0.double(), 1.7)
-    omega = _cancelling_omega(d64, 1e4, seed=r)
+    omega = cancelling_omega(d64, 1e4, seed=r)
     magnitude = float((omega.double().abs() * d64**2).sum())
     a, b = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
     value = ops.importance_penalty(omega, a, b, step.a0, step.b0, scaling=1.7)
@@ -303,7 +288,7 @@ def test_penalty_value_is_accurate_when_whole_tiles_of_signs_cancel(cpu_path):
     double."""
     step = make_step(192, 300, 8, torch.float32, seed=5)
     d64 = reference._delta(step.a1.double(), step.b1.double(), 1.3, step.a0.double(), step.b0.double(), 1.3)
-    omega = _cancelling_omega(d64, 1e4, seed=6, negative_from_row=64)
+    omega = cancelling_omega(d64, 1e4, seed=6, negative_from_row=64)
     value = ops.importance_penalty(omega, step.a1, step.b1, step.a0, step.b0, scaling=1.3)
     want = reference.importance_penalty(omega.double(), step.a1.double(), step.b1.double(), step.a0.double(),
                                         step.b0.double(), scaling=1.3)
