@@ -1,5 +1,5 @@
-"""Importance files: round trip, bfloat16 storage, atomic writes, truncated / corrupted / other
-format versions, and matching against a model."""
+"""Importance files: round trip, bfloat16 storage, atomic writes (and those of the text/JSON files),
+truncated / corrupted / other format versions, and matching against a model."""
 
 from __future__ import annotations
 
@@ -114,6 +114,21 @@ def test_failed_write_keeps_the_old_file(recorded, tmp_path, monkeypatch):
         imp.save(str(path))
     assert path.read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_text_and_json_files_are_replaced_whole_or_not_at_all(tmp_path):
+    # The results, summary, benchmark and checkpoint-state JSON files go through these.
+    import hlora._io as io_module
+
+    path = tmp_path / "summary.md"
+    io_module.write_text_atomic(str(path), "old ünïcode")
+    with pytest.raises(UnicodeEncodeError):  # fails halfway through writing the temporary file
+        io_module.write_text_atomic(str(path), "new text, then a lone surrogate \udc80")
+    assert path.read_text(encoding="utf-8") == "old ünïcode"
+    assert os.listdir(tmp_path) == ["summary.md"]
+    io_module.write_json_atomic(str(tmp_path / "rows.json"), [{"ms": 0.5}, {"shape": (3, 4)}])
+    assert json.loads((tmp_path / "rows.json").read_text()) == [{"ms": 0.5}, {"shape": [3, 4]}]
+    assert sorted(os.listdir(tmp_path)) == ["rows.json", "summary.md"]
 
 
 def test_check_names_every_problem(recorded):

@@ -1,6 +1,6 @@
-"""Crash-safe safetensors files: written to a temporary file in the same folder, flushed,
-fsynced and renamed over the target, with a checksum of every tensor's bytes in the metadata —
-so a reader sees the old file or the new one, never half of one, and corruption is caught."""
+"""Crash-safe files: written to a temporary file in the same folder, flushed, fsynced and renamed
+over the target, so a reader sees the old file or the new one, never half of one. Safetensors
+files also carry a checksum of every tensor's bytes in their metadata, so corruption is caught."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Dict, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -26,15 +27,16 @@ def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+@contextmanager
+def _replacing(path: str) -> Iterator[str]:
+    """Yields a temporary path beside ``path`` to write; on success the file there is fsynced and
+    renamed over ``path`` (and the folder fsynced), on failure removed — ``path`` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {**metadata, "checksum": _checksum(cpu)}
     fd, tmp = tempfile.mkstemp(prefix=".hlora-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(cpu, tmp, metadata=meta)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,6 +48,26 @@ def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str,
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**metadata, "checksum": _checksum(cpu)}
+    with _replacing(path) as tmp:
+        save_file(cpu, tmp, metadata=meta)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """``text`` as the whole of ``path`` (UTF-8), or ``path`` as it was if anything fails."""
+    with _replacing(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json_atomic(path: str, payload: object, default: Callable[[object], object] = str) -> None:
+    """``payload`` as indented JSON in ``path``, atomically (objects JSON cannot hold go through
+    ``default``)."""
+    write_text_atomic(path, json.dumps(payload, indent=1, default=default))
 
 
 def load_checked(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -15,7 +15,6 @@ MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912 for the refere
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ import torch
 import hlora
 from hlora import ops, reference
 from hlora._args import positive_int
+from hlora._io import write_json_atomic
 
 SHAPES = [("SmolLM2 q_proj", 576, 576), ("SmolLM2 v_proj", 192, 576),
           ("LLaMA-3.2-3B q_proj", 3072, 3072), ("LLaMA-3.2-3B v_proj", 1024, 3072)]
@@ -147,8 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = run(args.threads, args.repeats, args.device, args.rank)
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json_atomic(args.json, rows)
     return 0
 
 

@@ -11,9 +11,7 @@ HLoRA — the ν adapter continued with φ·Σ c_l·P_l; HLoRA − layer — uni
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 import hlora
 from hlora import data
 from hlora import eval as metrics
+from hlora._io import write_json_atomic
 from hlora.adapters import find_adapted
 from hlora.baselines.ewc import EWCPenalty, empirical_fisher, sequences_for_budget
 
@@ -318,12 +317,7 @@ def versus_recording(ewc_s: float, recording_s: float) -> str:
 
 def save_json(path: str, payload: Dict) -> None:
     """Atomic JSON write (a crashed run never leaves half a results file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
 
 
 def finite(x: float) -> bool:

@@ -11,6 +11,7 @@ import statistics
 from typing import Dict, List, Optional, Sequence
 
 from hlora import experiment, plots, stats
+from hlora._io import write_text_atomic
 
 
 def _read_json(path: str) -> Dict:
@@ -107,9 +108,5 @@ def summarize(out: str) -> str:
                           "domain accuracy")
         lines.append("")
     text = "\n".join(lines)
-    tmp = os.path.join(out, "summary.md.tmp")
-    os.makedirs(out, exist_ok=True)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "summary.md"))
+    write_text_atomic(os.path.join(out, "summary.md"), text)
     return text

@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 import torch
 from transformers import Trainer, TrainerCallback
 
+from hlora._io import write_json_atomic
 from hlora.importance import Importance
 from hlora.recorder import DEFAULT_XI, ImportanceRecorder
 from hlora.regularizer import DEFAULT_PHI, Regularizer
@@ -149,9 +150,7 @@ class RegularizationCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.regularizer is not None:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", REGULARIZER_STATE_FILE)
-            with open(path + ".tmp", "w") as f:
-                json.dump({"anchor": self.regularizer.anchor}, f)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(path, {"anchor": self.regularizer.anchor})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         value = self.regularizer.penalty()
