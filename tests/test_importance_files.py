@@ -163,3 +163,25 @@ def test_metadata_is_plain_json(recorded, tmp_path):
     assert meta["format"] == "hlora-importance" and meta["format_version"] == "1"
     assert json.loads(meta["names"]) == imp.names
     assert "checksum" in meta and "hlora_version" in meta
+
+
+def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from hlora import plots
+
+    path = tmp_path / "accuracy.png"
+    plots.violins({"LoRA": [0.5, 0.6], "HLoRA": [0.7, 0.8]}, str(path), "accuracy")
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def half_written(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(before[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        plots.violins({"LoRA": [0.1, 0.2]}, str(path), "accuracy")
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["accuracy.png"]

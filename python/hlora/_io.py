@@ -28,7 +28,7 @@ def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
 
 
 @contextmanager
-def _replacing(path: str) -> Iterator[str]:
+def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary path beside ``path`` to write; on success the file there is fsynced and
     renamed over ``path`` (and the folder fsynced), on failure removed — ``path`` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -53,13 +53,13 @@ def _replacing(path: str) -> Iterator[str]:
 def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {**metadata, "checksum": _checksum(cpu)}
-    with _replacing(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(cpu, tmp, metadata=meta)
 
 
 def write_text_atomic(path: str, text: str) -> None:
     """``text`` as the whole of ``path`` (UTF-8), or ``path`` as it was if anything fails."""
-    with _replacing(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 

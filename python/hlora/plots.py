@@ -11,6 +11,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hlora._io import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str) -> str:
+    """The figure as a PNG at ``path``, written atomically (a crash leaves the previous one)."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
 
 def loss_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> str:
     """Fig. 4: domain task loss per step for each method, and HLoRA's φ·penalty."""
@@ -25,9 +37,7 @@ def loss_curves(histories: Dict[str, List[Dict[str, float]]], path: str) -> str:
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def phi_sweep(rows: Sequence[Dict[str, float]], path: str, baseline: Dict[str, float] = None) -> str:
@@ -42,9 +52,7 @@ def phi_sweep(rows: Sequence[Dict[str, float]], path: str, baseline: Dict[str, f
     ax.set(xlabel="domain accuracy (validation)", ylabel="general perplexity (held out)", title="φ sweep")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def importance_heatmap(norms: Dict[str, float], path: str) -> str:
@@ -64,9 +72,7 @@ def importance_heatmap(norms: Dict[str, float], path: str) -> str:
     ax.set_title("log10 ‖Ω‖ per adapted matrix")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def violins(per_method: Dict[str, List[float]], path: str, ylabel: str, tests: Dict[str, float] = None) -> str:
@@ -82,6 +88,4 @@ def violins(per_method: Dict[str, List[float]], path: str, ylabel: str, tests: D
     ax.set_xticks(range(1, len(names) + 1), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
