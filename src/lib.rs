@@ -566,7 +566,8 @@ fn cpu_path() -> &'static str {
     dispatch::cpu_path_name()
 }
 
-/// The instruction set the CPU kernels use: "avx2" or "plain" (`HLORA_SIMD=plain` forces it).
+/// The instruction set the CPU kernels use: "avx512", "avx2" or "plain" (the best the CPU has;
+/// `HLORA_SIMD=avx2` or `HLORA_SIMD=plain` caps it).
 #[pyfunction]
 fn simd_level() -> &'static str {
     simd::level().name()

@@ -457,8 +457,10 @@ fn penalty_rows<S: Storage, T: Real>(
 struct Weighted<'a, S, T, const RB: usize, const MIXED: bool> {
     /// The tile's rows of Ω.
     omega: [&'a [S]; RB],
-    lanes: [T; 16],
-    magnitude: [T; 16],
+    /// Per row of the tile in the AVX-512 variant, whose two blocks per row would otherwise
+    /// chain twice the FMAs on one set of lanes; row 0 only in the others (their order kept).
+    lanes: [[T; 16]; RB],
+    magnitude: [[T; 16]; RB],
 }
 
 impl<S: Storage, T: Real, const RB: usize, const MIXED: bool> Finish<T>
@@ -473,11 +475,13 @@ impl<S: Storage, T: Real, const RB: usize, const MIXED: bool> Finish<T>
         dst: &mut [T; W],
     ) {
         let w: &[S; W] = self.omega[rr][j..j + W].try_into().expect("W weights");
+        let row = if M::WIDE { rr } else { 0 };
+        let (lanes, magnitude) = (&mut self.lanes[row], &mut self.magnitude[row]);
         for l in 0..W {
             let g = T::load(w[l]) * vals[l];
-            self.lanes[l % 16] = M::madd(g, vals[l], self.lanes[l % 16]);
+            lanes[l % 16] = M::madd(g, vals[l], lanes[l % 16]);
             if MIXED {
-                self.magnitude[l % 16] = M::madd(g.abs(), vals[l].abs(), self.magnitude[l % 16]);
+                magnitude[l % 16] = M::madd(g.abs(), vals[l].abs(), magnitude[l % 16]);
             }
             dst[l] = g;
         }
@@ -648,13 +652,17 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
     ) -> Sums {
         let mut weigh = Weighted::<S, T, RB, MIXED> {
             omega,
-            lanes: [T::zero(); 16],
-            magnitude: [T::zero(); 16],
+            lanes: [[T::zero(); 16]; RB],
+            magnitude: [[T::zero(); 16]; RB],
         };
         let n = omega[0].len();
         self.d
             .rows_tile_finish::<M, RB, _>(self.row0 + li, j0, n, g, &mut weigh);
-        let total = |lanes: &[T; 16]| lanes.iter().fold(T::zero(), |s, &x| s + x).to_f64();
+        let total = |lanes: &[[T; 16]; RB]| {
+            (lanes.iter().flatten())
+                .fold(T::zero(), |s, &x| s + x)
+                .to_f64()
+        };
         let p = total(&weigh.lanes);
         Sums {
             p,

@@ -1,12 +1,17 @@
 //! Runtime CPU-feature dispatch. Wheels are built for baseline x86-64 (SSE2) so they run
-//! anywhere; the hot per-task loops are compiled twice — plain, and with AVX2+FMA — and the
-//! second is chosen when the CPU has it. `Madd` picks `a·b + c` or a fused multiply-add, so
-//! one generic body serves both. (An AVX-512 variant measured no faster on this project's
-//! Zen 4 machines, whose 512-bit FMAs run as two 256-bit halves, so there is none.)
+//! anywhere; the hot per-task loops are compiled three times — plain, with AVX2+FMA, and with
+//! AVX-512 — and the best the CPU has is chosen. `Madd` picks `a·b + c` or a fused multiply-add
+//! (and, through `WIDE`, how many columns the micro-kernels take per row), so one generic body
+//! serves all three. On an Intel Xeon (Emerald Rapids) VM, one thread, AVX-512 against AVX2:
+//! ω update −22–30 %, finalize −15 %, penalty −4–10 % (the same at 1024 × 3072: its gradient
+//! loops stay 8 lanes wide). Zen 4, whose 512-bit FMAs run as two halves, measured no faster
+//! with an earlier, one-register-per-row AVX-512 variant.
 
 use crate::scalar::Real;
 
 pub trait Madd {
+    /// 512-bit registers (32 of them): the micro-kernels take twice the columns per row.
+    const WIDE: bool = false;
     fn madd<T: Real>(a: T, b: T, c: T) -> T;
 }
 
@@ -14,6 +19,8 @@ pub trait Madd {
 pub struct Plain;
 /// fma(a, b, c), one rounding, one instruction under the "fma" target feature.
 pub struct Fused;
+/// [`Fused`] in the AVX-512 variant.
+pub struct FusedWide;
 
 impl Madd for Plain {
     #[inline(always)]
@@ -29,6 +36,14 @@ impl Madd for Fused {
     }
 }
 
+impl Madd for FusedWide {
+    const WIDE: bool = true;
+    #[inline(always)]
+    fn madd<T: Real>(a: T, b: T, c: T) -> T {
+        a.mul_add(b, c)
+    }
+}
+
 /// The instruction set a kernel variant uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -36,6 +51,8 @@ pub enum Level {
     Plain,
     /// AVX2 + FMA: 256-bit vectors, fused multiply-adds.
     Avx2,
+    /// AVX-512 (F, VL, BW, DQ) + FMA: 512-bit vectors.
+    Avx512,
 }
 
 impl Level {
@@ -43,20 +60,21 @@ impl Level {
         match self {
             Level::Plain => "plain",
             Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
         }
     }
 }
 
-/// The best level this CPU runs, or `plain` with `HLORA_SIMD=plain` (read once; tests run the
-/// plain variant in a subprocess with it).
+/// The best level this CPU runs, capped by `HLORA_SIMD=plain|avx2` (read once; tests run the
+/// capped variants in subprocesses, and benchmarks compare them in one build).
 pub fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let plain = std::env::var("HLORA_SIMD").is_ok_and(|v| v == "plain");
-        if plain {
-            Level::Plain
-        } else {
-            detected()
+        let best = detected();
+        match std::env::var("HLORA_SIMD").as_deref() {
+            Ok("plain") => Level::Plain,
+            Ok("avx2") if best == Level::Avx512 => Level::Avx2,
+            _ => best,
         }
     })
 }
@@ -64,7 +82,10 @@ pub fn level() -> Level {
 #[cfg(target_arch = "x86_64")]
 fn detected() -> Level {
     use std::is_x86_feature_detected as has;
-    if has!("avx2") && has!("fma") {
+    let avx2 = has!("avx2") && has!("fma");
+    if avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
+        Level::Avx512
+    } else if avx2 {
         Level::Avx2
     } else {
         Level::Plain
@@ -90,9 +111,17 @@ macro_rules! multiversion {
                 unsafe fn with_avx2<$($g: $bound),*>($($arg: $ty),*) $(-> $ret)? {
                     $body::<$crate::simd::Fused, $($g),*>($($arg),*)
                 }
-                if $crate::simd::level() == $crate::simd::Level::Avx2 {
-                    // SAFETY: the CPU reports AVX2 and FMA (`simd::level`).
-                    return unsafe { with_avx2::<$($g),*>($($arg),*) };
+                #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn with_avx512<$($g: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                    $body::<$crate::simd::FusedWide, $($g),*>($($arg),*)
+                }
+                match $crate::simd::level() {
+                    // SAFETY: the CPU reports these features (`simd::level`).
+                    $crate::simd::Level::Avx512 => return unsafe { with_avx512::<$($g),*>($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::simd::Level::Avx2 => return unsafe { with_avx2::<$($g),*>($($arg),*) },
+                    $crate::simd::Level::Plain => {}
                 }
             }
             $body::<$crate::simd::Plain, $($g),*>($($arg),*)

@@ -495,11 +495,11 @@ def test_backend_reports_rust_with_native_module():
 
 
 def test_plain_variant_and_rayon_pool_match_reference_too():
-    """The kernels are compiled twice (baseline x86-64 and AVX2+FMA) and run on torch's OpenMP
-    team when torch uses libgomp; this machine runs AVX2 on the team. The other two — what a CPU
-    without AVX2 runs, and the rayon pool a torch without libgomp (or a forked child) uses — go
-    through the same kernel tests in a subprocess pinned to both with HLORA_SIMD=plain and
-    HLORA_POOL=rayon."""
+    """The kernels are compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and run on
+    torch's OpenMP team when torch uses libgomp; this machine runs its best variant on the team.
+    The others — what a CPU without AVX2 runs, with the rayon pool a torch without libgomp (or a
+    forked child) uses, and AVX2 where the CPU has AVX-512 — go through the same kernel tests in
+    subprocesses pinned to them with HLORA_SIMD (and HLORA_POOL=rayon)."""
     import os
     import subprocess
     import sys
@@ -509,16 +509,20 @@ def test_plain_variant_and_rayon_pool_match_reference_too():
         pytest.skip("the SIMD variants and thread pools are the native backend's")
     from hlora import _native
 
-    if os.environ.get("HLORA_SIMD") == "plain":  # inside the subprocess below
-        assert _native.simd_level() == "plain"
-        assert _native.cpu_threading() == "rayon"
+    pinned = os.environ.get("HLORA_SIMD")
+    if pinned in ("plain", "avx2"):  # inside a subprocess below
+        assert _native.simd_level() == pinned
+        assert _native.cpu_threading() == ("rayon" if pinned == "plain" else "openmp")
         return
-    assert _native.simd_level() in ("avx2", "plain")
+    best = _native.simd_level()
+    assert best in ("avx512", "avx2", "plain")
     assert _native.cpu_threading() == "openmp"  # torch 2.11's Linux wheels link libgomp
     here = Path(__file__)
     select = "fused and (matches_reference or penalty_forward or gradcheck or many or plain_variant)"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", select],
-                         env={**os.environ, "HLORA_SIMD": "plain", "HLORA_POOL": "rayon"}, cwd=here.parent,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "failed" not in run.stdout
+    variants = [{"HLORA_SIMD": "plain", "HLORA_POOL": "rayon"}] + ([{"HLORA_SIMD": "avx2"}] if best == "avx512" else [])
+    for variant in variants:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", select],
+                             env={**os.environ, **variant}, cwd=here.parent, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, f"{variant}: " + run.stdout[-3000:] + run.stderr[-3000:]
+        assert " passed" in run.stdout and "failed" not in run.stdout
