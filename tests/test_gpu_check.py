@@ -48,3 +48,24 @@ def test_kernel_timings_script_prints_a_row_per_kernel(monkeypatch, capsys):
     for row in rows:
         times = [float(t) for cell in row.strip(" |").split(" | ")[2:] for t in cell.split(" / ")]
         assert len(times) == 6 and all(t > 0 for t in times)
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="native backend not active")
+def test_simd_ab_script_times_each_variant_it_is_asked_for(monkeypatch, capsys):
+    from hlora import _native
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import simd_ab
+
+    variants = sorted({"plain", _native.simd_level()})
+    try:
+        for op in ("omega", "finalize", "penalty", "value"):
+            assert simd_ab.main(["--op", op, "--shape", "9x33", "--rounds", "1", "--calls", "5",
+                                 "--variants", ",".join(variants)]) == 0
+    finally:
+        sys.modules.pop("simd_ab", None)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(row[0], row[3]) for row in rows] == [
+        (op, v) for op in ("omega", "finalize", "penalty", "value") for v in variants]
+    for row in rows:
+        assert row[1] == "9x33" and 0 < float(row[5]) <= float(row[8])
