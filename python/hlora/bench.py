@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -123,6 +124,17 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hlora bench", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=positive_int, default=2)
@@ -137,9 +149,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if hlora.backend() == "rust":
         from hlora import _native
 
-        threading = f" cpu-threads-on={_native.cpu_threading()}"
+        threading = f" cpu-threads-on={_native.cpu_threading()} simd={_native.simd_level()}"
     print(f"hlora {hlora.__version__} backend={hlora.backend()} torch {torch.__version__} "
           f"device={args.device} threads={args.threads}{threading} r={args.rank} repeats={args.repeats} (medians)")
+    # Ratios differ between machines of one kind (the reference's GEMMs use what the CPU has).
+    print(f"cpu: {_cpu_model()}, torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
     # torch's OpenMP workers busy-wait after each op unless told otherwise, and glibc's allocator
     # settings decide whether the reference page-faults its temporaries: each changes the ratios.
     settings = ("OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
