@@ -3,6 +3,7 @@ the kernels' emulator: the script a lent GPU runs must not fail for a reason a C
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -69,3 +70,32 @@ def test_simd_ab_script_times_each_variant_it_is_asked_for(monkeypatch, capsys):
         (op, v) for op in ("omega", "finalize", "penalty", "value") for v in variants]
     for row in rows:
         assert row[1] == "9x33" and 0 < float(row[5]) <= float(row[8])
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="native backend not active")
+def test_build_ab_script_loads_two_builds_side_by_side_and_compares_them(tmp_path, monkeypatch, capsys):
+    from hlora._loader import NATIVE
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import build_ab
+
+    copy = tmp_path / "before.so"
+    shutil.copyfile(NATIVE.__file__, copy)
+    ops = ("omega", "finalize", "penalty", "value")
+    try:
+        for op in ops:
+            assert build_ab.main(["--before", str(copy), "--op", op, "--shape", "9x33", "--calls", "5"]) == 0
+        with pytest.raises(SystemExit, match="no file"):
+            build_ab.main(["--before", str(tmp_path / "missing.so")])
+    finally:
+        sys.modules.pop("build_ab", None)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 * len(ops)
+    for op, (diffs, before, after) in zip(ops, zip(lines[0::3], lines[1::3], lines[2::3])):
+        # Two copies of one build: the same numbers, bit for bit (penalty: value and both gradients).
+        values = diffs.split(": ")[1].split()
+        assert values == ["0.00e+00"] * (3 if op == "penalty" else 1), diffs
+        for line, name in ((before, "before"), (after, "after")):
+            row = line.split()
+            assert row[:4] == [op, "9x33", "threads=1", name]
+            assert 0 < float(row[5]) <= float(row[8])

@@ -1,0 +1,104 @@
+"""Two builds of the native module against each other in one process: their kernel calls
+alternate (which goes first swaps every call), so a noisy machine slows both alike. On the 2-vCPU
+VMs the same build timed in separate processes moved by up to 1.5x; two copies of one build
+compared here agree within 1 %.
+
+    cp python/hlora/_native.abi3.so /tmp/before.so   # then change the Rust code and rebuild
+    python scripts/build_ab.py --before /tmp/before.so --op penalty --shape 192x576 [--threads 1]
+
+`--after` defaults to the installed build. Both builds' results are compared first (relative
+differences printed: a change that should be bit-for-bit the same shows 0); the 10th percentile
+and median of each build's calls follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import hlora  # noqa: F401  (torch and the version check first, as `import hlora` does)
+from hlora._loader import NATIVE
+
+
+def load_build(path: str, name: str) -> ModuleType:
+    """The extension at `path` as a module of its own (`PyInit__native` is looked up by the file's
+    last name component, so two builds load side by side under different package names)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--before/--after: no file {path}")
+    spec = importlib.util.spec_from_file_location(f"{name}._native", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def calls(native: ModuleType, op: str, rows: int, cols: int) -> Callable[[], object]:
+    """One kernel call of `op` at (rows, cols), r = 8, on fixed random inputs (never zeros)."""
+    g = torch.Generator().manual_seed(0)
+    om = torch.rand(rows, cols, generator=g)
+    a, b = torch.randn(8, cols, generator=g), torch.randn(rows, 8, generator=g)
+    a0, b0 = a * 0.9, b * 0.9
+    ga, gb = torch.randn(8, cols, generator=g), torch.randn(rows, 8, generator=g)
+    return {
+        "omega": lambda: native.accumulate_omega_(om, a0, b0, ga, gb, a, b, lr=1e-3, scaling=2.0) or om,
+        "finalize": lambda: native.finalize_importance(om, a, b, scaling=2.0, xi=1e-3),
+        "penalty": lambda: native.importance_penalty(om, a, b, a0, b0, scaling=2.0, compute_grads=True),
+        "value": lambda: native.importance_penalty(om, a, b, a0, b0, scaling=2.0, compute_grads=False),
+    }[op]
+
+
+def _tensors(result: object) -> List[torch.Tensor]:
+    items = result if isinstance(result, (tuple, list)) else [result]
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def relative_differences(before: object, after: object) -> List[float]:
+    """max |after − before| / max |before| per result tensor."""
+    return [float((y.double() - x.double()).abs().max() / x.double().abs().max().clamp_min(1e-300))
+            for x, y in zip(_tensors(before), _tensors(after))]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="path of the build to compare against")
+    parser.add_argument("--after", default=None, help="path of the other build (default: the installed one)")
+    parser.add_argument("--op", choices=["omega", "finalize", "penalty", "value"], default="penalty")
+    parser.add_argument("--shape", default="192x576")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if NATIVE is None and args.after is None:
+        raise SystemExit("the native module is not installed: pass --after")
+    rows, cols = (int(x) for x in args.shape.split("x"))
+    torch.set_num_threads(args.threads)
+    builds = {"before": load_build(args.before, "hlora_ab_before"),
+              "after": load_build(args.after or NATIVE.__file__, "hlora_ab_after")}
+    # The ω update writes into its ω: each build gets inputs of its own.
+    fns = {name: calls(native, args.op, rows, cols) for name, native in builds.items()}
+    diffs = relative_differences(fns["before"](), fns["after"]())
+    print(f"{args.op} {rows}x{cols} threads={args.threads} relative differences after vs before: "
+          + " ".join(f"{d:.2e}" for d in diffs))
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(args.calls):
+        for name in order if i % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        t.sort()
+        print(f"{args.op} {rows}x{cols} threads={args.threads} {name:6s} p10 {t[len(t) // 10] * 1e6:8.1f} µs  "
+              f"median {statistics.median(t) * 1e6:8.1f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
