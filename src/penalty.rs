@@ -534,9 +534,15 @@ impl GradLayout {
     fn pack<T: Real>(&self, a: &Dense<T>) -> Vec<T> {
         let blocks = a.cols.div_ceil(GRAD_BLOCK) * GRAD_BLOCK / 8;
         let mut packed = vec![T::zero(); blocks * self.r_pad * 8];
-        for q in 0..self.r {
-            for (j, &x) in a.row(q).iter().enumerate() {
-                packed[((j / 8) * self.r_pad + q) * 8 + j % 8] = x;
+        // Block by block, 8 contiguous values per rank term (element-wise scattering took 3 % of
+        // the penalty at 192 × 576).
+        for (block, j0) in packed
+            .chunks_exact_mut(self.r_pad * 8)
+            .zip((0..a.cols).step_by(8))
+        {
+            let n = 8.min(a.cols - j0);
+            for (q, dst) in block.chunks_exact_mut(8).take(self.r).enumerate() {
+                dst[..n].copy_from_slice(&a.row(q)[j0..j0 + n]);
             }
         }
         packed
