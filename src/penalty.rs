@@ -831,6 +831,18 @@ mod tests {
     }
 
     #[test]
+    fn pairwise_sum_adds_every_lane_of_every_row() {
+        // Integers: exact in any order, so a lane left out or added twice shows.
+        let mut lanes = [[0.0f32; 16]; ROW_BLOCK];
+        for (i, x) in lanes.iter_mut().flatten().enumerate() {
+            *x = (i + 1) as f32;
+        }
+        let n = 16 * ROW_BLOCK;
+        assert_eq!(pairwise_sum(&lanes), (n * (n + 1) / 2) as f32);
+        assert_eq!(pairwise_sum(&[[1.0f64; 16]; 1]), 16.0);
+    }
+
+    #[test]
     fn mixed_sign_omega_sums_the_magnitude_of_the_terms() {
         // Negative Ω in some tiles only (rows 2 and 5 of 9): those tiles sum Σ|Ω|·D² as well.
         let (rows, cols, r) = (9, 270, 2);
