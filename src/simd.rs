@@ -4,8 +4,9 @@
 //! (and, through `WIDE`, how many columns the micro-kernels take per row), so one generic body
 //! serves all three. On an Intel Xeon (Emerald Rapids) VM, one thread, AVX-512 against AVX2:
 //! ω update −22–30 %, finalize −15 %, penalty −4–10 % at SmolLM2's shapes and unchanged at
-//! 1024 × 3072 (its gradient loops stay 8 lanes wide). Zen 4, whose 512-bit FMAs run as two
-//! halves, measured no faster with an earlier, one-register-per-row AVX-512 variant.
+//! 1024 × 3072 (its gradient loops were 512 bits wide already: LLVM packs two 8-lane rank terms
+//! per register). Zen 4, whose 512-bit FMAs run as two halves, measured no faster with an
+//! earlier, one-register-per-row AVX-512 variant.
 
 use crate::scalar::Real;
 
