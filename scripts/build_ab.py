@@ -78,7 +78,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if NATIVE is None and args.after is None:
         raise SystemExit("the native module is not installed: pass --after")
     rows, cols = (int(x) for x in args.shape.split("x"))
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        _compare(args, rows, cols)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process (a test) keeps its own
+    return 0
+
+
+def _compare(args: argparse.Namespace, rows: int, cols: int) -> None:
     builds = {"before": load_build(args.before, "hlora_ab_before"),
               "after": load_build(args.after or NATIVE.__file__, "hlora_ab_after")}
     # The ω update writes into its ω: each build gets inputs of its own.
@@ -97,7 +106,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t.sort()
         print(f"{args.op} {rows}x{cols} threads={args.threads} {name:6s} p10 {t[len(t) // 10] * 1e6:8.1f} µs  "
               f"median {statistics.median(t) * 1e6:8.1f} µs")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 import hlora
 
@@ -82,9 +83,12 @@ def test_build_ab_script_loads_two_builds_side_by_side_and_compares_them(tmp_pat
     copy = tmp_path / "before.so"
     shutil.copyfile(NATIVE.__file__, copy)
     ops = ("omega", "finalize", "penalty", "value")
+    threads = torch.get_num_threads()
     try:
         for op in ops:
-            assert build_ab.main(["--before", str(copy), "--op", op, "--shape", "9x33", "--calls", "5"]) == 0
+            assert build_ab.main(["--before", str(copy), "--op", op, "--shape", "9x33", "--calls", "5",
+                                  "--threads", str(threads + 1)]) == 0
+            assert torch.get_num_threads() == threads  # the caller's setting restored
         with pytest.raises(SystemExit, match="no file"):
             build_ab.main(["--before", str(tmp_path / "missing.so")])
     finally:
@@ -97,5 +101,5 @@ def test_build_ab_script_loads_two_builds_side_by_side_and_compares_them(tmp_pat
         assert values == ["0.00e+00"] * (3 if op == "penalty" else 1), diffs
         for line, name in ((before, "before"), (after, "after")):
             row = line.split()
-            assert row[:4] == [op, "9x33", "threads=1", name]
+            assert row[:4] == [op, "9x33", f"threads={threads + 1}", name]
             assert 0 < float(row[5]) <= float(row[8])
