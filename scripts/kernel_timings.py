@@ -67,9 +67,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if hlora.backend() != "rust":
         parser.error("the native module is not loaded (hlora.backend() is not 'rust'): nothing to time")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        _print_table(args)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process (a test) keeps its own
+    return 0
+
+
+def _print_table(args: argparse.Namespace) -> None:
     from hlora import _native
 
-    torch.set_num_threads(args.threads)
     print(f"threads={args.threads} on {_native.cpu_threading()} simd={_native.simd_level()} r={args.rank}; "
           "ms as p10 / median")
     print("| shape | kernel | back to back | after a pause | caches flushed |\n|---|---|---:|---:|---:|")
@@ -88,7 +97,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ts = sorted(_times(fn, calls, pause, before))
                 cells.append(f"{ts[len(ts) // 10] * 1e3:.3f} / {statistics.median(ts) * 1e3:.3f}")
             print(f"| {name} ({out}x{inn}) | {kernel} | {' | '.join(cells)} |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

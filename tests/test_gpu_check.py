@@ -40,8 +40,11 @@ def test_kernel_timings_script_prints_a_row_per_kernel(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import kernel_timings
 
+    threads = torch.get_num_threads()
     try:
-        assert kernel_timings.main(["--only", "192x576", "--calls", "3", "--pause-ms", "0.1", "--flush-mb", "1"]) == 0
+        assert kernel_timings.main(["--only", "192x576", "--calls", "3", "--pause-ms", "0.1", "--flush-mb", "1",
+                                    "--threads", str(threads + 1)]) == 0
+        assert torch.get_num_threads() == threads  # the caller's setting restored
     finally:
         sys.modules.pop("kernel_timings", None)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SmolLM2")]
