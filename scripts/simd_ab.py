@@ -14,28 +14,23 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
+SCRIPTS = str(Path(__file__).resolve().parent)
+
+# The calls are build_ab's (same inputs and ops); scripts/ is put on the child's path for it.
 CHILD = r"""
 import sys, time, torch
+sys.path.insert(0, sys.argv[6])
+from build_ab import calls
 from hlora._loader import NATIVE
 from hlora import _native
-op, rows, cols, calls, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+op, rows, cols, n_calls, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-g = torch.Generator().manual_seed(0)
-om = torch.rand(rows, cols, generator=g)
-a, b = torch.randn(8, cols, generator=g), torch.randn(rows, 8, generator=g)
-a0, b0 = a * 0.9, b * 0.9
-ga, gb = torch.randn(8, cols, generator=g), torch.randn(rows, 8, generator=g)
-calls_by_op = {
-    "omega": lambda: NATIVE.accumulate_omega_(om, a0, b0, ga, gb, a, b, lr=1e-3, scaling=2.0),
-    "finalize": lambda: NATIVE.finalize_importance(om, a, b, scaling=2.0, xi=1e-3),
-    "penalty": lambda: NATIVE.importance_penalty(om, a, b, a0, b0, scaling=2.0, compute_grads=True),
-    "value": lambda: NATIVE.importance_penalty(om, a, b, a0, b0, scaling=2.0, compute_grads=False),
-}
-f = calls_by_op[op]
+f = calls(NATIVE, op, rows, cols)
 times = []
-for _ in range(calls):
+for _ in range(n_calls):
     t = time.perf_counter()
     f()
     times.append(time.perf_counter() - t)
@@ -58,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for _ in range(args.rounds):
         for variant in results:
             out = subprocess.run([sys.executable, "-c", CHILD, args.op, str(rows), str(cols), str(args.calls),
-                                  str(args.threads)], env={**os.environ, "HLORA_SIMD": variant},
+                                  str(args.threads), SCRIPTS], env={**os.environ, "HLORA_SIMD": variant},
                                  capture_output=True, text=True, check=True).stdout.split()
             if out[0] != variant:  # a cap above what the CPU has runs the best it has instead
                 raise SystemExit(f"HLORA_SIMD={variant} ran {out[0]}: this CPU cannot run that variant")
