@@ -11,6 +11,7 @@ mod lowrank;
 mod omega;
 mod omp;
 mod penalty;
+mod penalty_avx512;
 mod pool;
 mod scalar;
 mod simd;

@@ -154,6 +154,16 @@ impl<T: Real> LowRank<T> {
         }
     }
 
+    /// (Lᵀ, its row stride, R, its row stride): the layout the micro-kernels read.
+    pub fn factors(&self) -> (&[T], usize, &[T], usize) {
+        (
+            &self.left_t,
+            self.left_stride,
+            &self.right,
+            self.right_stride,
+        )
+    }
+
     /// L[i, q].
     pub fn left(&self, i: usize, q: usize) -> T {
         self.left_t[q * self.left_stride + i]

@@ -8,6 +8,7 @@ use crate::forms::{assemble, Converted};
 use crate::lowrank::{
     conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
 };
+use crate::penalty_avx512 as wide;
 use crate::pool;
 use crate::scalar::{in_kind, math_kind, Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
@@ -356,7 +357,7 @@ impl Sums {
         self.magnitude > CANCELLATION_LIMIT * self.p.abs()
     }
 
-    fn add(&mut self, other: Sums) {
+    pub fn add(&mut self, other: Sums) {
         self.p += other.p;
         self.magnitude += other.magnitude;
     }
@@ -413,6 +414,12 @@ fn penalty_rows<S: Storage, T: Real>(
     }
     let layout = GradLayout::new::<T>(r, cols);
     let a_packed = layout.pack(a);
+    // Float32 on an AVX-512 CPU: groups of 8 rows with Ω ≥ 0 take the hand-written kernel.
+    let fast = if std::any::TypeId::of::<S>() == std::any::TypeId::of::<f32>() {
+        wide::Kernel::new(d, a)
+    } else {
+        None
+    };
     // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
     let rpt = rows_per_task(rows, cols, rows.div_ceil(32));
     let tasks: Vec<_> = if grads {
@@ -423,7 +430,16 @@ fn penalty_rows<S: Storage, T: Real>(
     };
     let partials = pool::run_items(tasks, |task, (om, gb_rows)| {
         let gb_rows = gb_rows.map(|rows| (rows, scale));
-        penalty_task(task * rpt, om, gb_rows, d, b, &layout, &a_packed)
+        penalty_task(
+            task * rpt,
+            om,
+            gb_rows,
+            d,
+            b,
+            &layout,
+            &a_packed,
+            fast.as_ref(),
+        )
     })?;
     let mut total = Sums::default();
     if grads {
@@ -549,7 +565,7 @@ impl GradLayout {
     }
 }
 
-multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: Option<(&mut [T], T)>, d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T]) -> (Sums, Vec<T>) = penalty_task_body);
+multiversion!(fn penalty_task<S: Storage, T: Real>(row0: usize, om: &[S], gb_rows: Option<(&mut [T], T)>, d: &LowRank<T>, b: &Dense<T>, layout: &GradLayout, a_packed: &[T], fast: Option<&wide::Kernel>) -> (Sums, Vec<T>) = penalty_task_body);
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -561,6 +577,7 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
     b: &Dense<T>,
     layout: &GradLayout,
     a_packed: &[T],
+    fast: Option<&wide::Kernel>,
 ) -> (Sums, Vec<T>) {
     let nrows = om.len() / d.cols;
     let grads = gb_rows.is_some();
@@ -583,8 +600,15 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
         },
         sums: Sums::default(),
     };
+    let mut lanes = fast.map(|k| k.lanes()).unwrap_or_default();
     let mut li = 0;
     while li < nrows {
+        if let Some(kernel) = fast.filter(|_| nrows - li >= wide::ROWS) {
+            if task.group_wide(kernel, li, grads, &mut lanes) {
+                li += wide::ROWS;
+                continue;
+            }
+        }
         if nrows - li >= ROW_BLOCK {
             task.group::<M, ROW_BLOCK>(li, grads);
             li += ROW_BLOCK;
@@ -663,6 +687,47 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
                     *lanes = [T::zero(); 8];
                 }
             }
+        }
+    }
+
+    /// Rows li..li + `wide::ROWS` by the AVX-512 kernel; false (nothing done) when the types are
+    /// not float32.
+    fn group_wide(
+        &mut self,
+        kernel: &wide::Kernel,
+        li: usize,
+        grads: bool,
+        lanes: &mut [[f32; 16]],
+    ) -> bool {
+        let (cols, r, rows) = (self.d.cols, self.layout.r, wide::ROWS);
+        let Some(om) = wide::as_f32(&self.om[li * cols..(li + rows) * cols]) else {
+            return false;
+        };
+        let out = if grads {
+            let b_rows = &self.b.data[(self.row0 + li) * r..(self.row0 + li + rows) * r];
+            let (Some(b_rows), Some(ga), Some(gb)) = (
+                wide::as_f32(b_rows),
+                wide::as_f32_mut(&mut self.ga),
+                wide::as_f32_mut(&mut self.gb_rows[li * r..(li + rows) * r]),
+            ) else {
+                return false;
+            };
+            Some(wide::GroupGrads {
+                b_rows,
+                ga,
+                ga_stride: self.layout.ga_stride,
+                gb,
+                scale: self.gb_scale.to_f32(),
+            })
+        } else {
+            None
+        };
+        match kernel.group(self.row0 + li, om, out, lanes) {
+            Some(sums) => {
+                self.sums.add(sums);
+                true
+            }
+            None => false,
         }
     }
 
@@ -829,6 +894,82 @@ mod tests {
         }
         let p_only = penalty_rows(&omega, &d, &a, &b, None).unwrap();
         assert_eq!(p_only.p, sums.p);
+    }
+
+    #[test]
+    fn float32_groups_match_dense_maths() {
+        // 21 rows: two groups of 8 (the AVX-512 kernel, where the CPU has it), one of 4 and a
+        // single row (the generic kernel); 300 columns: a last tile of 44, three chunks of 16 with
+        // the last one masked; odd rank (one term left over in the column pass). Ω < 0 in two
+        // tiles of the second group: those are summed again with the magnitude.
+        let (rows, cols, r) = (21, 300, 3);
+        let f32s = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<_>>();
+        let a = Dense::new(r, cols, f32s(values(r * cols, 7)));
+        let b = Dense::new(rows, r, f32s(values(rows * r, 8)));
+        let d = LowRank::new(b.clone(), a.clone());
+        let mut omega: Vec<f32> = f32s(values(rows * cols, 9))
+            .iter()
+            .map(|x| x.abs())
+            .collect();
+        for row in [9, 10] {
+            for x in &mut omega[row * cols + 100..row * cols + 140] {
+                *x = -*x;
+            }
+        }
+        assert_eq!(
+            wide::Kernel::new(&d, &a).is_some(),
+            crate::simd::level() == crate::simd::Level::Avx512
+        );
+        let (mut ga, mut gb) = (vec![f32::NAN; r * cols], vec![f32::NAN; rows * r]);
+        let out = GradOut {
+            ga: &mut ga,
+            gb: &mut gb,
+            scale: 0.5,
+        };
+        let sums = penalty_rows(&omega, &d, &a, &b, Some(out)).unwrap();
+        // The same sums in float64 (D from the float32 factors).
+        let up =
+            |m: &Dense<f32>| Dense::new(m.rows, m.cols, m.data.iter().map(|&x| x as f64).collect());
+        let (a64, b64) = (up(&a), up(&b));
+        let dd = LowRank::new(b64.clone(), a64.clone()).to_dense();
+        let g: Vec<f64> = omega
+            .iter()
+            .zip(&dd.data)
+            .map(|(&o, x)| o as f64 * x)
+            .collect();
+        let want_p: f64 = g.iter().zip(&dd.data).map(|(g, x)| g * x).sum();
+        let want_magnitude: f64 = g.iter().zip(&dd.data).map(|(g, x)| (g * x).abs()).sum();
+        assert!(
+            want_magnitude > want_p * 1.01,
+            "the case must have negative terms"
+        );
+        assert!((sums.p - want_p).abs() < 1e-5 * want_magnitude);
+        assert!((sums.magnitude - want_magnitude).abs() < 1e-5 * want_magnitude);
+        let close = |got: f32, want: f64, norm: f64| (got as f64 - 0.5 * want).abs() < 1e-5 * norm;
+        for q in 0..r {
+            let col = |j: usize| {
+                (0..rows)
+                    .map(|i| b64.data[i * r + q] * g[i * cols + j])
+                    .sum::<f64>()
+            };
+            let norm = (0..cols).map(|j| col(j).abs()).fold(0.0, f64::max);
+            for j in 0..cols {
+                assert!(close(ga[q * cols + j], col(j), norm), "Bᵀ·G [{q}, {j}]");
+            }
+        }
+        for i in 0..rows {
+            let row = |q: usize| {
+                (0..cols)
+                    .map(|j| g[i * cols + j] * a64.data[q * cols + j])
+                    .sum::<f64>()
+            };
+            let norm = (0..r).map(|q| row(q).abs()).fold(0.0, f64::max);
+            for q in 0..r {
+                assert!(close(gb[i * r + q], row(q), norm), "G·Aᵀ [{i}, {q}]");
+            }
+        }
+        let p_only = penalty_rows(&omega, &d, &a, &b, None).unwrap();
+        assert_eq!((p_only.p, p_only.magnitude), (sums.p, sums.magnitude));
     }
 
     #[test]

@@ -1,0 +1,385 @@
+//! The penalty's steady state written out in AVX-512 intrinsics: float32 Ω and maths, eight
+//! rows of Ω at a time. The generic kernel (`penalty.rs`) takes four: given eight, LLVM
+//! vectorized across the rows instead of the columns (gathers and scatters, 10× slower,
+//! measured), so this group is spelled out by hand. Eight rows give D's micro-kernel 16
+//! independent FMA chains and let every vector of R, A and G loaded feed eight FMAs.
+//!
+//! The maths and the order of the tile loop are the generic kernel's: per tile of 128 columns,
+//! D in registers, G = Ω⊙D stored to an L1 buffer with P's terms summed as it leaves, then
+//! G·Aᵀ (per row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's
+//! partial); a tile whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
+//! A task's last rows (fewer than eight) go to the generic kernel.
+
+use crate::lowrank::{conflict_free_stride, Dense, LowRank};
+use crate::penalty::Sums;
+use crate::scalar::{Real, Storage};
+use std::any::TypeId;
+
+/// Rows of Ω per group.
+pub const ROWS: usize = 8;
+const LANES: usize = 16;
+
+/// What every group of one call reads: the factors of D = L·R and A, zero-padded so whole
+/// vectors of 16 columns can be loaded up to the last column.
+pub struct Kernel<'a> {
+    cols: usize,
+    k: usize,
+    /// Lᵀ (k rows of `left_stride`): the eight coefficients a group needs per term are adjacent.
+    left_t: &'a [f32],
+    left_stride: usize,
+    /// R (k rows of `right_stride`, zeros beyond `cols`).
+    right: &'a [f32],
+    right_stride: usize,
+    r: usize,
+    /// r rounded up to even: the gradient passes take the rank terms two at a time.
+    r_pad: usize,
+    /// A (r_pad rows of `a_stride`, zeros beyond r and beyond `cols`).
+    a_rows: Vec<f32>,
+    a_stride: usize,
+}
+
+/// The group's gradient outputs.
+pub struct GroupGrads<'a> {
+    /// B's rows of the group (ROWS × r, row-major).
+    pub b_rows: &'a [f32],
+    /// The task's Bᵀ·G partial (r rows of `ga_stride`): the group's share is added.
+    pub ga: &'a mut [f32],
+    pub ga_stride: usize,
+    /// The group's rows of G·Aᵀ (ROWS × r): written, times `scale`.
+    pub gb: &'a mut [f32],
+    pub scale: f32,
+}
+
+/// `xs` as f32 values, when S is f32.
+pub fn as_f32<S: Storage>(xs: &[S]) -> Option<&[f32]> {
+    // SAFETY: S is f32 (same type, so same size, alignment and validity).
+    (TypeId::of::<S>() == TypeId::of::<f32>())
+        .then(|| unsafe { &*(xs as *const [S] as *const [f32]) })
+}
+
+/// `xs` as f32 values, when S is f32.
+pub fn as_f32_mut<S: Storage>(xs: &mut [S]) -> Option<&mut [f32]> {
+    if TypeId::of::<S>() == TypeId::of::<f32>() {
+        // SAFETY: as in `as_f32`; the borrow is moved into the result.
+        Some(unsafe { &mut *(xs as *mut [S] as *mut [f32]) })
+    } else {
+        None
+    }
+}
+
+impl<'a> Kernel<'a> {
+    /// The kernel for D = `d` (A = `a`), when the CPU runs AVX-512 and the maths is float32.
+    pub fn new<T: Real>(d: &'a LowRank<T>, a: &Dense<T>) -> Option<Self> {
+        if crate::simd::level() != crate::simd::Level::Avx512 {
+            return None;
+        }
+        let (left_t, left_stride, right, right_stride) = d.factors();
+        let (left_t, right) = (as_f32(left_t)?, as_f32(right)?);
+        let (r, cols) = (a.rows, a.cols);
+        let r_pad = r.div_ceil(2) * 2;
+        let a_stride = conflict_free_stride::<f32>(cols);
+        let mut a_rows = vec![0.0f32; r_pad * a_stride];
+        for (dst, src) in a_rows
+            .chunks_exact_mut(a_stride)
+            .zip(a.data.chunks_exact(cols))
+        {
+            for (x, &y) in dst.iter_mut().zip(src) {
+                *x = y.to_f32();
+            }
+        }
+        Some(Kernel {
+            cols,
+            k: d.k,
+            left_t,
+            left_stride,
+            right,
+            right_stride,
+            r,
+            r_pad,
+            a_rows,
+            a_stride,
+        })
+    }
+
+    /// Scratch for [`Self::group`]'s row-gradient lanes.
+    pub fn lanes(&self) -> Vec<[f32; LANES]> {
+        vec![[0.0; LANES]; ROWS * self.r_pad]
+    }
+
+    /// P's sums over rows row0..row0 + ROWS of D (`om`: those rows of Ω), with the gradients
+    /// when asked for (None only where there is no AVX-512 code: not x86-64).
+    pub fn group(
+        &self,
+        row0: usize,
+        om: &[f32],
+        grads: Option<GroupGrads<'_>>,
+        lanes: &mut [[f32; LANES]],
+    ) -> Option<Sums> {
+        let (cols, k, r) = (self.cols, self.k, self.r);
+        let whole = cols.div_ceil(LANES) * LANES;
+        // Every access below is within these bounds (the loads run to `whole` columns).
+        assert!(om.len() == ROWS * cols && lanes.len() == ROWS * self.r_pad);
+        assert!(self.right_stride >= whole && self.right.len() >= k * self.right_stride);
+        assert!(k == 0 || self.left_t.len() >= (k - 1) * self.left_stride + row0 + ROWS);
+        assert!(self.a_stride >= whole && self.a_rows.len() == self.r_pad * self.a_stride);
+        if let Some(g) = &grads {
+            assert!(g.b_rows.len() == ROWS * r && g.gb.len() == ROWS * r);
+            assert!(g.ga_stride >= whole && g.ga.len() >= r * g.ga_stride);
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernel::new` found AVX-512 on this CPU; the bounds were asserted above.
+        unsafe {
+            x86::group(self, row0, om, grads, lanes)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{GroupGrads, Kernel, Sums, LANES, ROWS};
+    use crate::lowrank::TILE_COLS;
+    use std::arch::x86_64::*;
+
+    /// G of one tile: ROWS rows of TILE_COLS, 64-byte aligned for whole-vector loads.
+    #[repr(C, align(64))]
+    struct Tile([[f32; TILE_COLS]; ROWS]);
+
+    /// Lanes 0..n set (all 16 from n = 16 on).
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        if n >= LANES {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn group(
+        kn: &Kernel,
+        row0: usize,
+        om: &[f32],
+        mut grads: Option<GroupGrads<'_>>,
+        lanes: &mut [[f32; LANES]],
+    ) -> Option<Sums> {
+        let cols = kn.cols;
+        let om = om.as_ptr();
+        for x in lanes.iter_mut() {
+            *x = [0.0; LANES];
+        }
+        let lanes = lanes.as_mut_ptr() as *mut f32;
+        let mut g = Tile([[0.0; TILE_COLS]; ROWS]);
+        let mut total = Sums::default();
+        for j0 in (0..cols).step_by(TILE_COLS) {
+            let n = TILE_COLS.min(cols - j0);
+            let mut tile = TileSums::new();
+            tile.pass::<false>(kn, row0, om, j0, n, &mut g);
+            // Ω ≥ 0 is the rule: a tile with a negative entry is formed again, its terms'
+            // magnitude summed beside them (G comes out the same).
+            if tile.negative != 0 {
+                tile = TileSums::new();
+                tile.pass::<true>(kn, row0, om, j0, n, &mut g);
+            }
+            total.add(tile.sums());
+            if let Some(gr) = grads.as_mut() {
+                row_gradients(kn, &g, j0, n.div_ceil(LANES), lanes);
+                column_gradients(kn, &g, j0, n.div_ceil(LANES), gr);
+            }
+        }
+        if let Some(gr) = grads {
+            for rr in 0..ROWS {
+                for q in 0..kn.r {
+                    let v = _mm512_loadu_ps(lanes.add((rr * kn.r_pad + q) * LANES));
+                    gr.gb[rr * kn.r + q] = _mm512_reduce_add_ps(v) * gr.scale;
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// P's terms over one tile, per lane, and Σ |Ω|·D² beside them in a `MIXED` pass.
+    struct TileSums {
+        p: [__m512; 4],
+        magnitude: [__m512; 4],
+        /// Lanes where Ω < 0 was seen.
+        negative: __mmask16,
+    }
+
+    impl TileSums {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn new() -> Self {
+            let zero = _mm512_setzero_ps();
+            TileSums {
+                p: [zero; 4],
+                magnitude: [zero; 4],
+                negative: 0,
+            }
+        }
+
+        /// D, G and the sums over the tile of `n` columns from `j0`, two chunks of 16 columns at
+        /// a time.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn pass<const MIXED: bool>(
+            &mut self,
+            kn: &Kernel,
+            row0: usize,
+            om: *const f32,
+            j0: usize,
+            n: usize,
+            g: &mut Tile,
+        ) {
+            let chunks = n.div_ceil(LANES);
+            let mut c = 0;
+            while c + 2 <= chunks {
+                d_chunks::<2, MIXED>(kn, row0, om, j0, c, n, g, self);
+                c += 2;
+            }
+            if c < chunks {
+                d_chunks::<1, MIXED>(kn, row0, om, j0, c, n, g, self);
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn sums(&self) -> Sums {
+            let total = |v: &[__m512; 4]| {
+                let s = _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3]));
+                _mm512_reduce_add_ps(s) as f64
+            };
+            let p = total(&self.p);
+            Sums {
+                p,
+                magnitude: if self.negative != 0 {
+                    total(&self.magnitude)
+                } else {
+                    p
+                },
+            }
+        }
+    }
+
+    /// D over `C` chunks of 16 columns from tile chunk `c` for the group's rows (2·ROWS or
+    /// ROWS accumulators), then G = Ω⊙D into `g` and Ω·D² into `sums`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn d_chunks<const C: usize, const MIXED: bool>(
+        kn: &Kernel,
+        row0: usize,
+        om: *const f32,
+        j0: usize,
+        c: usize,
+        n: usize,
+        g: &mut Tile,
+        sums: &mut TileSums,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; ROWS];
+        for q in 0..kn.k {
+            let rp = kn.right.as_ptr().add(q * kn.right_stride + j0 + c * LANES);
+            let lp = kn.left_t.as_ptr().add(q * kn.left_stride + row0);
+            let mut rv = [_mm512_setzero_ps(); C];
+            for (h, v) in rv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(rp.add(h * LANES));
+            }
+            for (rr, acc_r) in acc.iter_mut().enumerate() {
+                let coef = _mm512_set1_ps(*lp.add(rr));
+                for h in 0..C {
+                    acc_r[h] = _mm512_fmadd_ps(coef, rv[h], acc_r[h]);
+                }
+            }
+        }
+        for (rr, acc_r) in acc.iter().enumerate() {
+            for (h, &d) in acc_r.iter().enumerate() {
+                let col = (c + h) * LANES;
+                // Columns past the last are masked off: Ω reads as 0 there (and D is 0, R being
+                // zero-padded), so G's padding is 0 for the gradient passes.
+                let w = _mm512_maskz_loadu_ps(first(n - col), om.add(rr * kn.cols + j0 + col));
+                let gv = _mm512_mul_ps(w, d);
+                let s = (rr * C + h) % 4;
+                sums.p[s] = _mm512_fmadd_ps(gv, d, sums.p[s]);
+                sums.negative |= _mm512_cmp_ps_mask::<_CMP_LT_OQ>(w, _mm512_setzero_ps());
+                if MIXED {
+                    let (ga, da) = (_mm512_abs_ps(gv), _mm512_abs_ps(d));
+                    sums.magnitude[s] = _mm512_fmadd_ps(ga, da, sums.magnitude[s]);
+                }
+                _mm512_store_ps(g.0[rr].as_mut_ptr().add(col), gv);
+            }
+        }
+    }
+
+    /// (G·Aᵀ)[row, q] partials over the tile, two rank terms at a time: 2·ROWS accumulators,
+    /// each vector of G loaded feeding two FMAs and each of A eight.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_gradients(kn: &Kernel, g: &Tile, j0: usize, chunks: usize, lanes: *mut f32) {
+        for q0 in (0..kn.r_pad).step_by(2) {
+            let at = |rr: usize, t: usize| lanes.add((rr * kn.r_pad + q0 + t) * LANES);
+            let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+            for (rr, acc_r) in acc.iter_mut().enumerate() {
+                acc_r[0] = _mm512_loadu_ps(at(rr, 0));
+                acc_r[1] = _mm512_loadu_ps(at(rr, 1));
+            }
+            let a0 = kn.a_rows.as_ptr().add(q0 * kn.a_stride + j0);
+            let a1 = a0.add(kn.a_stride);
+            for c in 0..chunks {
+                let (x0, x1) = (
+                    _mm512_loadu_ps(a0.add(c * LANES)),
+                    _mm512_loadu_ps(a1.add(c * LANES)),
+                );
+                for (rr, acc_r) in acc.iter_mut().enumerate() {
+                    let gv = _mm512_load_ps(g.0[rr].as_ptr().add(c * LANES));
+                    acc_r[0] = _mm512_fmadd_ps(gv, x0, acc_r[0]);
+                    acc_r[1] = _mm512_fmadd_ps(gv, x1, acc_r[1]);
+                }
+            }
+            for (rr, acc_r) in acc.iter().enumerate() {
+                _mm512_storeu_ps(at(rr, 0), acc_r[0]);
+                _mm512_storeu_ps(at(rr, 1), acc_r[1]);
+            }
+        }
+    }
+
+    /// (Bᵀ·G)[q, tile] += Σ_rows B[row, q]·G[row, tile], two rank terms at a time: their 2·ROWS
+    /// coefficients stay in registers while the tile's chunks pass; each term's sum is split in
+    /// two chains of four rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn column_gradients(
+        kn: &Kernel,
+        g: &Tile,
+        j0: usize,
+        chunks: usize,
+        out: &mut GroupGrads<'_>,
+    ) {
+        let r = kn.r;
+        for q0 in (0..r).step_by(2) {
+            let terms = if q0 + 1 < r { 2 } else { 1 };
+            let mut coef = [[_mm512_setzero_ps(); ROWS]; 2];
+            for (t, coef_t) in coef.iter_mut().enumerate().take(terms) {
+                for (rr, x) in coef_t.iter_mut().enumerate() {
+                    *x = _mm512_set1_ps(out.b_rows[rr * r + q0 + t]);
+                }
+            }
+            for c in 0..chunks {
+                let mut gv = [_mm512_setzero_ps(); ROWS];
+                for (rr, v) in gv.iter_mut().enumerate() {
+                    *v = _mm512_load_ps(g.0[rr].as_ptr().add(c * LANES));
+                }
+                for (t, coef_t) in coef.iter().enumerate().take(terms) {
+                    let dst = out
+                        .ga
+                        .as_mut_ptr()
+                        .add((q0 + t) * out.ga_stride + j0 + c * LANES);
+                    let mut lo = _mm512_loadu_ps(dst);
+                    let mut hi = _mm512_mul_ps(coef_t[ROWS / 2], gv[ROWS / 2]);
+                    for rr in 0..ROWS / 2 {
+                        lo = _mm512_fmadd_ps(coef_t[rr], gv[rr], lo);
+                    }
+                    for rr in ROWS / 2 + 1..ROWS {
+                        hi = _mm512_fmadd_ps(coef_t[rr], gv[rr], hi);
+                    }
+                    _mm512_storeu_ps(dst, _mm512_add_ps(lo, hi));
+                }
+            }
+        }
+    }
+}
