@@ -2,6 +2,7 @@
 //! builds a job that owns shallow handles to the caller's tensors, and runs it with the GIL
 //! released. The maths lives in one module per kernel family: omega, importance, penalty.
 
+mod avx512;
 mod cuda;
 mod dispatch;
 mod error;
@@ -11,7 +12,6 @@ mod lowrank;
 mod omega;
 mod omp;
 mod penalty;
-mod penalty_avx512;
 mod pool;
 mod scalar;
 mod simd;

@@ -1,5 +1,6 @@
 //! ω accumulation (Eq. 12): ω ← ω − g~ ⊙ dθ, once per optimizer step, in place.
 
+use crate::avx512::{self, omega as wide};
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
 use crate::forms::{assemble, d_theta, g_tilde};
@@ -200,13 +201,19 @@ fn update_rows<S: Storage, T: Real>(
     }
     let rpt = rows_per_task(rows, cols, 1);
     let tasks = omega.chunks_mut(rpt * cols).collect();
+    // float32 on an AVX-512 CPU: groups of 8 rows take the hand-written kernel.
+    let fast = if std::any::TypeId::of::<S>() == std::any::TypeId::of::<f32>() {
+        wide::Kernel::new(g, d, clamp)
+    } else {
+        None
+    };
     pool::run_items(tasks, |task, chunk| {
-        update_task(task * rpt, chunk, g, d, clamp)
+        update_task(task * rpt, chunk, g, d, clamp, fast.as_ref())
     })?;
     Ok(())
 }
 
-multiversion!(fn update_task<S: Storage, T: Real>(row0: usize, chunk: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool) = update_task_body);
+multiversion!(fn update_task<S: Storage, T: Real>(row0: usize, chunk: &mut [S], g: &LowRank<T>, d: &LowRank<T>, clamp: bool, fast: Option<&wide::Kernel>) = update_task_body);
 
 #[inline(always)]
 fn update_task_body<M: Madd, S: Storage, T: Real>(
@@ -215,8 +222,20 @@ fn update_task_body<M: Madd, S: Storage, T: Real>(
     g: &LowRank<T>,
     d: &LowRank<T>,
     clamp: bool,
+    fast: Option<&wide::Kernel>,
 ) {
     let cols = g.cols;
+    let mut done = 0;
+    if let (Some(kernel), Some(omega)) = (fast, avx512::as_f32_mut(chunk)) {
+        for rows in omega.chunks_exact_mut(avx512::ROWS * cols) {
+            if !kernel.group(row0 + done, rows) {
+                break;
+            }
+            done += avx512::ROWS;
+        }
+    }
+    let chunk = &mut chunk[done * cols..];
+    let row0 = row0 + done;
     for_each_tile!(M, g, Some(d), row0, chunk.len() / cols, |li, j0, gv, dv| {
         let w = &mut chunk[li * cols + j0..li * cols + j0 + gv.len()];
         for ((w, &gv), &dv) in w.iter_mut().zip(gv).zip(dv) {
@@ -254,5 +273,39 @@ mod tests {
         update_rows(&mut clamped, &g, &d, true).unwrap();
         assert!(clamped.iter().all(|&x| x >= 0.0));
         assert!(clamped.iter().any(|&x| x > 0.0));
+    }
+
+    #[test]
+    fn float32_groups_update_as_the_generic_kernel_does() {
+        // 21 rows: two groups of 8 for the AVX-512 kernel (where the CPU has it), then 4 + 1
+        // rows for the generic one; 300 columns: the last register of columns masked. The same
+        // arithmetic in the same order: the same bits, clamped or not, NaN kept.
+        let (rows, cols, k) = (21, 300, 3);
+        let wave = |n: usize, f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<_>>();
+        let g = LowRank::new(
+            Dense::new(rows, k, wave(rows * k, 0.37)),
+            Dense::new(k, cols, wave(k * cols, 0.11)),
+        );
+        let d = LowRank::new(
+            Dense::new(rows, k, wave(rows * k, 0.53)),
+            Dense::new(k, cols, wave(k * cols, 0.07)),
+        );
+        let mut start = wave(rows * cols, 0.29);
+        start[3 * cols + 5] = f32::NAN;
+        let fast = wide::Kernel::new(&g, &d, false);
+        assert_eq!(
+            fast.is_some(),
+            crate::simd::level() == crate::simd::Level::Avx512
+        );
+        for clamp in [false, true] {
+            let fast = wide::Kernel::new(&g, &d, clamp);
+            let (mut generic, mut grouped) = (start.clone(), start.clone());
+            update_task(0, &mut generic, &g, &d, clamp, None);
+            update_task(0, &mut grouped, &g, &d, clamp, fast.as_ref());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&grouped), bits(&generic));
+            assert!(grouped[3 * cols + 5].is_nan());
+            assert_eq!(clamp, grouped.iter().all(|&x| x.is_nan() || x >= 0.0));
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The importance penalty (Eq. 14, 16): P = Σ Ω ⊙ D², D = s·B·A − s_ref·B_ref·A_ref, with its
 //! analytic gradients ∂P/∂B = 2s·(Ω⊙D)·Aᵀ and ∂P/∂A = 2s·Bᵀ·(Ω⊙D), in one pass over Ω.
 
+use crate::avx512::{self, penalty as wide};
 use crate::cuda::PenaltyManyOut;
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
@@ -8,7 +9,6 @@ use crate::forms::{assemble, Converted};
 use crate::lowrank::{
     conflict_free_stride, rows_per_task, Dense, Finish, LowRank, ROW_BLOCK, TILE_COLS,
 };
-use crate::penalty_avx512 as wide;
 use crate::pool;
 use crate::scalar::{in_kind, math_kind, Real, Storage, TINY_MATRIX};
 use crate::simd::{multiversion, Madd};
@@ -603,9 +603,9 @@ fn penalty_task_body<M: Madd, S: Storage, T: Real>(
     let mut lanes = fast.map(|k| k.lanes()).unwrap_or_default();
     let mut li = 0;
     while li < nrows {
-        if let Some(kernel) = fast.filter(|_| nrows - li >= wide::ROWS) {
+        if let Some(kernel) = fast.filter(|_| nrows - li >= avx512::ROWS) {
             if task.group_wide(kernel, li, grads, &mut lanes) {
-                li += wide::ROWS;
+                li += avx512::ROWS;
                 continue;
             }
         }
@@ -690,7 +690,7 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         }
     }
 
-    /// Rows li..li + `wide::ROWS` by the AVX-512 kernel; false (nothing done) when the types are
+    /// Rows li..li + `avx512::ROWS` by the AVX-512 kernel; false (nothing done) when the types are
     /// not float32.
     fn group_wide(
         &mut self,
@@ -699,16 +699,16 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         grads: bool,
         lanes: &mut [[f32; 16]],
     ) -> bool {
-        let (cols, r, rows) = (self.d.cols, self.layout.r, wide::ROWS);
-        let Some(om) = wide::as_f32(&self.om[li * cols..(li + rows) * cols]) else {
+        let (cols, r, rows) = (self.d.cols, self.layout.r, avx512::ROWS);
+        let Some(om) = avx512::as_f32(&self.om[li * cols..(li + rows) * cols]) else {
             return false;
         };
         let out = if grads {
             let b_rows = &self.b.data[(self.row0 + li) * r..(self.row0 + li + rows) * r];
             let (Some(b_rows), Some(ga), Some(gb)) = (
-                wide::as_f32(b_rows),
-                wide::as_f32_mut(&mut self.ga),
-                wide::as_f32_mut(&mut self.gb_rows[li * r..(li + rows) * r]),
+                avx512::as_f32(b_rows),
+                avx512::as_f32_mut(&mut self.ga),
+                avx512::as_f32_mut(&mut self.gb_rows[li * r..(li + rows) * r]),
             ) else {
                 return false;
             };

@@ -1,35 +1,18 @@
-//! The penalty's steady state written out in AVX-512 intrinsics: float32 Ω and maths, eight
-//! rows of Ω at a time. The generic kernel (`penalty.rs`) takes four: given eight, LLVM
-//! vectorized across the rows instead of the columns (gathers and scatters, 10× slower,
-//! measured), so this group is spelled out by hand. Eight rows give D's micro-kernel 16
-//! independent FMA chains and let every vector of R, A and G loaded feed eight FMAs.
-//!
-//! The maths and the order of the tile loop are the generic kernel's: per tile of 128 columns,
-//! D in registers, G = Ω⊙D stored to an L1 buffer with P's terms summed as it leaves, then
-//! G·Aᵀ (per row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's
-//! partial); a tile whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
-//! A task's last rows (fewer than eight) go to the generic kernel.
+//! The penalty's group of eight rows (see the module above): per tile of 128 columns, D in
+//! registers, G = Ω⊙D stored to an L1 buffer with P's terms summed as it leaves, then G·Aᵀ (per
+//! row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's partial); a tile
+//! whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
 
+use super::{available, Factors, LANES, ROWS};
 use crate::lowrank::{conflict_free_stride, Dense, LowRank};
 use crate::penalty::Sums;
-use crate::scalar::{Real, Storage};
-use std::any::TypeId;
+use crate::scalar::Real;
 
-/// Rows of Ω per group.
-pub const ROWS: usize = 8;
-const LANES: usize = 16;
-
-/// What every group of one call reads: the factors of D = L·R and A, zero-padded so whole
-/// vectors of 16 columns can be loaded up to the last column.
+/// What every group of one call reads: D = L·R, and A zero-padded so whole registers of columns
+/// can be loaded up to the last column.
 pub struct Kernel<'a> {
     cols: usize,
-    k: usize,
-    /// Lᵀ (k rows of `left_stride`): the eight coefficients a group needs per term are adjacent.
-    left_t: &'a [f32],
-    left_stride: usize,
-    /// R (k rows of `right_stride`, zeros beyond `cols`).
-    right: &'a [f32],
-    right_stride: usize,
+    d: Factors<'a>,
     r: usize,
     /// r rounded up to even: the gradient passes take the rank terms two at a time.
     r_pad: usize,
@@ -50,31 +33,13 @@ pub struct GroupGrads<'a> {
     pub scale: f32,
 }
 
-/// `xs` as f32 values, when S is f32.
-pub fn as_f32<S: Storage>(xs: &[S]) -> Option<&[f32]> {
-    // SAFETY: S is f32 (same type, so same size, alignment and validity).
-    (TypeId::of::<S>() == TypeId::of::<f32>())
-        .then(|| unsafe { &*(xs as *const [S] as *const [f32]) })
-}
-
-/// `xs` as f32 values, when S is f32.
-pub fn as_f32_mut<S: Storage>(xs: &mut [S]) -> Option<&mut [f32]> {
-    if TypeId::of::<S>() == TypeId::of::<f32>() {
-        // SAFETY: as in `as_f32`; the borrow is moved into the result.
-        Some(unsafe { &mut *(xs as *mut [S] as *mut [f32]) })
-    } else {
-        None
-    }
-}
-
 impl<'a> Kernel<'a> {
     /// The kernel for D = `d` (A = `a`), when the CPU runs AVX-512 and the maths is float32.
     pub fn new<T: Real>(d: &'a LowRank<T>, a: &Dense<T>) -> Option<Self> {
-        if crate::simd::level() != crate::simd::Level::Avx512 {
+        if !available() {
             return None;
         }
-        let (left_t, left_stride, right, right_stride) = d.factors();
-        let (left_t, right) = (as_f32(left_t)?, as_f32(right)?);
+        let d = Factors::new(d)?;
         let (r, cols) = (a.rows, a.cols);
         let r_pad = r.div_ceil(2) * 2;
         let a_stride = conflict_free_stride::<f32>(cols);
@@ -89,11 +54,7 @@ impl<'a> Kernel<'a> {
         }
         Some(Kernel {
             cols,
-            k: d.k,
-            left_t,
-            left_stride,
-            right,
-            right_stride,
+            d,
             r,
             r_pad,
             a_rows,
@@ -115,12 +76,11 @@ impl<'a> Kernel<'a> {
         grads: Option<GroupGrads<'_>>,
         lanes: &mut [[f32; LANES]],
     ) -> Option<Sums> {
-        let (cols, k, r) = (self.cols, self.k, self.r);
+        let (cols, r) = (self.cols, self.r);
         let whole = cols.div_ceil(LANES) * LANES;
         // Every access below is within these bounds (the loads run to `whole` columns).
         assert!(om.len() == ROWS * cols && lanes.len() == ROWS * self.r_pad);
-        assert!(self.right_stride >= whole && self.right.len() >= k * self.right_stride);
-        assert!(k == 0 || self.left_t.len() >= (k - 1) * self.left_stride + row0 + ROWS);
+        self.d.check(row0, cols);
         assert!(self.a_stride >= whole && self.a_rows.len() == self.r_pad * self.a_stride);
         if let Some(g) = &grads {
             assert!(g.b_rows.len() == ROWS * r && g.gb.len() == ROWS * r);
@@ -138,6 +98,7 @@ impl<'a> Kernel<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::x86::{first, product};
     use super::{GroupGrads, Kernel, Sums, LANES, ROWS};
     use crate::lowrank::TILE_COLS;
     use std::arch::x86_64::*;
@@ -145,16 +106,6 @@ mod x86 {
     /// G of one tile: ROWS rows of TILE_COLS, 64-byte aligned for whole-vector loads.
     #[repr(C, align(64))]
     struct Tile([[f32; TILE_COLS]; ROWS]);
-
-    /// Lanes 0..n set (all 16 from n = 16 on).
-    #[inline(always)]
-    fn first(n: usize) -> __mmask16 {
-        if n >= LANES {
-            0xffff
-        } else {
-            (1u16 << n) - 1
-        }
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn group(
@@ -274,21 +225,7 @@ mod x86 {
         g: &mut Tile,
         sums: &mut TileSums,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); C]; ROWS];
-        for q in 0..kn.k {
-            let rp = kn.right.as_ptr().add(q * kn.right_stride + j0 + c * LANES);
-            let lp = kn.left_t.as_ptr().add(q * kn.left_stride + row0);
-            let mut rv = [_mm512_setzero_ps(); C];
-            for (h, v) in rv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(rp.add(h * LANES));
-            }
-            for (rr, acc_r) in acc.iter_mut().enumerate() {
-                let coef = _mm512_set1_ps(*lp.add(rr));
-                for h in 0..C {
-                    acc_r[h] = _mm512_fmadd_ps(coef, rv[h], acc_r[h]);
-                }
-            }
-        }
+        let acc = product::<C>(&kn.d, row0, j0 + c * LANES);
         for (rr, acc_r) in acc.iter().enumerate() {
             for (h, &d) in acc_r.iter().enumerate() {
                 let col = (c + h) * LANES;
