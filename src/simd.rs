@@ -6,7 +6,8 @@
 //! ω update −22–30 %, finalize −15 %, penalty −4–10 % at SmolLM2's shapes and unchanged at
 //! 1024 × 3072 (its gradient loops were 512 bits wide already: LLVM packs two 8-lane rank terms
 //! per register). Zen 4, whose 512-bit FMAs run as two halves, measured no faster with an
-//! earlier, one-register-per-row AVX-512 variant.
+//! earlier, one-register-per-row AVX-512 variant. Float32 ω updates and penalties on an AVX-512
+//! CPU run most of their rows in `crate::avx512`'s hand-written eight-row groups instead.
 
 use crate::scalar::Real;
 

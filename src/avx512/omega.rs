@@ -1,4 +1,4 @@
-//! The ω update's group of eight rows (see the module above): per two registers of columns,
+//! The ω update's group of eight rows (see `crate::avx512`): per two registers of columns,
 //! g~ formed and set aside in L1, dθ formed, and ω ← ω − g~·dθ (clamped at 0 when asked) read
 //! and written once — the generic kernel's arithmetic, so the same values bit for bit.
 

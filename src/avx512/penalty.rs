@@ -1,4 +1,4 @@
-//! The penalty's group of eight rows (see the module above): per tile of 128 columns, D in
+//! The penalty's group of eight rows (see `crate::avx512`): per tile of 128 columns, D in
 //! registers, G = Ω⊙D stored to an L1 buffer with P's terms summed as it leaves, then G·Aᵀ (per
 //! row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's partial); a tile
 //! whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
