@@ -414,7 +414,7 @@ fn penalty_rows<S: Storage, T: Real>(
     }
     let layout = GradLayout::new::<T>(r, cols);
     let a_packed = layout.pack(a);
-    // Float32 on an AVX-512 CPU: groups of 8 rows with Ω ≥ 0 take the hand-written kernel.
+    // Float32 on an AVX-512 CPU: groups of 8 rows take the hand-written kernel.
     let fast = if std::any::TypeId::of::<S>() == std::any::TypeId::of::<f32>() {
         wide::Kernel::new(d, a)
     } else {
@@ -691,13 +691,13 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
     }
 
     /// Rows li..li + `avx512::ROWS` by the AVX-512 kernel; false (nothing done) when the types are
-    /// not float32.
+    /// not float32 or there is no AVX-512 code (not x86-64).
     fn group_wide(
         &mut self,
         kernel: &wide::Kernel,
         li: usize,
         grads: bool,
-        lanes: &mut [[f32; 16]],
+        lanes: &mut [[f32; avx512::LANES]],
     ) -> bool {
         let (cols, r, rows) = (self.d.cols, self.layout.r, avx512::ROWS);
         let Some(om) = avx512::as_f32(&self.om[li * cols..(li + rows) * cols]) else {
