@@ -414,12 +414,8 @@ fn penalty_rows<S: Storage, T: Real>(
     }
     let layout = GradLayout::new::<T>(r, cols);
     let a_packed = layout.pack(a);
-    // Float32 on an AVX-512 CPU: groups of 8 rows take the hand-written kernel.
-    let fast = if std::any::TypeId::of::<S>() == std::any::TypeId::of::<f32>() {
-        wide::Kernel::new(d, a)
-    } else {
-        None
-    };
+    // Float32 maths on an AVX-512 CPU: groups of 8 rows take the hand-written kernel.
+    let fast = wide::Kernel::new(d, a);
     // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
     let rpt = rows_per_task(rows, cols, rows.div_ceil(32));
     let tasks: Vec<_> = if grads {
@@ -690,8 +686,8 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         }
     }
 
-    /// Rows li..li + `avx512::ROWS` by the AVX-512 kernel; false (nothing done) when the types are
-    /// not float32 or there is no AVX-512 code (not x86-64).
+    /// Rows li..li + `avx512::ROWS` by the AVX-512 kernel; false (nothing done) when Ω is
+    /// float64 or there is no AVX-512 code (not x86-64).
     fn group_wide(
         &mut self,
         kernel: &wide::Kernel,
@@ -700,7 +696,7 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         lanes: &mut [[f32; avx512::LANES]],
     ) -> bool {
         let (cols, r, rows) = (self.d.cols, self.layout.r, avx512::ROWS);
-        let Some(om) = avx512::as_f32(&self.om[li * cols..(li + rows) * cols]) else {
+        let Some(om) = avx512::Rows::of(&self.om[li * cols..(li + rows) * cols]) else {
             return false;
         };
         let out = if grads {
@@ -970,6 +966,59 @@ mod tests {
         }
         let p_only = penalty_rows(&omega, &d, &a, &b, None).unwrap();
         assert_eq!((p_only.p, p_only.magnitude), (sums.p, sums.magnitude));
+    }
+
+    /// P's sums and the gradients' bits from `penalty_rows` over Ω = `om`.
+    fn sums_and_bits<S: Storage>(
+        om: &[S],
+        d: &LowRank<f32>,
+        a: &Dense<f32>,
+        b: &Dense<f32>,
+    ) -> (f64, f64, Vec<u32>, Vec<u32>) {
+        let (mut ga, mut gb) = (vec![0.0f32; a.rows * a.cols], vec![0.0f32; b.rows * b.cols]);
+        let out = GradOut {
+            ga: &mut ga,
+            gb: &mut gb,
+            scale: 1.0,
+        };
+        let sums = penalty_rows(om, d, a, b, Some(out)).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (sums.p, sums.magnitude, bits(&ga), bits(&gb))
+    }
+
+    #[test]
+    fn half_precision_omega_gives_the_float32_results_of_its_values() {
+        // Ω stored as bfloat16 or float16 is read exactly, in the AVX-512 groups (widened 16
+        // values at a time) and in the generic kernel (the last 5 rows) alike: the same bits as a
+        // float32 Ω holding the same values. Negative entries in a group and in the last row.
+        let (rows, cols, r) = (21, 300, 3);
+        let f32s = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<_>>();
+        let a = Dense::new(r, cols, f32s(values(r * cols, 10)));
+        let b = Dense::new(rows, r, f32s(values(rows * r, 11)));
+        let d = LowRank::new(b.clone(), a.clone());
+        let mut omega: Vec<f32> = f32s(values(rows * cols, 12))
+            .iter()
+            .map(|x| x.abs())
+            .collect();
+        for row in [9, 20] {
+            for x in &mut omega[row * cols + 100..row * cols + 140] {
+                *x = -*x;
+            }
+        }
+        let as_bf16: Vec<bf16> = omega.iter().map(|&x| bf16::from_f32(x)).collect();
+        let as_f16: Vec<f16> = omega.iter().map(|&x| f16::from_f32(x)).collect();
+        let widened_bf16: Vec<f32> = as_bf16.iter().map(|x| x.to_f32()).collect();
+        let widened_f16: Vec<f32> = as_f16.iter().map(|x| x.to_f32()).collect();
+        let from_bf16 = sums_and_bits(&as_bf16, &d, &a, &b);
+        assert!(
+            from_bf16.1 > from_bf16.0,
+            "the case must have negative terms"
+        );
+        assert_eq!(from_bf16, sums_and_bits(&widened_bf16, &d, &a, &b));
+        assert_eq!(
+            sums_and_bits(&as_f16, &d, &a, &b),
+            sums_and_bits(&widened_f16, &d, &a, &b)
+        );
     }
 
     #[test]

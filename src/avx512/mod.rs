@@ -13,6 +13,7 @@ pub mod penalty;
 
 use crate::lowrank::LowRank;
 use crate::scalar::{Real, Storage};
+use half::{bf16, f16};
 use std::any::TypeId;
 
 /// Rows of the matrix per group.
@@ -20,20 +21,48 @@ pub const ROWS: usize = 8;
 /// float32 lanes per 512-bit register.
 pub const LANES: usize = 16;
 
+/// `xs` as W values, when S is W.
+pub fn cast<S: Storage, W: Storage>(xs: &[S]) -> Option<&[W]> {
+    // SAFETY: S is W (same type, so same size, alignment and validity).
+    (TypeId::of::<S>() == TypeId::of::<W>()).then(|| unsafe { &*(xs as *const [S] as *const [W]) })
+}
+
 /// `xs` as f32 values, when S is f32.
 pub fn as_f32<S: Storage>(xs: &[S]) -> Option<&[f32]> {
-    // SAFETY: S is f32 (same type, so same size, alignment and validity).
-    (TypeId::of::<S>() == TypeId::of::<f32>())
-        .then(|| unsafe { &*(xs as *const [S] as *const [f32]) })
+    cast(xs)
 }
 
 /// `xs` as f32 values, when S is f32.
 pub fn as_f32_mut<S: Storage>(xs: &mut [S]) -> Option<&mut [f32]> {
     if TypeId::of::<S>() == TypeId::of::<f32>() {
-        // SAFETY: as in `as_f32`; the borrow is moved into the result.
+        // SAFETY: as in `cast`; the borrow is moved into the result.
         Some(unsafe { &mut *(xs as *mut [S] as *mut [f32]) })
     } else {
         None
+    }
+}
+
+/// A stored matrix whose elements the kernels load as 16 float32 lanes at a time.
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Rows<'a> {
+    /// `xs` when S is one of the three (float64 storage runs float64 maths: the generic kernels).
+    pub fn of<S: Storage>(xs: &'a [S]) -> Option<Self> {
+        (cast(xs).map(Rows::F32))
+            .or_else(|| cast(xs).map(Rows::Bf16))
+            .or_else(|| cast(xs).map(Rows::F16))
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+            Rows::F16(x) => x.len(),
+        }
     }
 }
 
@@ -78,7 +107,39 @@ impl<'a> Factors<'a> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Factors, LANES, ROWS};
+    use half::{bf16, f16};
     use std::arch::x86_64::*;
+
+    /// Storage the kernels load as float32 lanes.
+    pub trait Load: Copy {
+        /// 16 values from `p` as float32, lanes outside `m` zero (and not read).
+        ///
+        /// Safety: AVX-512 F/BW/VL; the lanes in `m` are readable.
+        unsafe fn load16(p: *const Self, m: __mmask16) -> __m512;
+    }
+
+    impl Load for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(m, p)
+        }
+    }
+
+    impl Load for bf16 {
+        /// The 16 bits of each value become the top half of a float32 (exact).
+        #[inline(always)]
+        unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+            let bits = _mm256_maskz_loadu_epi16(m, p as *const i16);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+        }
+    }
+
+    impl Load for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
+        }
+    }
 
     /// Lanes 0..n set (all 16 from n = 16 on).
     #[inline(always)]
@@ -95,7 +156,7 @@ mod x86 {
     /// added in order, as in the generic micro-kernel, so the values are the same bit for bit.
     ///
     /// Safety: AVX-512F; `f.check(row0, cols)` passed and col + 16·C ≤ cols rounded up to 16.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn product<const C: usize>(
         f: &Factors,
         row0: usize,

@@ -48,12 +48,12 @@ impl<'a> Kernel<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::x86::{first, product};
+    use super::super::x86::{first, product, Load};
     use super::{Kernel, ROWS};
     use crate::avx512::LANES;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn group(kn: &Kernel, row0: usize, omega: &mut [f32]) {
         let chunks = kn.cols.div_ceil(LANES);
         let mut c = 0;
@@ -67,7 +67,7 @@ mod x86 {
     }
 
     /// `C` registers of columns from chunk `c`, for the group's rows.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn update<const C: usize>(kn: &Kernel, row0: usize, omega: &mut [f32], c: usize) {
         let col = c * LANES;
         // g~ set aside (its 2·ROWS registers and dθ's would not fit in 32 together).
@@ -87,7 +87,7 @@ mod x86 {
                 let m = first(kn.cols - col - h * LANES);
                 let at = w.add(rr * kn.cols + col + h * LANES);
                 let gv = _mm512_loadu_ps(gv.as_ptr());
-                let v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, at), _mm512_mul_ps(gv, dv));
+                let v = _mm512_sub_ps(f32::load16(at, m), _mm512_mul_ps(gv, dv));
                 // max(0, v) returns its second operand for NaN and for −0, as `v < 0` does.
                 let v = if kn.clamp { _mm512_max_ps(zero, v) } else { v };
                 _mm512_mask_storeu_ps(at, m, v);

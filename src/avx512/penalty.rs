@@ -3,7 +3,7 @@
 //! row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's partial); a tile
 //! whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
 
-use super::{available, Factors, LANES, ROWS};
+use super::{available, Factors, Rows, LANES, ROWS};
 use crate::lowrank::{conflict_free_stride, Dense, LowRank};
 use crate::penalty::Sums;
 use crate::scalar::Real;
@@ -67,12 +67,13 @@ impl<'a> Kernel<'a> {
         vec![[0.0; LANES]; ROWS * self.r_pad]
     }
 
-    /// P's sums over rows row0..row0 + ROWS of D (`om`: those rows of Ω), with the gradients
-    /// when asked for (None only where there is no AVX-512 code: not x86-64).
+    /// P's sums over rows row0..row0 + ROWS of D (`om`: those rows of Ω, float32, bfloat16 or
+    /// float16), with the gradients when asked for (None only where there is no AVX-512 code:
+    /// not x86-64).
     pub fn group(
         &self,
         row0: usize,
-        om: &[f32],
+        om: Rows<'_>,
         grads: Option<GroupGrads<'_>>,
         lanes: &mut [[f32; LANES]],
     ) -> Option<Sums> {
@@ -89,7 +90,11 @@ impl<'a> Kernel<'a> {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Kernel::new` found AVX-512 on this CPU; the bounds were asserted above.
         unsafe {
-            x86::group(self, row0, om, grads, lanes)
+            Some(match om {
+                Rows::F32(om) => x86::group(self, row0, om, grads, lanes),
+                Rows::Bf16(om) => x86::group(self, row0, om, grads, lanes),
+                Rows::F16(om) => x86::group(self, row0, om, grads, lanes),
+            })
         }
         #[cfg(not(target_arch = "x86_64"))]
         None
@@ -98,7 +103,7 @@ impl<'a> Kernel<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::x86::{first, product};
+    use super::super::x86::{first, product, Load};
     use super::{GroupGrads, Kernel, Sums, LANES, ROWS};
     use crate::lowrank::TILE_COLS;
     use std::arch::x86_64::*;
@@ -107,14 +112,14 @@ mod x86 {
     #[repr(C, align(64))]
     struct Tile([[f32; TILE_COLS]; ROWS]);
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn group<W: Load>(
         kn: &Kernel,
         row0: usize,
-        om: &[f32],
+        om: &[W],
         mut grads: Option<GroupGrads<'_>>,
         lanes: &mut [[f32; LANES]],
-    ) -> Option<Sums> {
+    ) -> Sums {
         let cols = kn.cols;
         let om = om.as_ptr();
         for x in lanes.iter_mut() {
@@ -126,12 +131,12 @@ mod x86 {
         for j0 in (0..cols).step_by(TILE_COLS) {
             let n = TILE_COLS.min(cols - j0);
             let mut tile = TileSums::new();
-            tile.pass::<false>(kn, row0, om, j0, n, &mut g);
+            tile.pass::<W, false>(kn, row0, om, j0, n, &mut g);
             // Ω ≥ 0 is the rule: a tile with a negative entry is formed again, its terms'
             // magnitude summed beside them (G comes out the same).
             if tile.negative != 0 {
                 tile = TileSums::new();
-                tile.pass::<true>(kn, row0, om, j0, n, &mut g);
+                tile.pass::<W, true>(kn, row0, om, j0, n, &mut g);
             }
             total.add(tile.sums());
             if let Some(gr) = grads.as_mut() {
@@ -147,7 +152,7 @@ mod x86 {
                 }
             }
         }
-        Some(total)
+        total
     }
 
     /// P's terms over one tile, per lane, and Σ |Ω|·D² beside them in a `MIXED` pass.
@@ -159,7 +164,7 @@ mod x86 {
     }
 
     impl TileSums {
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn new() -> Self {
             let zero = _mm512_setzero_ps();
             TileSums {
@@ -171,13 +176,13 @@ mod x86 {
 
         /// D, G and the sums over the tile of `n` columns from `j0`, two chunks of 16 columns at
         /// a time.
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn pass<const MIXED: bool>(
+        unsafe fn pass<W: Load, const MIXED: bool>(
             &mut self,
             kn: &Kernel,
             row0: usize,
-            om: *const f32,
+            om: *const W,
             j0: usize,
             n: usize,
             g: &mut Tile,
@@ -185,15 +190,15 @@ mod x86 {
             let chunks = n.div_ceil(LANES);
             let mut c = 0;
             while c + 2 <= chunks {
-                d_chunks::<2, MIXED>(kn, row0, om, j0, c, n, g, self);
+                d_chunks::<W, 2, MIXED>(kn, row0, om, j0, c, n, g, self);
                 c += 2;
             }
             if c < chunks {
-                d_chunks::<1, MIXED>(kn, row0, om, j0, c, n, g, self);
+                d_chunks::<W, 1, MIXED>(kn, row0, om, j0, c, n, g, self);
             }
         }
 
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn sums(&self) -> Sums {
             let total = |v: &[__m512; 4]| {
                 let s = _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3]));
@@ -213,12 +218,12 @@ mod x86 {
 
     /// D over `C` chunks of 16 columns from tile chunk `c` for the group's rows (2·ROWS or
     /// ROWS accumulators), then G = Ω⊙D into `g` and Ω·D² into `sums`.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn d_chunks<const C: usize, const MIXED: bool>(
+    unsafe fn d_chunks<W: Load, const C: usize, const MIXED: bool>(
         kn: &Kernel,
         row0: usize,
-        om: *const f32,
+        om: *const W,
         j0: usize,
         c: usize,
         n: usize,
@@ -231,7 +236,7 @@ mod x86 {
                 let col = (c + h) * LANES;
                 // Columns past the last are masked off: Ω reads as 0 there (and D is 0, R being
                 // zero-padded), so G's padding is 0 for the gradient passes.
-                let w = _mm512_maskz_loadu_ps(first(n - col), om.add(rr * kn.cols + j0 + col));
+                let w = W::load16(om.add(rr * kn.cols + j0 + col), first(n - col));
                 let gv = _mm512_mul_ps(w, d);
                 let s = (rr * C + h) % 4;
                 sums.p[s] = _mm512_fmadd_ps(gv, d, sums.p[s]);
@@ -247,7 +252,7 @@ mod x86 {
 
     /// (G·Aᵀ)[row, q] partials over the tile, two rank terms at a time: 2·ROWS accumulators,
     /// each vector of G loaded feeding two FMAs and each of A eight.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn row_gradients(kn: &Kernel, g: &Tile, j0: usize, chunks: usize, lanes: *mut f32) {
         for q0 in (0..kn.r_pad).step_by(2) {
             let at = |rr: usize, t: usize| lanes.add((rr * kn.r_pad + q0 + t) * LANES);
@@ -279,7 +284,7 @@ mod x86 {
     /// (Bᵀ·G)[q, tile] += Σ_rows B[row, q]·G[row, tile], two rank terms at a time: their 2·ROWS
     /// coefficients stay in registers while the tile's chunks pass; each term's sum is split in
     /// two chains of four rows.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn column_gradients(
         kn: &Kernel,
         g: &Tile,
