@@ -5,6 +5,7 @@ compared here agree within 1 %.
 
     cp python/hlora/_native.abi3.so /tmp/before.so   # then change the Rust code and rebuild
     python scripts/build_ab.py --before /tmp/before.so --op penalty --shape 192x576 [--threads 1]
+        [--omega-dtype bfloat16]
 
 `--after` defaults to the installed build. Both builds' results are compared first (relative
 differences printed: a change that should be bit-for-bit the same shows 0); the 10th percentile
@@ -40,18 +41,25 @@ def load_build(path: str, name: str) -> ModuleType:
     return module
 
 
-def calls(native: ModuleType, op: str, rows: int, cols: int) -> Callable[[], object]:
-    """One kernel call of `op` at (rows, cols), r = 8, on fixed random inputs (never zeros)."""
+#: Ω's storage dtypes the penalty reads (the ω update and finalization take float32 here).
+OMEGA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def calls(native: ModuleType, op: str, rows: int, cols: int,
+          omega_dtype: torch.dtype = torch.float32) -> Callable[[], object]:
+    """One kernel call of `op` at (rows, cols), r = 8, on fixed random inputs (never zeros); Ω
+    stored as `omega_dtype` (the penalty's ops only)."""
     g = torch.Generator().manual_seed(0)
     om = torch.rand(rows, cols, generator=g)
     a, b = torch.randn(8, cols, generator=g), torch.randn(rows, 8, generator=g)
     a0, b0 = a * 0.9, b * 0.9
     ga, gb = torch.randn(8, cols, generator=g), torch.randn(rows, 8, generator=g)
+    stored = om.to(omega_dtype)
     return {
         "omega": lambda: native.accumulate_omega_(om, a0, b0, ga, gb, a, b, lr=1e-3, scaling=2.0) or om,
         "finalize": lambda: native.finalize_importance(om, a, b, scaling=2.0, xi=1e-3),
-        "penalty": lambda: native.importance_penalty(om, a, b, a0, b0, scaling=2.0, compute_grads=True),
-        "value": lambda: native.importance_penalty(om, a, b, a0, b0, scaling=2.0, compute_grads=False),
+        "penalty": lambda: native.importance_penalty(stored, a, b, a0, b0, scaling=2.0, compute_grads=True),
+        "value": lambda: native.importance_penalty(stored, a, b, a0, b0, scaling=2.0, compute_grads=False),
     }[op]
 
 
@@ -74,7 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--shape", default="192x576")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--omega-dtype", choices=list(OMEGA_DTYPES), default="float32",
+                        help="Ω's storage for --op penalty|value")
     args = parser.parse_args(argv)
+    if args.omega_dtype != "float32" and args.op not in ("penalty", "value"):
+        parser.error("--omega-dtype: only the penalty reads a bfloat16/float16 Ω")
     if NATIVE is None and args.after is None:
         raise SystemExit("the native module is not installed: pass --after")
     rows, cols = (int(x) for x in args.shape.split("x"))
@@ -91,7 +103,8 @@ def _compare(args: argparse.Namespace, rows: int, cols: int) -> None:
     builds = {"before": load_build(args.before, "hlora_ab_before"),
               "after": load_build(args.after or NATIVE.__file__, "hlora_ab_after")}
     # The ω update writes into its ω: each build gets inputs of its own.
-    fns = {name: calls(native, args.op, rows, cols) for name, native in builds.items()}
+    fns = {name: calls(native, args.op, rows, cols, OMEGA_DTYPES[args.omega_dtype])
+           for name, native in builds.items()}
     diffs = relative_differences(fns["before"](), fns["after"]())
     print(f"{args.op} {rows}x{cols} threads={args.threads} relative differences after vs before: "
           + " ".join(f"{d:.2e}" for d in diffs))

@@ -92,11 +92,18 @@ def test_build_ab_script_loads_two_builds_side_by_side_and_compares_them(tmp_pat
             assert build_ab.main(["--before", str(copy), "--op", op, "--shape", "9x33", "--calls", "5",
                                   "--threads", str(threads + 1)]) == 0
             assert torch.get_num_threads() == threads  # the caller's setting restored
+        lines = capsys.readouterr().out.splitlines()
+        # Ω stored in half precision: the same comparison.
+        assert build_ab.main(["--before", str(copy), "--op", "penalty", "--shape", "9x33", "--calls", "5",
+                              "--omega-dtype", "bfloat16"]) == 0
+        half = capsys.readouterr().out.splitlines()
+        assert half[0].endswith("0.00e+00 0.00e+00 0.00e+00") and len(half) == 3
         with pytest.raises(SystemExit, match="no file"):
             build_ab.main(["--before", str(tmp_path / "missing.so")])
+        with pytest.raises(SystemExit):  # the ω update takes a float32 ω here
+            build_ab.main(["--before", str(copy), "--op", "omega", "--omega-dtype", "float16"])
     finally:
         sys.modules.pop("build_ab", None)
-    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 * len(ops)
     for op, (diffs, before, after) in zip(ops, zip(lines[0::3], lines[1::3], lines[2::3])):
         # Two copies of one build: the same numbers, bit for bit (penalty: value and both gradients).
