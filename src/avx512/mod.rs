@@ -5,8 +5,9 @@
 //! micro-kernel 16 independent FMA chains and let every vector loaded feed eight FMAs.
 //!
 //! The maths and the order of each tile's operations are the generic kernels'. A kernel here is
-//! built only where the CPU runs AVX-512 and the maths is float32 (`None` otherwise); the rows
-//! it does not take (a task's last rows, fewer than eight) go to the generic kernels.
+//! built only where the CPU runs AVX-512 and the maths is float32 (`None` otherwise); the
+//! penalty's reads Ω stored as float32, bfloat16 or float16 (`Rows`). The rows it does not take
+//! (a task's last rows, fewer than eight) go to the generic kernels.
 
 pub mod omega;
 pub mod penalty;
@@ -155,7 +156,7 @@ mod x86 {
     /// columns h: ROWS·C accumulators, each vector of R loaded feeding ROWS FMAs. The terms are
     /// added in order, as in the generic micro-kernel, so the values are the same bit for bit.
     ///
-    /// Safety: AVX-512F; `f.check(row0, cols)` passed and col + 16·C ≤ cols rounded up to 16.
+    /// Safety: AVX-512 F/BW/VL; `f.check(row0, cols)` passed and col + 16·C ≤ cols rounded up to 16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn product<const C: usize>(
         f: &Factors,
