@@ -892,6 +892,31 @@ mod tests {
         assert_eq!(p_only.p, sums.p);
     }
 
+    /// Float32 A (r × cols), B (rows × r), D = B·A and Ω ≥ 0 (rows × cols) from `seed`, with Ω
+    /// negated over columns 100..140 of the two `negative` rows.
+    fn float32_case(
+        rows: usize,
+        cols: usize,
+        r: usize,
+        seed: u64,
+        negative: [usize; 2],
+    ) -> (Dense<f32>, Dense<f32>, LowRank<f32>, Vec<f32>) {
+        let f32s = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<_>>();
+        let a = Dense::new(r, cols, f32s(values(r * cols, seed)));
+        let b = Dense::new(rows, r, f32s(values(rows * r, seed + 1)));
+        let d = LowRank::new(b.clone(), a.clone());
+        let mut omega: Vec<f32> = f32s(values(rows * cols, seed + 2))
+            .iter()
+            .map(|x| x.abs())
+            .collect();
+        for row in negative {
+            for x in &mut omega[row * cols + 100..row * cols + 140] {
+                *x = -*x;
+            }
+        }
+        (a, b, d, omega)
+    }
+
     #[test]
     fn float32_groups_match_dense_maths() {
         // 21 rows: two groups of 8 (the AVX-512 kernel, where the CPU has it), one of 4 and a
@@ -899,19 +924,7 @@ mod tests {
         // the last one masked; odd rank (one term left over in the column pass). Ω < 0 in two
         // tiles of the second group: those are summed again with the magnitude.
         let (rows, cols, r) = (21, 300, 3);
-        let f32s = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<_>>();
-        let a = Dense::new(r, cols, f32s(values(r * cols, 7)));
-        let b = Dense::new(rows, r, f32s(values(rows * r, 8)));
-        let d = LowRank::new(b.clone(), a.clone());
-        let mut omega: Vec<f32> = f32s(values(rows * cols, 9))
-            .iter()
-            .map(|x| x.abs())
-            .collect();
-        for row in [9, 10] {
-            for x in &mut omega[row * cols + 100..row * cols + 140] {
-                *x = -*x;
-            }
-        }
+        let (a, b, d, omega) = float32_case(rows, cols, r, 7, [9, 10]);
         assert_eq!(
             wide::Kernel::new(&d, &a).is_some(),
             crate::simd::level() == crate::simd::Level::Avx512
@@ -992,19 +1005,7 @@ mod tests {
         // values at a time) and in the generic kernel (the last 5 rows) alike: the same bits as a
         // float32 Ω holding the same values. Negative entries in a group and in the last row.
         let (rows, cols, r) = (21, 300, 3);
-        let f32s = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<_>>();
-        let a = Dense::new(r, cols, f32s(values(r * cols, 10)));
-        let b = Dense::new(rows, r, f32s(values(rows * r, 11)));
-        let d = LowRank::new(b.clone(), a.clone());
-        let mut omega: Vec<f32> = f32s(values(rows * cols, 12))
-            .iter()
-            .map(|x| x.abs())
-            .collect();
-        for row in [9, 20] {
-            for x in &mut omega[row * cols + 100..row * cols + 140] {
-                *x = -*x;
-            }
-        }
+        let (a, b, d, omega) = float32_case(rows, cols, r, 10, [9, 20]);
         let as_bf16: Vec<bf16> = omega.iter().map(|&x| bf16::from_f32(x)).collect();
         let as_f16: Vec<f16> = omega.iter().map(|&x| f16::from_f32(x)).collect();
         let widened_bf16: Vec<f32> = as_bf16.iter().map(|x| x.to_f32()).collect();
