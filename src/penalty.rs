@@ -702,7 +702,7 @@ impl<S: Storage, T: Real> PenaltyTask<'_, S, T> {
         let out = if grads {
             let b_rows = &self.b.data[(self.row0 + li) * r..(self.row0 + li + rows) * r];
             let (Some(b_rows), Some(ga), Some(gb)) = (
-                avx512::as_f32(b_rows),
+                avx512::cast(b_rows),
                 avx512::as_f32_mut(&mut self.ga),
                 avx512::as_f32_mut(&mut self.gb_rows[li * r..(li + rows) * r]),
             ) else {

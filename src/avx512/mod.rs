@@ -29,11 +29,6 @@ pub fn cast<S: Storage, W: Storage>(xs: &[S]) -> Option<&[W]> {
 }
 
 /// `xs` as f32 values, when S is f32.
-pub fn as_f32<S: Storage>(xs: &[S]) -> Option<&[f32]> {
-    cast(xs)
-}
-
-/// `xs` as f32 values, when S is f32.
 pub fn as_f32_mut<S: Storage>(xs: &mut [S]) -> Option<&mut [f32]> {
     if TypeId::of::<S>() == TypeId::of::<f32>() {
         // SAFETY: as in `cast`; the borrow is moved into the result.
@@ -88,9 +83,9 @@ impl<'a> Factors<'a> {
         let (left_t, left_stride, right, right_stride) = m.factors();
         Some(Factors {
             k: m.k,
-            left_t: as_f32(left_t)?,
+            left_t: cast(left_t)?,
             left_stride,
-            right: as_f32(right)?,
+            right: cast(right)?,
             right_stride,
         })
     }
