@@ -5,7 +5,11 @@ compared here agree within 1 %.
 
     cp python/hlora/_native.abi3.so /tmp/before.so   # then change the Rust code and rebuild
     python scripts/build_ab.py --before /tmp/before.so --op penalty --shape 192x576 [--threads 1]
-        [--omega-dtype bfloat16]
+        [--omega-dtype bfloat16] [--cold]
+
+`--cold` evicts the caches before every call (an 8 MiB copy, far larger than this VM's 2 MiB of L2
+per core), as the reference's temporaries do in `hlora bench` and a model's forward/backward does
+between a training step's kernel calls: ω/Ω then come from L3 or memory.
 
 `--after` defaults to the installed build. Both builds' results are compared first (relative
 differences printed: a change that should be bit-for-bit the same shows 0); the 10th percentile
@@ -84,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--omega-dtype", choices=list(OMEGA_DTYPES), default="float32",
                         help="Ω's storage for --op penalty|value")
+    parser.add_argument("--cold", action="store_true", help="evict the caches before every call")
     args = parser.parse_args(argv)
     if args.omega_dtype != "float32" and args.op not in ("penalty", "value"):
         parser.error("--omega-dtype: only the penalty reads a bfloat16/float16 Ω")
@@ -99,6 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _evictor() -> Callable[[], object]:
+    """A copy through 2 × 8 MiB: what a call finds in L1/L2 afterwards is only what it brings."""
+    src, dst = torch.rand(1 << 21), torch.empty(1 << 21)
+    return lambda: dst.copy_(src)
+
+
 def _compare(args: argparse.Namespace, rows: int, cols: int) -> None:
     builds = {"before": load_build(args.before, "hlora_ab_before"),
               "after": load_build(args.after or NATIVE.__file__, "hlora_ab_after")}
@@ -106,12 +117,15 @@ def _compare(args: argparse.Namespace, rows: int, cols: int) -> None:
     fns = {name: calls(native, args.op, rows, cols, OMEGA_DTYPES[args.omega_dtype])
            for name, native in builds.items()}
     diffs = relative_differences(fns["before"](), fns["after"]())
-    print(f"{args.op} {rows}x{cols} threads={args.threads} relative differences after vs before: "
+    cold = " cold" if args.cold else ""
+    print(f"{args.op} {rows}x{cols} threads={args.threads}{cold} relative differences after vs before: "
           + " ".join(f"{d:.2e}" for d in diffs))
     times: Dict[str, List[float]] = {name: [] for name in fns}
     order = list(fns)
+    evict = _evictor() if args.cold else (lambda: None)
     for i in range(args.calls):
         for name in order if i % 2 else order[::-1]:
+            evict()
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)

@@ -98,6 +98,14 @@ def test_build_ab_script_loads_two_builds_side_by_side_and_compares_them(tmp_pat
                               "--omega-dtype", "bfloat16"]) == 0
         half = capsys.readouterr().out.splitlines()
         assert half[0].endswith("0.00e+00 0.00e+00 0.00e+00") and len(half) == 3
+        # Caches evicted before every call: said so, and the same comparison.
+        assert build_ab.main(["--before", str(copy), "--op", "omega", "--shape", "9x33", "--calls", "5",
+                              "--cold"]) == 0
+        cold = capsys.readouterr().out.splitlines()
+        assert cold[0].startswith("omega 9x33 threads=1 cold ") and cold[0].endswith(": 0.00e+00")
+        assert len(cold) == 3
+        moved = build_ab._evictor()()  # the eviction is a real copy, larger than L2
+        assert moved.numel() * moved.element_size() == 8 << 20 and bool(moved.abs().sum() > 0)
         with pytest.raises(SystemExit, match="no file"):
             build_ab.main(["--before", str(tmp_path / "missing.so")])
         with pytest.raises(SystemExit):  # the ω update takes a float32 ω here
