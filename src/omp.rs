@@ -12,10 +12,12 @@ use std::sync::OnceLock;
 type Body = unsafe extern "C" fn(*mut c_void);
 type ParallelFn = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
 type InParallelFn = unsafe extern "C" fn() -> c_int;
+type ThreadNumFn = unsafe extern "C" fn() -> c_int;
 
 pub struct Team {
     parallel: ParallelFn,
     in_parallel: InParallelFn,
+    thread_num: ThreadNumFn,
     /// The process that looked the runtime up: libgomp cannot be used after a fork (its
     /// threads stayed in the parent), so a forked child never borrows the team.
     pid: u32,
@@ -35,11 +37,13 @@ fn lookup() -> Option<Team> {
         .ok()?;
         let parallel = *lib.get::<ParallelFn>(b"GOMP_parallel\0").ok()?;
         let in_parallel = *lib.get::<InParallelFn>(b"omp_in_parallel\0").ok()?;
+        let thread_num = *lib.get::<ThreadNumFn>(b"omp_get_thread_num\0").ok()?;
         // torch stays loaded for the life of the process: keep the handle open.
         std::mem::forget(lib);
         Some(Team {
             parallel,
             in_parallel,
+            thread_num,
             pid: std::process::id(),
         })
     }
@@ -71,6 +75,12 @@ unsafe extern "C" fn trampoline(data: *mut c_void) {
 }
 
 impl Team {
+    /// This thread's number in the running parallel region (0: the caller).
+    pub fn thread_num(&self) -> usize {
+        // SAFETY: omp_get_thread_num takes no arguments and only reads thread state.
+        usize::try_from(unsafe { (self.thread_num)() }).unwrap_or(0)
+    }
+
     /// Runs `body` on `threads` threads (the caller is one of them) and returns when all are
     /// done; false if `body` panicked on any of them.
     pub fn run(&self, threads: usize, body: &(dyn Fn() + Sync)) -> bool {
