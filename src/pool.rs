@@ -107,6 +107,25 @@ fn run_items_on<I: Send, R: Send>(
     items: Vec<I>,
     work: impl Fn(usize, I) -> R + Sync,
 ) -> Result<Vec<R>> {
+    run_items_with_on(team, items, || (), |_, i, item| work(i, item))
+}
+
+/// [`run_items`] with state each thread makes for itself (`init`, before its first item) and
+/// hands to `work` for each of its items: data every task reads, kept in that thread's cache.
+pub fn run_items_with<I: Send, R: Send, St>(
+    items: Vec<I>,
+    init: impl Fn() -> St + Sync,
+    work: impl Fn(&St, usize, I) -> R + Sync,
+) -> Result<Vec<R>> {
+    run_items_with_on(crate::omp::team(), items, init, work)
+}
+
+fn run_items_with_on<I: Send, R: Send, St>(
+    team: Option<&crate::omp::Team>,
+    items: Vec<I>,
+    init: impl Fn() -> St + Sync,
+    work: impl Fn(&St, usize, I) -> R + Sync,
+) -> Result<Vec<R>> {
     let n = items.len();
     let helpers = wanted_threads().saturating_sub(1);
     let spawned = helpers.min(n.saturating_sub(1));
@@ -121,6 +140,7 @@ fn run_items_on<I: Send, R: Send>(
     let done = Mutex::new(Vec::with_capacity(n));
     let drain = |me: usize| {
         let mut mine = Vec::new();
+        let mut state = None;
         // Its own block from the front, then the others' from the back (a thread that did not
         // come — a smaller OpenMP team — leaves its block to them).
         for k in 0..threads {
@@ -137,7 +157,8 @@ fn run_items_on<I: Send, R: Send>(
                     }
                 };
                 let Some((i, item)) = next else { break };
-                mine.push((i, work(i, item)));
+                let state = state.get_or_insert_with(&init);
+                mine.push((i, work(state, i, item)));
             }
         }
         done.lock()
@@ -230,6 +251,25 @@ mod tests {
                 owners.insert(half[0]);
             }
             assert_eq!(owners.len(), threads, "{}", team.is_some());
+        }
+    }
+
+    #[test]
+    fn each_thread_makes_its_state_once_and_uses_it_for_its_items() {
+        for team in both() {
+            let made = std::sync::atomic::AtomicUsize::new(0);
+            let init = || {
+                made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::current().id()
+            };
+            let own = run_items_with_on(team, (0..64).collect::<Vec<u32>>(), init, |st, _, _| {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                *st == std::thread::current().id()
+            })
+            .unwrap();
+            assert!(own.iter().all(|&x| x), "{}", team.is_some());
+            let made = made.into_inner();
+            assert!((1..=wanted_threads()).contains(&made), "{made}");
         }
     }
 

@@ -380,13 +380,41 @@ pub fn wants_f64(kinds: &[Kind]) -> bool {
 
 /// A thin factor as a row-major `Dense` in compute precision (a small copy; never (out, in)).
 pub fn dense<T: Real>(t: &Tensor) -> Result<Dense<T>> {
+    Ok(match factor_rows::<T>(t)? {
+        FactorRows::Borrowed(rows, cols, data) => Dense::new(rows, cols, data.to_vec()),
+        FactorRows::Owned(d) => d,
+    })
+}
+
+/// A thin factor's values in compute precision, row-major: the tensor's own memory when it is a
+/// contiguous CPU tensor of that dtype (the usual case), else a converted copy.
+pub enum FactorRows<'t, T> {
+    Borrowed(usize, usize, &'t [T]),
+    Owned(Dense<T>),
+}
+
+impl<T: Real> FactorRows<'_, T> {
+    /// A copy of one's own (each thread of a kernel lays out its factors from these).
+    pub fn to_dense(&self) -> Dense<T> {
+        match self {
+            FactorRows::Borrowed(rows, cols, data) => Dense::new(*rows, *cols, data.to_vec()),
+            FactorRows::Owned(d) => d.clone(),
+        }
+    }
+}
+
+/// `t`'s values as [`FactorRows`]. `t` must not be written while they are borrowed: the ω
+/// update's threads copy them while the others write ω, so the two must not overlap (`disjoint`
+/// refuses any overlap of two contiguous tensors; a strided ω is updated through a copy).
+pub fn factor_rows<T: Real>(t: &Tensor) -> Result<FactorRows<'_, T>> {
     let size = t.size();
     let (rows, cols) = (size[0] as usize, size[1] as usize);
     if t.device() == Device::Cpu && t.f_kind()? == T::KIND && t.is_contiguous() {
-        // The usual case, read in place: the conversions below cost ~5 µs per factor in
-        // dispatch alone, a sixth of a whole kernel call at SmolLM2's shapes.
-        // SAFETY: contiguous CPU tensor of element type T; only read here.
-        return Ok(Dense::new(rows, cols, unsafe { slice::<T>(t) }.to_vec()));
+        // Read in place: the conversions below cost ~5 µs per factor in dispatch alone, a sixth
+        // of a whole kernel call at SmolLM2's shapes.
+        // SAFETY: contiguous CPU tensor of element type T; only read, and not written while
+        // borrowed (above).
+        return Ok(FactorRows::Borrowed(rows, cols, unsafe { slice::<T>(t) }));
     }
     let c = t
         .f_detach()?
@@ -395,7 +423,7 @@ pub fn dense<T: Real>(t: &Tensor) -> Result<Dense<T>> {
         .f_contiguous()?;
     let mut data = vec![T::zero(); rows * cols];
     c.f_copy_data(&mut data, rows * cols)?;
-    Ok(Dense::new(rows, cols, data))
+    Ok(FactorRows::Owned(Dense::new(rows, cols, data)))
 }
 
 /// The elements of a contiguous CPU tensor of element type `S`.

@@ -86,6 +86,8 @@ def same_device(named: Sequence[tuple]) -> None:
 def number(x: object, name: str) -> float:
     """A real number as a float: Python and NumPy scalars, one-element tensors — not bools,
     strings or complex numbers, which ``float()`` would accept or mangle."""
+    if type(x) is float:  # the usual case first: this runs on every kernel call (~1 µs saved)
+        return x
     if x is None or isinstance(x, (bool, np.bool_, str, bytes, complex, np.complexfloating)):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
     if (isinstance(x, torch.Tensor) and (x.dtype == torch.bool or x.is_complex())) or (
