@@ -3,21 +3,54 @@
 //! row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's partial); a tile
 //! whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
 
-use super::{available, Factors, Rows, LANES, ROWS};
+use super::{available, cast, Factors, Rows, LANES, ROWS};
 use crate::lowrank::{conflict_free_stride, Dense, LowRank};
 use crate::penalty::Sums;
 use crate::scalar::Real;
 
-/// What every group of one call reads: D = L·R, and A zero-padded so whole registers of columns
-/// can be loaded up to the last column.
+/// A zero-padded so whole registers of columns can be loaded up to the last column, for the
+/// gradient passes (each thread of a call packs its own).
+pub struct PaddedA {
+    cols: usize,
+    r: usize,
+    /// r rounded up to even: the gradient passes take the rank terms two at a time.
+    r_pad: usize,
+    /// A (r_pad rows of `stride`, zeros beyond r and beyond its columns).
+    rows: Vec<f32>,
+    stride: usize,
+}
+
+impl PaddedA {
+    /// `a` padded, when the CPU runs AVX-512 and the maths is float32.
+    pub fn new<T: Real>(a: &Dense<T>) -> Option<Self> {
+        if !available() {
+            return None;
+        }
+        let data: &[f32] = cast(&a.data)?;
+        let (r, cols) = (a.rows, a.cols);
+        let r_pad = r.div_ceil(2) * 2;
+        let stride = conflict_free_stride::<f32>(cols);
+        let mut rows = vec![0.0f32; r_pad * stride];
+        for (dst, src) in rows.chunks_exact_mut(stride).zip(data.chunks_exact(cols)) {
+            dst[..cols].copy_from_slice(src);
+        }
+        Some(PaddedA {
+            cols,
+            r,
+            r_pad,
+            rows,
+            stride,
+        })
+    }
+}
+
+/// What every group of one call reads: D = L·R, and A padded.
 pub struct Kernel<'a> {
     cols: usize,
     d: Factors<'a>,
     r: usize,
-    /// r rounded up to even: the gradient passes take the rank terms two at a time.
     r_pad: usize,
-    /// A (r_pad rows of `a_stride`, zeros beyond r and beyond `cols`).
-    a_rows: Vec<f32>,
+    a_rows: &'a [f32],
     a_stride: usize,
 }
 
@@ -34,31 +67,16 @@ pub struct GroupGrads<'a> {
 }
 
 impl<'a> Kernel<'a> {
-    /// The kernel for D = `d` (A = `a`), when the CPU runs AVX-512 and the maths is float32.
-    pub fn new<T: Real>(d: &'a LowRank<T>, a: &Dense<T>) -> Option<Self> {
-        if !available() {
-            return None;
-        }
-        let d = Factors::new(d)?;
-        let (r, cols) = (a.rows, a.cols);
-        let r_pad = r.div_ceil(2) * 2;
-        let a_stride = conflict_free_stride::<f32>(cols);
-        let mut a_rows = vec![0.0f32; r_pad * a_stride];
-        for (dst, src) in a_rows
-            .chunks_exact_mut(a_stride)
-            .zip(a.data.chunks_exact(cols))
-        {
-            for (x, &y) in dst.iter_mut().zip(src) {
-                *x = y.to_f32();
-            }
-        }
+    /// The kernel for D = `d` and A = `a` (float32 maths: `PaddedA::new` said so).
+    pub fn new<T: Real>(d: &'a LowRank<T>, a: &'a PaddedA) -> Option<Self> {
+        assert_eq!(a.cols, d.cols, "A and D have the same columns");
         Some(Kernel {
-            cols,
-            d,
-            r,
-            r_pad,
-            a_rows,
-            a_stride,
+            cols: d.cols,
+            d: Factors::new(d)?,
+            r: a.r,
+            r_pad: a.r_pad,
+            a_rows: &a.rows,
+            a_stride: a.stride,
         })
     }
 
