@@ -97,18 +97,23 @@ impl OmegaJob {
         self.omega.device()
     }
 
+    /// A0, B0, gA, gB, A1, B1, in this order.
+    fn factors(&self) -> [&Tensor; 6] {
+        [
+            &self.a_prev,
+            &self.b_prev,
+            &self.grad_a,
+            &self.grad_b,
+            &self.a_next,
+            &self.b_next,
+        ]
+    }
+
     /// The same update for the fused CUDA kernels.
     pub fn cuda_mat(&self) -> crate::cuda::OmegaMat<'_> {
         crate::cuda::OmegaMat {
             omega: &self.omega,
-            factors: [
-                &self.a_prev,
-                &self.b_prev,
-                &self.grad_a,
-                &self.grad_b,
-                &self.a_next,
-                &self.b_next,
-            ],
+            factors: self.factors(),
             lr: self.lr,
             scaling: self.scaling,
             f64_math: self.maths_in_f64(),
@@ -134,15 +139,7 @@ impl OmegaJob {
     }
 
     fn run_fused<S: Storage, T: Real>(&self) -> Result<()> {
-        let [a0, b0, ga, gb, a1, b1] = [
-            &self.a_prev,
-            &self.b_prev,
-            &self.grad_a,
-            &self.grad_b,
-            &self.a_next,
-            &self.b_next,
-        ]
-        .map(factor_rows::<T>);
+        let [a0, b0, ga, gb, a1, b1] = self.factors().map(factor_rows::<T>);
         let (a0, b0, ga, gb, a1, b1) = (a0?, b0?, ga?, gb?, a1?, b1?);
         let (lr, s) = (self.lr, self.scaling);
         let layouts = || {
