@@ -202,7 +202,7 @@ impl OmegaJob {
 ///
 /// Each thread lays out g~ and dθ for itself (`layouts`, before its first task): laid out once
 /// by the calling thread, they were read by the others from its cache, and each call's fresh
-/// layout then took those lines back (ω update 192 × 576 on two threads: 71.9 → 65.3 µs, 10th
+/// layout then took those lines back (ω update 192 × 576 on two threads: 76.3 → 64.2 µs, 10th
 /// percentile).
 fn update_rows<S: Storage, T: Real>(
     omega: &mut [S],

@@ -416,7 +416,7 @@ fn penalty_rows<S: Storage, T: Real>(
     }
     let layout = GradLayout::new::<T>(r, cols);
     // Each thread lays out D and packs A for itself, as the ω update does (`crate::omega`):
-    // 192 × 576 on two threads, 99.9 → 83.6 µs (10th percentile).
+    // 192 × 576 on two threads, 98.9 → 84.1 µs (10th percentile).
     let layouts = || -> Result<_> { Ok((d()?, layout.pack(a), wide::PaddedA::new(a))) };
     // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
     let rpt = rows_per_task(rows, cols, rows.div_ceil(32));
