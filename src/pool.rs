@@ -235,14 +235,17 @@ mod tests {
         let threads = wanted_threads().min(64);
         for team in both() {
             let caller = std::thread::current().id();
-            // Each item first waits (up to 5 s) until every thread has come, so no thread can run
-            // ahead while another is still waking up (or busy with a test running beside this one).
+            // Each item first waits (for 5 s at most in all) until every thread has come, so no
+            // thread can run ahead while another is still waking up (or busy with a test running
+            // beside this one).
             let arrived = Mutex::new(std::collections::HashSet::new());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             let ran_on = run_items_on(team, (0..64).collect::<Vec<u32>>(), |_, _| {
                 let me = std::thread::current().id();
-                let start = std::time::Instant::now();
                 arrived.lock().unwrap().insert(me);
-                while arrived.lock().unwrap().len() < threads && start.elapsed().as_secs() < 5 {
+                while arrived.lock().unwrap().len() < threads
+                    && std::time::Instant::now() < deadline
+                {
                     std::thread::yield_now();
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
