@@ -157,7 +157,8 @@ impl OmegaJob {
         };
         // SAFETY: contiguous CPU tensor of dtype S (checked in `new`), exclusively ours here.
         let omega = unsafe { slice_mut::<S>(&target) };
-        let (rows, cols) = (self.omega.size()[0] as usize, self.omega.size()[1] as usize);
+        let size = self.omega.size();
+        let (rows, cols) = (size[0] as usize, size[1] as usize);
         update_rows(omega, rows, cols, layouts, self.clamp_negative)?;
         if !contiguous {
             let mut dst = self.omega.shallow_clone();
