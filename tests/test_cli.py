@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from hlora import bench, cli
+from hlora import bench, cli, ops
 
 
 def test_bench_rows_cover_every_op_and_shape():
@@ -16,8 +17,32 @@ def test_bench_rows_cover_every_op_and_shape():
         (f"{n} ({o}x{i})", op) for n, o, i in [("tiny", 17, 33), ("odd", 5, 3)] for op in bench.PASSES]
     for r in rows:
         assert r["reference_ms"] > 0 and r["hlora_ms"] > 0 and r["speedup"] > 0
+        # The no-work autograd Function is timed beside the penalty only.
+        assert ("ceiling" in r) == (r["op"] == bench.DIFFERENTIABLE)
+        if "ceiling" in r:
+            assert r["no_work_ms"] > 0 and r["ceiling"] == pytest.approx(r["reference_ms"] / r["no_work_ms"])
     table = bench.format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "speed-up" in table
+    ceilings = bench.format_ceilings(rows)
+    assert ceilings.count("\n") == 3 and "ceiling" in ceilings and "odd (5x3)" in ceilings
+
+
+def test_no_work_function_passes_on_the_kernels_gradients():
+    """The bench's floor is the penalty's autograd round trip with the same results: the value and
+    the gradients that reach a and b are hlora's own (scaled by the incoming gradient)."""
+    x = bench._inputs(9, 13, 3, torch.device("cpu"))
+    a = x["a1"].clone().requires_grad_()
+    b = x["b1"].clone().requires_grad_()
+    value = ops.importance_penalty(x["omega"], a, b, x["a0"], x["b0"], scaling=4.0)
+    (3.0 * value).backward()
+    results = (value.detach(), a.grad.clone() / 3.0, b.grad.clone() / 3.0)
+    a2 = x["a1"].clone().requires_grad_()
+    b2 = x["b1"].clone().requires_grad_()
+    out = bench._NoWork.apply(x["omega"], a2, b2, x["a0"], x["b0"], *results)
+    (3.0 * out).backward()
+    assert torch.equal(out.detach(), value.detach())
+    torch.testing.assert_close(a2.grad, a.grad)
+    torch.testing.assert_close(b2.grad, b.grad)
 
 
 def test_cli_help_and_unknown_command():

@@ -5,6 +5,12 @@ float64 upcast). The two are timed alternately, call by call, so a noisy machine
 alike; medians are reported, with the ratio reference/hlora and the bandwidth of the one pass
 over ω/Ω the fused kernel makes, against a measured memory copy.
 
+For the penalty, a third call is timed the same way, each after a reference call: an
+``autograd.Function`` that does no work (its forward returns a value computed beforehand, its
+backward scales gradients computed beforehand). That is the autograd round trip any
+differentiable penalty pays on top of its kernel, so reference / no-work is the most any of them
+could gain here (the "ceiling" printed below the table).
+
     python -m hlora.bench [--threads 2] [--repeats 21] [--device cpu|cuda] [--json out.json]
 
 The reference's CPU times depend on glibc's allocator state (torch does not cache CPU memory, so
@@ -19,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,14 +55,55 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
 def paired_medians(ref: Callable[[], object], fast: Callable[[], object], repeats: int,
                    device: torch.device) -> Tuple[float, float]:
     """Median seconds of each, timed alternately after two warm-up calls of each."""
+    t_ref, (t_fast,) = medians_after_reference(ref, [fast], repeats, device)
+    return t_ref, t_fast
+
+
+def medians_after_reference(ref: Callable[[], object], others: Sequence[Callable[[], object]], repeats: int,
+                            device: torch.device) -> Tuple[float, List[float]]:
+    """Median seconds of the reference and of each other call, every one of those timed right
+    after a reference call (ref, other₁, ref, other₂, …), after two warm-up calls of each."""
     for _ in range(2):
-        ref()
-        fast()
-    t_ref, t_fast = [], []
+        for other in others:
+            ref()
+            other()
+    t_ref: List[float] = []
+    t_others: List[List[float]] = [[] for _ in others]
     for _ in range(repeats):
-        t_ref.append(_seconds(ref, device))
-        t_fast.append(_seconds(fast, device))
-    return statistics.median(t_ref), statistics.median(t_fast)
+        for other, times in zip(others, t_others):
+            t_ref.append(_seconds(ref, device))
+            times.append(_seconds(other, device))
+    return statistics.median(t_ref), [statistics.median(t) for t in t_others]
+
+
+class _NoWork(torch.autograd.Function):
+    """The penalty's autograd round trip without its kernel: forward hands back a value computed
+    beforehand, backward scales gradients computed beforehand (as ``ops`` does with the kernel's)."""
+
+    @staticmethod
+    def forward(ctx, omega, a, b, a_ref, b_ref, value, grad_a, grad_b):  # type: ignore[override]
+        ctx.grads = (grad_a, grad_b)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_a, grad_b = ctx.grads
+        return None, grad_out * grad_a, grad_out * grad_b, None, None, None, None, None
+
+
+def _no_work_penalty(x: Dict[str, torch.Tensor], s: float = 4.0) -> Callable[[], None]:
+    """The no-work Function on the benchmark's penalty inputs (its results are hlora's)."""
+    a = x["a1"].clone().requires_grad_()
+    b = x["b1"].clone().requires_grad_()
+    value = ops.importance_penalty(x["omega"], a, b, x["a0"], x["b0"], scaling=s)
+    value.backward()
+    results = (value.detach(), a.grad.clone(), b.grad.clone())
+
+    def call():
+        a.grad = b.grad = None
+        _NoWork.apply(x["omega"], a, b, x["a0"], x["b0"], *results).backward()
+
+    return call
 
 
 def _inputs(out: int, inn: int, rank: int, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -91,6 +138,8 @@ def _op_calls(impl, x: Dict[str, torch.Tensor], s: float = 4.0, lr: float = 8e-4
 
 #: Passes over (out, in) memory the fused kernel must make: ω read+write; ω read + Ω write; Ω read.
 PASSES = {"omega update": 2, "finalize": 2, "penalty fwd+bwd": 1}
+#: The op timed beside the no-work autograd Function.
+DIFFERENTIABLE = "penalty fwd+bwd"
 
 
 def run(threads: int = 2, repeats: int = 21, device: str = "cpu", rank: int = 8,
@@ -106,11 +155,15 @@ def run(threads: int = 2, repeats: int = 21, device: str = "cpu", rank: int = 8,
         copy_gbs = 2 * nbytes / copy_s / 1e9
         ref_calls, fast_calls = _op_calls(reference, x), _op_calls(ops, x)
         for op, ref_call in ref_calls.items():
-            t_ref, t_fast = paired_medians(ref_call, fast_calls[op], repeats, dev)
+            others = [fast_calls[op]] + ([_no_work_penalty(x)] if op == DIFFERENTIABLE else [])
+            t_ref, (t_fast, *t_floor) = medians_after_reference(ref_call, others, repeats, dev)
             gbs = PASSES[op] * nbytes / t_fast / 1e9
-            rows.append({"shape": f"{name} ({out}x{inn})", "op": op, "reference_ms": t_ref * 1e3,
-                         "hlora_ms": t_fast * 1e3, "speedup": t_ref / t_fast, "hlora_GBps": gbs,
-                         "copy_GBps": copy_gbs, "of_copy": gbs / copy_gbs})
+            row: Row = {"shape": f"{name} ({out}x{inn})", "op": op, "reference_ms": t_ref * 1e3,
+                        "hlora_ms": t_fast * 1e3, "speedup": t_ref / t_fast, "hlora_GBps": gbs,
+                        "copy_GBps": copy_gbs, "of_copy": gbs / copy_gbs}
+            if t_floor:
+                row.update(no_work_ms=t_floor[0] * 1e3, ceiling=t_ref / t_floor[0])
+            rows.append(row)
     return rows
 
 
@@ -121,6 +174,17 @@ def format_table(rows: List[Row]) -> str:
         lines.append(f"| {r['shape']} | {r['op']} | {r['reference_ms']:.2f} | {r['hlora_ms']:.2f} | "
                      f"{r['speedup']:.1f}x | {r['hlora_GBps']:.1f} | {r['copy_GBps']:.1f} | "
                      f"{100 * r['of_copy']:.0f}% |")
+    return "\n".join(lines)
+
+
+def format_ceilings(rows: List[Row]) -> str:
+    """The penalty rows against the no-work autograd Function (see the module's docstring)."""
+    lines = ["| shape | reference (ms) | no-work autograd Function (ms) | ceiling | hlora speed-up |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "ceiling" in r:
+            lines.append(f"| {r['shape']} | {r['reference_ms']:.2f} | {r['no_work_ms']:.3f} | "
+                         f"{r['ceiling']:.1f}x | {r['speedup']:.1f}x |")
     return "\n".join(lines)
 
 
@@ -160,6 +224,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(" ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in settings))
     rows = run(args.threads, args.repeats, args.device, args.rank)
     print(format_table(rows))
+    print(f"\n{DIFFERENTIABLE}: an autograd.Function that does no work, timed after the reference's calls as "
+          "hlora's are; reference / its time is the most a differentiable penalty can gain here.")
+    print(format_ceilings(rows))
     if args.json:
         write_json_atomic(args.json, rows)
     return 0
