@@ -418,8 +418,10 @@ fn penalty_rows<S: Storage, T: Real>(
     // Each thread lays out D and packs A for itself, as the ω update does (`crate::omega`):
     // 192 × 576 on two threads, 98.9 → 84.1 µs (10th percentile).
     let layouts = || -> Result<_> { Ok((d()?, layout.pack(a), wide::PaddedA::new(a))) };
-    // Each task owns an (r, in) partial of Bᵀ·G: at most ~32 tasks keeps those small.
-    let rpt = rows_per_task(rows, cols, rows.div_ceil(32));
+    // Each task owns an (r, in) partial of Bᵀ·G, added up serially below: ~4 tasks per thread
+    // keeps them few (at most 32 tasks before: 576 × 576 on two threads 190 → 166 µs, 1024 × 3072
+    // on one 4.25 → 2.50 ms, 10th percentiles). So ∂P/∂A's last bits depend on the thread count.
+    let rpt = rows_per_task(rows, cols, rows.div_ceil(4 * pool::wanted_threads()));
     let tasks: Vec<_> = if grads {
         let gb_chunks = gb.chunks_mut(rpt * r).map(Some);
         omega.chunks(rpt * cols).zip(gb_chunks).collect()
@@ -445,26 +447,40 @@ fn penalty_rows<S: Storage, T: Real>(
     .into_iter()
     .collect::<Result<Vec<_>>>()?;
     let mut total = Sums::default();
-    if grads {
-        ga.fill(T::zero());
-    }
+    let mut parts = Vec::with_capacity(partials.len());
     for (sums, part) in partials {
         total.add(sums);
-        if grads {
-            for (acc_row, part_row) in ga
-                .chunks_exact_mut(cols)
-                .zip(part.chunks_exact(layout.ga_stride))
-            {
-                for (acc, &x) in acc_row.iter_mut().zip(part_row) {
-                    *acc = *acc + x;
-                }
-            }
-        }
+        parts.push(part);
     }
-    for x in ga.iter_mut() {
-        *x = *x * scale;
+    if grads {
+        sum_partials(ga, cols, &parts, layout.ga_stride, scale);
     }
     Ok(total)
+}
+
+multiversion!(fn sum_partials<T: Real>(ga: &mut [T], cols: usize, parts: &[Vec<T>], stride: usize, scale: T) = sum_partials_body);
+
+/// ∂P/∂A = `scale`·Σ of the tasks' Bᵀ·G partials (r rows of `stride`), added in task order —
+/// so the bits do not depend on which thread ran which task — one row of `ga` at a time, in L1.
+#[inline(always)]
+fn sum_partials_body<M: Madd, T: Real>(
+    ga: &mut [T],
+    cols: usize,
+    parts: &[Vec<T>],
+    stride: usize,
+    scale: T,
+) {
+    for (q, row) in ga.chunks_exact_mut(cols).enumerate() {
+        row.fill(T::zero());
+        for part in parts {
+            for (acc, &x) in row.iter_mut().zip(&part[q * stride..q * stride + cols]) {
+                *acc = *acc + x;
+            }
+        }
+        for x in row.iter_mut() {
+            *x = *x * scale;
+        }
+    }
 }
 
 /// The micro-kernel's last step in the penalty: each value d of D leaves the registers as
@@ -1031,6 +1047,33 @@ mod tests {
             sums_and_bits(&as_f16, &d, &a, &b),
             sums_and_bits(&widened_f16, &d, &a, &b)
         );
+    }
+
+    #[test]
+    fn partials_are_summed_per_row_scaled_and_their_padding_ignored() {
+        // Three tasks' (r = 2, cols = 5) partials in rows of stride 8, the padding NaN.
+        let (r, cols, stride) = (2, 5, 8);
+        let parts: Vec<Vec<f32>> = (0..3)
+            .map(|t| {
+                (0..r * stride)
+                    .map(|i| {
+                        if i % stride < cols {
+                            (t * 100 + i) as f32
+                        } else {
+                            f32::NAN
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut ga = vec![f32::NAN; r * cols];
+        sum_partials(&mut ga, cols, &parts, stride, 0.5);
+        for q in 0..r {
+            for j in 0..cols {
+                let i = (q * stride + j) as f32;
+                assert_eq!(ga[q * cols + j], 0.5 * (3.0 * i + 300.0), "[{q}, {j}]");
+            }
+        }
     }
 
     #[test]
