@@ -451,6 +451,26 @@ def test_penalty_is_deterministic():
     assert all(torch.equal(results[0], x) for x in results[1:])
 
 
+def test_penalty_gradients_agree_across_thread_counts():
+    # ∂P/∂A is summed over the tasks' partials, ~4 tasks per thread: 576 rows make 4, 8 and 12
+    # tasks on 1, 2 and 3 threads. Only the last bits may differ.
+    step = make_step(576, 200, 8, torch.float32, seed=15)
+    omega = torch.rand(576, 200)
+    threads_before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            a = step.a1.clone().requires_grad_()
+            b = step.b1.clone().requires_grad_()
+            ops.importance_penalty(omega, a, b, step.a0, step.b0, scaling=1.0).backward()
+            grads.append((a.grad, b.grad))
+    finally:
+        torch.set_num_threads(threads_before)
+    for ga, gb in grads[1:]:
+        assert rel_err(ga, grads[0][0]) <= 1e-6 and rel_err(gb, grads[0][1]) <= 1e-6
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(out=st.integers(1, 40), inn=st.integers(1, 40), r=st.one_of(st.integers(1, 9), st.just(64)),
        dtype=st.sampled_from(FACTOR_DTYPES), seed=st.integers(0, 2**31 - 1),
