@@ -16,7 +16,8 @@ export PYO3_PYTHON         := $(PY)
 export HF_HUB_OFFLINE      := 1
 export TRANSFORMERS_OFFLINE := 1
 
-RUST_SOURCES := $(wildcard src/*.rs) Cargo.toml Cargo.lock
+# Every file under src/ (the AVX-512 and CUDA modules live in subfolders; kernels.cu is include_str!'d).
+RUST_SOURCES := $(shell find src -type f) Cargo.toml Cargo.lock
 NATIVE_STAMP := $(VENV)/.native-built
 
 .PHONY: demo test build deps bench lint clean
