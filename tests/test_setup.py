@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +56,49 @@ def test_editing_any_rust_source_rebuilds_the_extension(tmp_path: Path) -> None:
         os.utime(tmp_path / name, (built + 100, built + 100))
         assert "maturin develop" in plan(), f"editing {name} does not rebuild the extension"
         os.utime(tmp_path / name, (built - 100, built - 100))
+
+
+@pytest.mark.slow
+def test_pip_builds_a_wheel_that_works_outside_the_source_tree(tmp_path: Path) -> None:
+    # The README's install into an existing environment: `pip install --no-build-isolation .` in an
+    # activated environment with torch, and no LIBTORCH_USE_PYTORCH exported (.cargo/config.toml
+    # sets it). The Rust build is the suite's own (cached in target/), so this takes seconds.
+    env = {k: v for k, v in os.environ.items() if k not in ("LIBTORCH_USE_PYTORCH", "PYTHONPATH")}
+    env.update(VIRTUAL_ENV=sys.prefix, PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+               CARGO_TARGET_DIR=env.get("CARGO_TARGET_DIR", str(ROOT / "target")))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                            "-w", str(tmp_path / "dist"), str(ROOT)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("hlora-*.whl")
+    assert "-abi3-" in wheel.name  # one wheel for every Python >= 3.9
+    with zipfile.ZipFile(wheel) as zipped:
+        names = set(zipped.namelist())
+    for needed in ("hlora/_native.abi3.so", "hlora/_native.pyi", "hlora/py.typed",
+                   "hlora/data/files/MANIFEST.json"):
+        assert needed in names, f"{needed} is missing from {wheel.name}"
+
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                                str(wheel)], env=env, capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    # From elsewhere, with the installed copy first on the path: the wheel's own extension must load
+    # (backend "rust", not the fallback) and agree with the reference.
+    check = """
+import hlora, torch
+from hlora import ops, reference
+assert hlora.__file__.startswith(SITE), hlora.__file__
+assert hlora.backend() == "rust", hlora.backend()
+g = torch.Generator().manual_seed(3)
+omega = torch.rand(37, 29, generator=g, dtype=torch.float64)
+a, b = torch.randn(5, 29, generator=g, dtype=torch.float64), torch.randn(37, 5, generator=g, dtype=torch.float64)
+got = ops.importance_penalty(omega, a, b, scaling=2.0)
+want = reference.importance_penalty(omega, a, b, scaling=2.0)
+assert torch.allclose(got, want, rtol=1e-12, atol=0), (got, want)
+print("ok", hlora.backend())
+"""
+    env.update(PYTHONPATH=str(site), HLORA_BACKEND="rust")
+    ran = subprocess.run([sys.executable, "-c", f"SITE = {str(site)!r}\n" + check], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.split() == ["ok", "rust"]
