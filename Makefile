@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE      := 1
 export TRANSFORMERS_OFFLINE := 1
 
 # Every file under src/ (the AVX-512 and CUDA modules live in subfolders; kernels.cu is include_str!'d).
-RUST_SOURCES := $(shell find src -type f) Cargo.toml Cargo.lock
+RUST_SOURCES := $(shell find src -type f) Cargo.toml Cargo.lock .cargo/config.toml
 NATIVE_STAMP := $(VENV)/.native-built
 
 .PHONY: demo test build deps bench lint clean

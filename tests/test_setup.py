@@ -31,10 +31,10 @@ def test_install_stops_with_one_clear_line_when_the_disk_is_too_full(tmp_path: P
 def test_editing_any_rust_source_rebuilds_the_extension(tmp_path: Path) -> None:
     # A stale extension would let `make test` pass on code it never compiled: a change to any file
     # the crate is built from — in a subfolder of src/ too — must make `make build` run maturin.
-    sources = sorted(p.relative_to(ROOT) for p in (ROOT / "src").rglob("*") if p.is_file())
-    assert any(len(p.parts) > 2 for p in sources), "expected modules in subfolders of src/"
-    for name in [Path("Makefile"), Path("pyproject.toml"), Path("scripts/deps.py"), Path("Cargo.toml"),
-                 Path("Cargo.lock"), *sources]:
+    crate = sorted(p.relative_to(ROOT) for p in (ROOT / "src").rglob("*") if p.is_file())
+    assert any(len(p.parts) > 2 for p in crate), "expected modules in subfolders of src/"
+    sources = [*crate, Path("Cargo.toml"), Path("Cargo.lock"), Path(".cargo/config.toml")]
+    for name in [Path("Makefile"), Path("pyproject.toml"), Path("scripts/deps.py"), *sources]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / ".venv").mkdir()
