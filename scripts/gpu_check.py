@@ -28,6 +28,7 @@ import torch
 
 import hlora
 from hlora import _native, bench_training, ops, reference
+from hlora._io import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -303,7 +304,7 @@ def main(argv: List[str] | None = None) -> int:
     print("\n".join(out[mark:]), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(out) + "\n")
+        write_text_atomic(args.out, "\n".join(out) + "\n")
     return 0 if ok else 1
 
 

@@ -11,12 +11,13 @@ import argparse
 import json
 import os
 
-from hlora import experiment, plots
+from hlora import data, experiment, plots
+from hlora._io import write_json_atomic
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--domain", default="medical")
+    parser.add_argument("--domain", default="medical", choices=data.DOMAINS)
     parser.add_argument("--seed", type=int, default=1000, help="a seed not used by the test runs")
     parser.add_argument("--phis", type=float, nargs="+", default=[1e2, 1e3, 1e4, 1e5])
     parser.add_argument("--lams", type=float, nargs="+", default=[1e2, 1e4, 1e6])
@@ -46,9 +47,8 @@ def main() -> None:
                  "phi_sweep": phi_rows, "lam_sweep": lam_rows,
                  "phi": pick(phi_rows, rows["LoRA(nu+mu)"]["acc"], "phi"),
                  "lam": pick(lam_rows, rows["LoRA(mu)"]["acc"], "lam")}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(selection, f, indent=1, default=str)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    write_json_atomic(args.out, selection)  # what `hlora experiment --selection` reads
     plots.phi_sweep(phi_rows, os.path.join(os.path.dirname(args.out), "phi_sweep_validation.png"),
                     baseline=selection["reference"]["LoRA(nu+mu)"])
     print(json.dumps({k: selection[k] for k in ("reference", "phi_sweep", "lam_sweep", "phi", "lam")}, indent=1))

@@ -73,9 +73,65 @@ def test_bad_numbers_are_usage_errors_not_empty_runs(capsys, tmp_path):
 
 
 def test_errors_past_parsing_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hlora.cli", "finetune", "--out", str(tmp_path),
-                           "--importance", str(tmp_path / "missing.safetensors")],
-                          capture_output=True, text=True, timeout=300)
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    proc = subprocess.run([sys.executable, "-m", "hlora.cli", "finetune", "--out", str(tmp_path / "out"),
+                           "--importance", str(bad)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("hlora finetune: error: no such file:")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hlora finetune: error: ") and "is not a readable safetensors file" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_input_files_are_usage_errors(capsys, tmp_path):
+    missing = str(tmp_path / "missing")
+    for argv, flag in ((["record", "--out", str(tmp_path), "--text", missing], "--text"),
+                       (["finetune", "--out", str(tmp_path), "--importance", missing], "--importance"),
+                       (["finetune", "--out", str(tmp_path), "--mcq", missing], "--mcq"),
+                       (["evaluate", "--text", missing], "--text"),
+                       (["evaluate", "--mcq", missing], "--mcq"),
+                       (["experiment", "--out", str(tmp_path), "--selection", missing], "--selection")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2
+        assert f"argument {flag}: no such file: {missing}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a typo in the third domain must not cost the first two
+        cli.main(["experiment", "--out", str(tmp_path), "--domains", "medical", "sceince"])
+    assert exit_.value.code == 2 and "invalid choice: 'sceince'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: what is checked here must fail before the model loads."""
+    from hlora import models
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was noticed")
+
+    monkeypatch.setattr(models, "load", load)
+
+
+def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tmp_path):
+    not_json = tmp_path / "items.jsonl"
+    not_json.write_text('{"question": "q", "options": ["a", "b"], "answer": 0}\n{oops\n')
+    corrupt = tmp_path / "importance.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    selection = tmp_path / "selection.json"
+    selection.write_text('{"phi": 100.0}')
+    unwritable = str(a_file / "out")  # a folder inside a file: --out can never be made
+    for argv, message in ((["evaluate", "--mcq", str(not_json)], "items.jsonl:2: not valid JSON"),
+                          (["finetune", "--out", str(tmp_path / "ft"), "--mcq", str(not_json)], "not valid JSON"),
+                          (["finetune", "--out", str(tmp_path / "ft"), "--importance", str(corrupt)],
+                           "is not a readable safetensors file"),
+                          (["finetune", "--out", unwritable], "Not a directory"),
+                          (["record", "--out", unwritable], "Not a directory"),
+                          (["experiment", "--out", str(tmp_path / "grid"), "--selection", str(selection)],
+                           'has no numbers "phi" and "lam"')):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.startswith(f"hlora {argv[0]}: error: "), err

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 import hlora
-from hlora._args import non_negative_float, positive_float, positive_int
+from hlora._args import existing_file, non_negative_float, positive_float, positive_int
 
 
 def _quick_example() -> None:
@@ -113,7 +113,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise SystemExit("--seeds needs one count per domain")
     phi, lam = args.phi, args.lam
     if args.selection:
-        chosen = json.load(open(args.selection))
+        with open(args.selection) as f:
+            chosen = json.load(f)
+        if not (isinstance(chosen, dict) and all(isinstance(chosen.get(k), (int, float)) for k in ("phi", "lam"))):
+            raise ValueError(f"{args.selection} has no numbers \"phi\" and \"lam\" "
+                             "(it is scripts/select_hyperparameters.py's output)")
         phi, lam = chosen["phi"], chosen["lam"]
         print(f"φ = {phi:g} and λ = {lam:g}, chosen on the validation split ({args.selection})")
     budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items, phi=phi, lam=lam)
@@ -145,13 +149,15 @@ def cmd_record(args: argparse.Namespace) -> int:
     from hlora import eval as metrics
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora)
+    # Inputs read and the output folder made before the model loads: a bad file or an unwritable
+    # --out fails in seconds, not after the run it would have lost.
+    os.makedirs(args.out, exist_ok=True)
     text = open(args.text).read() if args.text else data.general_text("train")
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora)
     blocks = metrics.token_blocks(tokenizer, text, args.seq_len)
     recorder = hlora.ImportanceRecorder(model, xi=args.xi, clamp=args.clamp)
     experiment.train(model, experiment.general_batches(blocks, args.batch, args.steps, args.seed), args.steps,
                      args.lr, recorder=recorder, desc="recording")
-    os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(os.path.join(args.out, "adapter"))
     imp = recorder.finalize()
     imp.save(os.path.join(args.out, "importance.safetensors"))
@@ -167,16 +173,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from hlora import data, experiment
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = _peft_model(args.model, args.r, args.alpha, False, adapter=args.adapter)
+    os.makedirs(args.out, exist_ok=True)  # inputs and --out first, as in cmd_record
     items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "train")
+    importance = hlora.Importance.load(args.importance) if args.importance else None
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, False, adapter=args.adapter)
     penalty = None
-    if args.importance:
-        reg = hlora.Regularizer(model, hlora.Importance.load(args.importance), phi=args.phi,
-                                layer_weighting=args.layer_weighting)
-        penalty = reg.penalty
+    if importance is not None:
+        penalty = hlora.Regularizer(model, importance, phi=args.phi, layer_weighting=args.layer_weighting).penalty
     hist = experiment.train(model, experiment.domain_batches(tokenizer, items, args.batch, args.steps, args.seed),
                             args.steps, args.lr, penalty=penalty, desc="fine-tuning")
-    os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(os.path.join(args.out, "adapter"))
     experiment.save_json(os.path.join(args.out, "history.json"), {"history": hist})
     print(f"final task loss {hist[-1]['task_loss']:.4f}, penalty {hist[-1]['penalty']:.4g} → {args.out}/adapter")
@@ -189,16 +194,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hlora import eval as metrics
 
     torch.set_num_threads(args.threads)
+    # Both inputs read before the model loads and perplexity runs (minutes): a bad MCQ file
+    # fails at once.
+    text = open(args.text).read() if args.text else data.general_text("test")
+    items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "test")
     if args.adapter:
         model, tokenizer = _peft_model(args.model, 8, 32, False, adapter=args.adapter)
     else:
         from hlora import models
 
         model, tokenizer = models.load(args.model)
-    text = open(args.text).read() if args.text else data.general_text("test")
     blocks = metrics.token_blocks(tokenizer, text, args.seq_len, args.max_blocks)
     ppl = metrics.perplexity(model, blocks, progress=True)
-    items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "test")
     acc = metrics.mcq_accuracy(model, tokenizer, items[: args.max_items], progress=True)
     print(f"general perplexity {ppl['ppl']:.3f} over {ppl['tokens']} tokens; domain accuracy {acc['acc']:.4f} "
           f"(acc_norm {acc['acc_norm']:.4f}) over {acc['n']} items")
@@ -220,12 +227,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.set_defaults(func=cmd_demo)
     exp = sub.add_parser("experiment", help="the multi-seed grid: domains × seeds × methods (resumable)")
     exp.add_argument("--out", default="out/experiment")
-    exp.add_argument("--domains", nargs="+", default=["medical", "science", "physical"])
+    exp.add_argument("--domains", nargs="+", default=["medical", "science", "physical"],
+                     choices=["medical", "science", "physical"])
     exp.add_argument("--seeds", nargs="+", type=positive_int, default=[5, 3, 3], help="seed count per domain")
     exp.add_argument("--eval-items", type=positive_int, default=600)
     exp.add_argument("--phi", type=non_negative_float, default=1e3)
     exp.add_argument("--lam", type=non_negative_float, default=1e3)
-    exp.add_argument("--selection", default=None,
+    exp.add_argument("--selection", type=existing_file, default=None,
                      help="take φ and λ from scripts/select_hyperparameters.py's output (out/selection.json)")
     exp.add_argument("--model", default=None)
     exp.add_argument("--threads", type=positive_int, default=2)
@@ -244,7 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     rec = sub.add_parser("record", help="LoRA on general text, recording importance")
     common(rec, 30)
-    rec.add_argument("--text", default=None, help="a plain-text file (default: the shipped general corpus)")
+    rec.add_argument("--text", type=existing_file, default=None,
+                     help="a plain-text file (default: the shipped general corpus)")
     rec.add_argument("--batch", type=positive_int, default=4)
     rec.add_argument("--seq-len", type=positive_int, default=128)
     rec.add_argument("--xi", type=positive_float, default=1e-3)
@@ -254,18 +263,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     fin = sub.add_parser("finetune", help="fine-tune an adapter on domain MCQ data, optionally regularized")
     common(fin, 40)
     fin.add_argument("--adapter", default=None, help="continue this saved adapter (else a fresh one)")
-    fin.add_argument("--importance", default=None, help="an importance file: regularize with it")
+    fin.add_argument("--importance", type=existing_file, default=None, help="an importance file: regularize with it")
     fin.add_argument("--phi", type=non_negative_float, default=1e3)
     fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"])
-    fin.add_argument("--mcq", default=None, help="JSONL of {question, options, answer} (default: --domain's)")
+    fin.add_argument("--mcq", type=existing_file, default=None,
+                     help="JSONL of {question, options, answer} (default: --domain's)")
     fin.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
     fin.add_argument("--batch", type=positive_int, default=8)
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
     ev.add_argument("--model", default=None)
     ev.add_argument("--adapter", default=None)
-    ev.add_argument("--text", default=None, help="general text file (default: the shipped held-out text)")
-    ev.add_argument("--mcq", default=None, help="MCQ JSONL file (default: --domain's test split)")
+    ev.add_argument("--text", type=existing_file, default=None,
+                    help="general text file (default: the shipped held-out text)")
+    ev.add_argument("--mcq", type=existing_file, default=None, help="MCQ JSONL file (default: --domain's test split)")
     ev.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
     ev.add_argument("--seq-len", type=positive_int, default=128)
     ev.add_argument("--max-blocks", type=positive_int, default=None)
