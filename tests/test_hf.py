@@ -210,6 +210,22 @@ def test_regularized_run_resumes_with_its_anchor(tmp_path, recorded):
     assert logged and logged[-1] > 0
 
 
+def test_importance_callback_refuses_what_would_fail_at_train_end(tmp_path):
+    # save_path and save_dtype are only used after the last step: checked when the callback is made.
+    with pytest.raises(ValueError, match="save_path .* is a folder"):
+        ImportanceCallback(str(tmp_path))
+    with pytest.raises(TypeError, match="save_dtype must be a floating dtype"):
+        ImportanceCallback(str(tmp_path / "importance.safetensors"), save_dtype=torch.int8)
+    # A folder that cannot be made stops the run before its first step, not after its last.
+    (tmp_path / "a-file").write_text("")
+    cb = ImportanceCallback(str(tmp_path / "a-file" / "importance.safetensors"))
+    trainer = Trainer(model=tiny_lora_model(seed=40), args=_args(tmp_path, max_steps=2),
+                      train_dataset=TokenData(16, seed=41), callbacks=[cb])
+    with pytest.raises(OSError, match="a-file"):  # FileExistsError: a file where its folder should be
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_resume_without_recorder_state_is_refused(tmp_path):
     model = tiny_lora_model(seed=52)
     args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)

@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hlora._io import write_json_atomic
-from hlora.importance import Importance
+from hlora.importance import Importance, check_save_dtype
 from hlora.recorder import DEFAULT_XI, ImportanceRecorder
 from hlora.regularizer import DEFAULT_PHI, Regularizer
 
@@ -67,12 +67,19 @@ class ImportanceCallback(TrainerCallback):
 
     def __init__(self, save_path: Optional[str] = None, *, xi: float = DEFAULT_XI, clamp: str = "final",
                  adapter: str = "default", save_dtype: Optional[torch.dtype] = None) -> None:
+        # What is only used at train end is checked now: a bad save_path or dtype must not cost the run.
+        check_save_dtype(save_dtype, "save_dtype")
+        if save_path is not None and os.path.isdir(save_path):
+            raise ValueError(f"save_path {save_path!r} is a folder; give the importance file's path, "
+                             "e.g. importance.safetensors inside it")
         self.save_path, self.xi, self.clamp, self.adapter, self.save_dtype = save_path, xi, clamp, adapter, save_dtype
         self.recorder: Optional[ImportanceRecorder] = None
         self.importance: Optional[Importance] = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_sharded_training(args)
+        if self.save_path and state.is_world_process_zero:  # its folder, before the first step
+            os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
         self.recorder = ImportanceRecorder(model, optimizer, adapter=self.adapter, xi=self.xi, clamp=self.clamp)
         if state.global_step > 0:  # resuming: the Trainer restored step, model and optimizer
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RECORDER_STATE_FILE)

@@ -28,6 +28,15 @@ def cast_omega(omega: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tens
     return out
 
 
+#: What ``Importance.save(dtype=...)`` can store Ω as.
+SAVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_save_dtype(dtype: Optional[torch.dtype], name: str) -> None:
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise TypeError(f"{name} must be a floating dtype for Ω (float32, float64, bfloat16 or float16), got {dtype}")
+
+
 @dataclass
 class Importance:
     """Ω per adapted matrix, keyed by module name as ``model.named_modules()`` gives it.
@@ -78,8 +87,7 @@ class Importance:
 
     def save(self, path: str, *, dtype: Optional[torch.dtype] = None) -> None:
         """Writes a safetensors file atomically. ``dtype=torch.bfloat16`` halves Ω's bytes."""
-        if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise TypeError(f"dtype must be a floating dtype for Ω, got {dtype}")
+        check_save_dtype(dtype, "dtype")
         tensors: Dict[str, torch.Tensor] = {}
         for name, om in self.matrices.items():
             tensors[f"omega/{name}"] = cast_omega(om, dtype, name) if dtype is not None else om
