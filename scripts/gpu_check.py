@@ -303,7 +303,6 @@ def main(argv: List[str] | None = None) -> int:
     out.append(f"Total {time.perf_counter() - t0:.0f} s. Correctness: {'all within tolerance' if ok else 'FAILURES'}.")
     print("\n".join(out[mark:]), flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, "\n".join(out) + "\n")
     return 0 if ok else 1
 

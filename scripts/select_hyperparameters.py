@@ -47,8 +47,7 @@ def main() -> None:
                  "phi_sweep": phi_rows, "lam_sweep": lam_rows,
                  "phi": pick(phi_rows, rows["LoRA(nu+mu)"]["acc"], "phi"),
                  "lam": pick(lam_rows, rows["LoRA(mu)"]["acc"], "lam")}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    write_json_atomic(args.out, selection)  # what `hlora experiment --selection` reads
+    write_json_atomic(args.out, selection)  # what `hlora experiment --selection` reads (makes the folder)
     plots.phi_sweep(phi_rows, os.path.join(os.path.dirname(args.out), "phi_sweep_validation.png"),
                     baseline=selection["reference"]["LoRA(nu+mu)"])
     print(json.dumps({k: selection[k] for k in ("reference", "phi_sweep", "lam_sweep", "phi", "lam")}, indent=1))

@@ -19,6 +19,7 @@ import torch
 
 import hlora
 from hlora._args import existing_file, non_negative_float, positive_float, positive_int
+from hlora.data import DOMAINS
 
 
 def _quick_example() -> None:
@@ -217,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the whole comparison on the defaults (SmolLM2, one domain, one seed)")
     demo.add_argument("--out", default="out/demo")
-    demo.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
+    demo.add_argument("--domain", default="medical", choices=DOMAINS)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M, offline)")
     demo.add_argument("--threads", type=positive_int, default=2)
@@ -227,8 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.set_defaults(func=cmd_demo)
     exp = sub.add_parser("experiment", help="the multi-seed grid: domains × seeds × methods (resumable)")
     exp.add_argument("--out", default="out/experiment")
-    exp.add_argument("--domains", nargs="+", default=["medical", "science", "physical"],
-                     choices=["medical", "science", "physical"])
+    exp.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     exp.add_argument("--seeds", nargs="+", type=positive_int, default=[5, 3, 3], help="seed count per domain")
     exp.add_argument("--eval-items", type=positive_int, default=600)
     exp.add_argument("--phi", type=non_negative_float, default=1e3)
@@ -268,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"])
     fin.add_argument("--mcq", type=existing_file, default=None,
                      help="JSONL of {question, options, answer} (default: --domain's)")
-    fin.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
+    fin.add_argument("--domain", default="medical", choices=DOMAINS)
     fin.add_argument("--batch", type=positive_int, default=8)
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
@@ -277,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ev.add_argument("--text", type=existing_file, default=None,
                     help="general text file (default: the shipped held-out text)")
     ev.add_argument("--mcq", type=existing_file, default=None, help="MCQ JSONL file (default: --domain's test split)")
-    ev.add_argument("--domain", default="medical", choices=["medical", "science", "physical"])
+    ev.add_argument("--domain", default="medical", choices=DOMAINS)
     ev.add_argument("--seq-len", type=positive_int, default=128)
     ev.add_argument("--max-blocks", type=positive_int, default=None)
     ev.add_argument("--max-items", type=positive_int, default=None)
