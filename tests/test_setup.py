@@ -1,4 +1,5 @@
-"""The README's set-up commands: what `make` does before it installs anything."""
+"""The README's set-up: what `make` does before it installs anything and when it rebuilds, and the
+wheel pip builds for an existing environment."""
 
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def test_editing_any_rust_source_rebuilds_the_extension(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pip_builds_a_wheel_that_works_outside_the_source_tree(tmp_path: Path) -> None:
-    # The README's install into an existing environment: `pip install --no-build-isolation .` in an
-    # activated environment with torch, and no LIBTORCH_USE_PYTORCH exported (.cargo/config.toml
-    # sets it). The Rust build is the suite's own (cached in target/), so this takes seconds.
+    # The build behind the README's `pip install --no-build-isolation ./hlora`: pip's PEP 517 build in
+    # an activated environment with torch and no LIBTORCH_USE_PYTORCH exported (.cargo/config.toml
+    # sets it). It reuses the suite's Rust build in target/ (seconds to a minute).
     env = {k: v for k, v in os.environ.items() if k not in ("LIBTORCH_USE_PYTORCH", "PYTHONPATH")}
     env.update(VIRTUAL_ENV=sys.prefix, PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                CARGO_TARGET_DIR=env.get("CARGO_TARGET_DIR", str(ROOT / "target")))
