@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from hlora import bench, cli, ops
+from hlora import bench, bench_training, cli, grid, ops
 
 
 def test_bench_rows_cover_every_op_and_shape():
@@ -50,6 +51,61 @@ def test_cli_help_and_unknown_command():
     assert proc.returncode == 0 and "demo" in proc.stdout and "bench" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "hlora.cli", "fly"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def _parsers():
+    """Every parser a user meets: each `hlora` sub-command's, the benchmarks'."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = {f"hlora {name}": p for name, p in sub.choices.items() if name != "bench"}
+    return {**commands, "hlora bench": bench.build_parser(),
+            "python -m hlora.bench_training": bench_training.build_parser()}
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    parsers = _parsers()
+    assert {"hlora demo", "hlora experiment", "hlora record", "hlora finetune", "hlora evaluate"} <= set(parsers)
+    for command, parser in parsers.items():
+        help_text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[0]
+            assert action.help, f"{command} {flag} has no help"
+            # A default worth stating is stated (None: the help says what stands in for it).
+            if action.default not in (None, False, []) and action.default is not argparse.SUPPRESS:
+                assert "default" in action.help, f"{command} {flag} hides its default {action.default!r}"
+        assert "%(" not in help_text  # every placeholder expanded
+
+
+def test_experiment_seeds_default_per_domain_or_one_count_for_all(monkeypatch, capsys, tmp_path):
+    """`--domains science` alone used to fail: the default was the three domains' 5 3 3."""
+    ran = []
+    monkeypatch.setattr(grid, "run_grid", lambda out, domains, seeds, budget, model_name: ran.append((domains, seeds)))
+    monkeypatch.setattr(grid, "summarize", lambda out: "")
+    out, two = str(tmp_path), ["medical", "science"]
+    for argv, expected in ((["--domains", "science"], (["science"], [3])),
+                           (["--domains", "physical", "medical"], (["physical", "medical"], [3, 5])),
+                           ([], (list(cli.DEFAULT_SEEDS), list(cli.DEFAULT_SEEDS.values()))),
+                           (["--domains", *two, "--seeds", "2"], (two, [2, 2])),
+                           (["--domains", *two, "--seeds", "4", "1"], (two, [4, 1]))):
+        assert cli.main(["experiment", "--out", out, *argv]) == 0
+        assert ran.pop() == expected, argv
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["experiment", "--out", out, "--domains", "medical", "science", "--seeds", "1", "2", "3"])
+    assert exit_.value.code == 2
+    assert "--seeds needs one count, or one per domain: 3 for 2" in capsys.readouterr().err and not ran
+
+
+def test_training_benchmark_prints_its_overheads(capsys):
+    assert bench_training.main(["--steps", "1", "--batch", "1", "--seq", "16", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "model=tiny" in out and "LoRA step" in out and "recording" in out and "penalty fwd+bwd" in out
+    for argv, message in ((["--steps", "0"], "--steps: must be at least 1"),  # was a StatisticsError
+                          (["--device", "tpu"], "invalid choice")):
+        with pytest.raises(SystemExit) as exit_:
+            bench_training.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_quick_example_prints_real_numbers(capsys):

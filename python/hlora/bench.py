@@ -199,13 +199,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hlora bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--repeats", type=positive_int, default=21)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="CPU threads, the reference's and the kernels' (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=21,
+                        help="timed calls per op and shape; the tables show medians (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the inputs live and the ops run (default: %(default)s)")
+    parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 import hlora
+from hlora._args import positive_int
 from hlora.adapters import find_adapted
 
 #: Random-weight models with the shapes of the paper's GPU models (DESIGN §5).
@@ -97,18 +98,29 @@ def run(model_name: str = "tiny", steps: int = 8, batch: int = 4, seq: int = 256
             "matrices": len(find_adapted(model)), "omega_entries": sum(o.numel() for o in recorder.omega)}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hlora bench-training", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hlora.bench_training", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny",
-                        help="tiny | smollm2 | llama-3b-shape | gptj-6b-shape | an HF name or path")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=2)
+                        help="tiny | smollm2 | llama-3b-shape | gptj-6b-shape (random weights) | an HF name or "
+                             "path (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=8,
+                        help="timed steps, after two warm-up steps (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model and the kernels run (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's dtype (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
     torch.set_num_threads(args.threads)
     res = run(args.model, args.steps, args.batch, args.seq, args.device, getattr(torch, args.dtype), args.rank)
     print(f"hlora {hlora.__version__} backend={hlora.backend()} model={args.model} device={args.device} "

@@ -21,6 +21,10 @@ import hlora
 from hlora._args import existing_file, non_negative_float, positive_float, positive_int
 from hlora.data import DOMAINS
 
+#: Seeds per domain of `hlora experiment` (the README's results): the medical task, the paper's
+#: headline, gets the most.
+DEFAULT_SEEDS = dict(zip(DOMAINS, (5, 3, 3)))
+
 
 def _quick_example() -> None:
     """Record ω over a few real optimizer steps of a toy LoRA layer, finalize Ω, and pull a
@@ -110,8 +114,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     from hlora import experiment, grid
 
-    if len(args.seeds) != len(args.domains):
-        raise SystemExit("--seeds needs one count per domain")
+    seeds = args.seeds or [DEFAULT_SEEDS[d] for d in args.domains]
+    if len(seeds) == 1:
+        seeds = seeds * len(args.domains)
+    if len(seeds) != len(args.domains):
+        raise ValueError(f"--seeds needs one count, or one per domain: {len(seeds)} for {len(args.domains)} "
+                         f"(--domains {' '.join(args.domains)})")
     phi, lam = args.phi, args.lam
     if args.selection:
         with open(args.selection) as f:
@@ -125,7 +133,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.summary_only:
         print(grid.summarize(args.out))
         return 0
-    grid.run_grid(args.out, args.domains, args.seeds, budget, model_name=args.model)
+    grid.run_grid(args.out, args.domains, seeds, budget, model_name=args.model)
     print(grid.summarize(args.out))
     return 0
 
@@ -213,77 +221,107 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+THREADS_HELP = "torch CPU threads, the kernels' too (default: %(default)s)"
+SEED_HELP = "data order and adapter initialization (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hlora`` parser: one sub-command each, every option with a help line (and its default)."""
     parser = argparse.ArgumentParser(prog="hlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the whole comparison on the defaults (SmolLM2, one domain, one seed)")
-    demo.add_argument("--out", default="out/demo")
-    demo.add_argument("--domain", default="medical", choices=DOMAINS)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="out/demo", help="folder for results.json and the plots (default: %(default)s)")
+    demo.add_argument("--domain", default="medical", choices=DOMAINS,
+                      help="the fine-tuning task (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     demo.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M, offline)")
-    demo.add_argument("--threads", type=positive_int, default=2)
+    demo.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
     demo.add_argument("--sweep", type=non_negative_float, nargs="*", default=[],
                       help="also run HLoRA at these φ on the validation split (Fig. 6; ~1.5 min each)")
     demo.add_argument("--quick", action="store_true", help="a toy budget (for tests)")
     demo.set_defaults(func=cmd_demo)
     exp = sub.add_parser("experiment", help="the multi-seed grid: domains × seeds × methods (resumable)")
-    exp.add_argument("--out", default="out/experiment")
-    exp.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
-    exp.add_argument("--seeds", nargs="+", type=positive_int, default=[5, 3, 3], help="seed count per domain")
-    exp.add_argument("--eval-items", type=positive_int, default=600)
-    exp.add_argument("--phi", type=non_negative_float, default=1e3)
-    exp.add_argument("--lam", type=non_negative_float, default=1e3)
+    exp.add_argument("--out", default="out/experiment",
+                     help="folder for each run's results, summary.md and the plots; finished runs in it are kept "
+                          "(default: %(default)s)")
+    exp.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS,
+                     help="the fine-tuning tasks (default: all three)")
+    exp.add_argument("--seeds", nargs="+", type=positive_int, default=None,
+                     help="seed count per domain, in --domains' order, or one count for all "
+                          "(default: " + ", ".join(f"{d} {n}" for d, n in DEFAULT_SEEDS.items()) + ")")
+    exp.add_argument("--eval-items", type=positive_int, default=600,
+                     help="test items per evaluation (default: %(default)s)")
+    exp.add_argument("--phi", type=non_negative_float, default=1e3,
+                     help="HLoRA's penalty weight φ (default: %(default)g)")
+    exp.add_argument("--lam", type=non_negative_float, default=1e3,
+                     help="EWC-LoRA's penalty weight λ (default: %(default)g)")
     exp.add_argument("--selection", type=existing_file, default=None,
                      help="take φ and λ from scripts/select_hyperparameters.py's output (out/selection.json)")
-    exp.add_argument("--model", default=None)
-    exp.add_argument("--threads", type=positive_int, default=2)
+    exp.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
+    exp.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
     exp.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")
     exp.set_defaults(func=cmd_experiment)
 
     def common(p, steps, lr=8e-4):
         p.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
-        p.add_argument("--out", required=True)
-        p.add_argument("--steps", type=positive_int, default=steps)
-        p.add_argument("--lr", type=positive_float, default=lr)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=positive_int, default=2)
-        p.add_argument("--r", type=positive_int, default=8)
-        p.add_argument("--alpha", type=positive_int, default=32)
+        p.add_argument("--out", required=True, help="folder for the adapter and what else the command writes")
+        p.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps (default: %(default)s)")
+        p.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate (default: %(default)g)")
+        p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+        p.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
+        p.add_argument("--r", type=positive_int, default=8, help="LoRA rank of a new adapter (default: %(default)s)")
+        p.add_argument("--alpha", type=positive_int, default=32,
+                       help="LoRA alpha of a new adapter; scaling s = alpha / r (default: %(default)s)")
 
     rec = sub.add_parser("record", help="LoRA on general text, recording importance")
     common(rec, 30)
     rec.add_argument("--text", type=existing_file, default=None,
                      help="a plain-text file (default: the shipped general corpus)")
-    rec.add_argument("--batch", type=positive_int, default=4)
-    rec.add_argument("--seq-len", type=positive_int, default=128)
-    rec.add_argument("--xi", type=positive_float, default=1e-3)
-    rec.add_argument("--clamp", default="final", choices=["final", "step", "none"])
-    rec.add_argument("--rslora", action="store_true")
+    rec.add_argument("--batch", type=positive_int, default=4,
+                     help="blocks of --seq-len tokens per step (default: %(default)s)")
+    rec.add_argument("--seq-len", type=positive_int, default=128, help="tokens per block (default: %(default)s)")
+    rec.add_argument("--xi", type=positive_float, default=1e-3,
+                     help="ξ of Ω = ω / (Δ² + ξ) (Eq. 13; default: %(default)g)")
+    rec.add_argument("--clamp", default="final", choices=["final", "step", "none"],
+                     help="clamp negative Ω to 0 at the end (final), the running ω every step (step), "
+                          "or never (none) (default: %(default)s)")
+    rec.add_argument("--rslora", action="store_true", help="rank-stabilized scaling s = alpha / √r")
     rec.set_defaults(func=cmd_record)
     fin = sub.add_parser("finetune", help="fine-tune an adapter on domain MCQ data, optionally regularized")
     common(fin, 40)
-    fin.add_argument("--adapter", default=None, help="continue this saved adapter (else a fresh one)")
+    fin.add_argument("--adapter", default=None,
+                     help="continue this saved adapter, with its own r and alpha (else a fresh one)")
     fin.add_argument("--importance", type=existing_file, default=None, help="an importance file: regularize with it")
-    fin.add_argument("--phi", type=non_negative_float, default=1e3)
-    fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"])
+    fin.add_argument("--phi", type=non_negative_float, default=1e3,
+                     help="the penalty's weight φ, with --importance (default: %(default)g)")
+    fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"],
+                     help="each matrix's weight: softmax of its ‖Ω‖ (Eq. 15) or 1/L (default: %(default)s)")
     fin.add_argument("--mcq", type=existing_file, default=None,
                      help="JSONL of {question, options, answer} (default: --domain's)")
-    fin.add_argument("--domain", default="medical", choices=DOMAINS)
-    fin.add_argument("--batch", type=positive_int, default=8)
+    fin.add_argument("--domain", default="medical", choices=DOMAINS,
+                     help="the shipped training split used without --mcq (default: %(default)s)")
+    fin.add_argument("--batch", type=positive_int, default=8, help="MCQ items per step (default: %(default)s)")
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
-    ev.add_argument("--model", default=None)
-    ev.add_argument("--adapter", default=None)
+    ev.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
+    ev.add_argument("--adapter", default=None, help="a saved adapter on --model (default: the model alone)")
     ev.add_argument("--text", type=existing_file, default=None,
                     help="general text file (default: the shipped held-out text)")
     ev.add_argument("--mcq", type=existing_file, default=None, help="MCQ JSONL file (default: --domain's test split)")
-    ev.add_argument("--domain", default="medical", choices=DOMAINS)
-    ev.add_argument("--seq-len", type=positive_int, default=128)
-    ev.add_argument("--max-blocks", type=positive_int, default=None)
-    ev.add_argument("--max-items", type=positive_int, default=None)
-    ev.add_argument("--threads", type=positive_int, default=2)
+    ev.add_argument("--domain", default="medical", choices=DOMAINS,
+                    help="the shipped test split used without --mcq (default: %(default)s)")
+    ev.add_argument("--seq-len", type=positive_int, default=128,
+                    help="tokens per perplexity block (default: %(default)s)")
+    ev.add_argument("--max-blocks", type=positive_int, default=None, help="at most this many blocks (default: all)")
+    ev.add_argument("--max-items", type=positive_int, default=None, help="at most this many MCQ items (default: all)")
+    ev.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
     ev.set_defaults(func=cmd_evaluate)
     sub.add_parser("bench", help="benchmark the kernels (options: hlora bench --help)", add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         from hlora import bench
