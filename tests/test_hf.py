@@ -211,7 +211,12 @@ def test_regularized_run_resumes_with_its_anchor(tmp_path, recorded):
 
 
 def test_importance_callback_refuses_what_would_fail_at_train_end(tmp_path):
-    # save_path and save_dtype are only used after the last step: checked when the callback is made.
+    # save_path and save_dtype are only used after the last step, xi and clamp when training
+    # starts: all checked when the callback is made.
+    with pytest.raises(ValueError, match="xi must be a finite number > 0"):
+        ImportanceCallback(xi=-1e-3)
+    with pytest.raises(ValueError, match="clamp must be one of"):
+        ImportanceCallback(clamp="always")
     with pytest.raises(ValueError, match="save_path .* is a folder"):
         ImportanceCallback(str(tmp_path))
     with pytest.raises(TypeError, match="save_dtype must be a floating dtype"):
@@ -224,6 +229,15 @@ def test_importance_callback_refuses_what_would_fail_at_train_end(tmp_path):
     with pytest.raises(OSError, match="a-file"):  # FileExistsError: a file where its folder should be
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_regularization_callback_checks_its_options_when_made(recorded):
+    with pytest.raises(ValueError, match="phi must be a finite number >= 0"):
+        RegularizationCallback(recorded, phi=-1.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        RegularizationCallback(recorded, temperature=0)
+    with pytest.raises(ValueError, match="anchor must be one of"):
+        RegularizationCallback(recorded, anchor="start")
 
 
 def test_resume_without_recorder_state_is_refused(tmp_path):

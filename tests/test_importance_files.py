@@ -116,6 +116,13 @@ def test_failed_write_keeps_the_old_file(recorded, tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_a_folder_as_the_path_is_named(recorded, tmp_path):
+    _, imp = recorded
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder"):  # not the temporary file
+        imp.save(str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_text_and_json_files_are_replaced_whole_or_not_at_all(tmp_path):
     # The results, summary, benchmark and checkpoint-state JSON files go through these.
     import hlora._io as io_module

@@ -129,7 +129,7 @@ def test_clamp_policies():
     assert any((om < 0).any() for om in outs["none"].matrices.values()), "the paper's text keeps negatives"
     with pytest.raises(ValueError, match="clamp must be one of"):
         hlora.ImportanceRecorder(tiny_lora_model(), clamp="sometimes")
-    with pytest.raises(ValueError, match="xi must be a positive"):
+    with pytest.raises(ValueError, match="xi must be a finite number > 0"):
         hlora.ImportanceRecorder(tiny_lora_model(), xi=0.0)
 
 
@@ -210,3 +210,19 @@ def test_merge_sums_tasks_and_takes_later_references():
     assert merged.meta["steps"] == 8 and merged.meta["tasks"] == 2
     norms = merged.norms()
     assert set(norms) == set(first.names) and all(math.isfinite(v) and v > 0 for v in norms.values())
+
+
+def test_options_are_checked_with_errors_naming_them():
+    model = tiny_lora_model(seed=61)
+    for kwargs, error, message in ((dict(xi=0.0), ValueError, "xi must be a finite number > 0"),
+                                   (dict(xi=float("nan")), ValueError, "xi must be a finite number > 0"),
+                                   (dict(xi=True), TypeError, "xi must be a number, got bool"),  # was ξ = 1
+                                   (dict(xi="1e-3"), TypeError, "xi must be a number, got str"),
+                                   (dict(clamp="never"), ValueError, "clamp must be one of"),
+                                   (dict(optimizer="adamw"), TypeError, "optimizer must be a torch optimizer")):
+        with pytest.raises(error, match=message):
+            hlora.ImportanceRecorder(model, **kwargs)
+    with pytest.warns(UserWarning, match="no optimizer step was recorded"):
+        empty = hlora.ImportanceRecorder(model).finalize()
+    with pytest.raises(TypeError, match="other must be an hlora.Importance, got dict"):
+        empty.merge(dict(empty.matrices))

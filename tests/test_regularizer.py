@@ -149,3 +149,28 @@ def test_bfloat16_omega_storage_halves_bytes_and_stays_close():
     with pytest.raises(ValueError, match=f"{name}: Ω reaches 1e\\+06, beyond the range of float16"):
         hlora.Regularizer(model, big, omega_dtype=torch.float16, anchor="reference")
     assert hlora.Regularizer(model, big, omega_dtype=torch.bfloat16, anchor="reference").omegas[0].isfinite().all()
+
+
+def test_options_are_checked_with_errors_naming_them():
+    model = tiny_lora_model(seed=60)
+    imp = _record(model, steps=2)
+    for kwargs, error, message in (
+            (dict(phi=-1.0), ValueError, "phi must be a finite number >= 0"),
+            (dict(phi=float("nan")), ValueError, "phi must be a finite number >= 0"),
+            (dict(phi=True), TypeError, "phi must be a number, got bool"),  # was φ = 1
+            (dict(phi="1e3"), TypeError, "phi must be a number, got str"),
+            (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+            (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0"),
+            (dict(temperature="mean"), ValueError, 'temperature must be "auto" or a positive number'),
+            (dict(layer_weighting="soft"), ValueError, "layer_weighting must be"),
+            (dict(anchor="start"), ValueError, "anchor must be one of"),
+            (dict(omega_dtype="bfloat16"), TypeError, "omega_dtype must be one of")):
+        with pytest.raises(error, match=message):
+            hlora.Regularizer(model, imp, **kwargs)
+    with pytest.raises(TypeError, match="importance must be an hlora.Importance .* got dict"):
+        hlora.Regularizer(model, dict(imp.matrices))  # was an AttributeError from inside
+    # NumPy scalars and one-element tensors are numbers, as in hlora.ops.
+    import numpy as np
+
+    reg = hlora.Regularizer(model, imp, phi=np.float32(10.0), temperature=torch.tensor(2.0))
+    assert (reg.phi, reg.temperature) == (10.0, 2.0)

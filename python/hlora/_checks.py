@@ -100,6 +100,23 @@ def number(x: object, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {type(x).__name__}{shape}") from None
 
 
+def non_negative(x: object, name: str) -> float:
+    """A finite real number ≥ 0 (a penalty weight): TypeError for what is not a number (bools
+    included), ValueError for a negative or non-finite one."""
+    value = number(x, name)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return value
+
+
+def positive(x: object, name: str) -> float:
+    """A finite real number > 0 (ξ, a temperature)."""
+    value = number(x, name)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+    return value
+
+
 def numbers(x: object, name: str) -> List[float]:
     """One number, or a list/tuple/1-D array or tensor of them (one per matrix), as floats."""
     if isinstance(x, (list, tuple)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 1):

@@ -31,6 +31,8 @@ def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary path beside ``path`` to write; on success the file there is fsynced and
     renamed over ``path`` (and the folder fsynced), on failure removed — ``path`` is untouched."""
+    if os.path.isdir(path):  # else os.replace's error names the temporary file, not the user's path
+        raise IsADirectoryError(f"{path} is a folder; give the path of the file to write")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".hlora-", suffix=".tmp", dir=folder)

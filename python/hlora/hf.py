@@ -31,8 +31,8 @@ from transformers import Trainer, TrainerCallback
 
 from hlora._io import write_json_atomic
 from hlora.importance import Importance, check_save_dtype
-from hlora.recorder import DEFAULT_XI, ImportanceRecorder
-from hlora.regularizer import DEFAULT_PHI, Regularizer
+from hlora.recorder import DEFAULT_XI, ImportanceRecorder, check_recorder_options
+from hlora.regularizer import DEFAULT_PHI, Regularizer, check_regularizer_options
 
 RECORDER_STATE_FILE = "hlora_recorder.safetensors"
 #: The regularizer's resolved anchor, saved with checkpoints: after a resume the adapter has moved
@@ -67,7 +67,9 @@ class ImportanceCallback(TrainerCallback):
 
     def __init__(self, save_path: Optional[str] = None, *, xi: float = DEFAULT_XI, clamp: str = "final",
                  adapter: str = "default", save_dtype: Optional[torch.dtype] = None) -> None:
-        # What is only used at train end is checked now: a bad save_path or dtype must not cost the run.
+        # Checked now, not when the Trainer starts (xi, clamp) or ends (save_path, save_dtype):
+        # a bad one must not cost the run.
+        check_recorder_options(xi, clamp)
         check_save_dtype(save_dtype, "save_dtype")
         if save_path is not None and os.path.isdir(save_path):
             raise ValueError(f"save_path {save_path!r} is a folder; give the importance file's path, "
@@ -138,6 +140,7 @@ class RegularizationCallback(TrainerCallback):
     def __init__(self, importance: Union[Importance, str, os.PathLike], *, phi: float = DEFAULT_PHI,
                  layer_weighting: str = "softmax", temperature: Union[str, float] = "auto",
                  adapter: str = "default", anchor: str = "auto") -> None:
+        check_regularizer_options(phi, layer_weighting, temperature, anchor)  # now, not at train begin
         self.importance = _load_importance(importance)
         self.options = dict(phi=phi, layer_weighting=layer_weighting, temperature=temperature, adapter=adapter,
                             anchor=anchor)

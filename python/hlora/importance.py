@@ -61,6 +61,8 @@ class Importance:
 
     def merge(self, other: Importance) -> Importance:
         """Σ over general tasks (Eq. 13): Ω adds up; the references are the later task's."""
+        if not isinstance(other, Importance):
+            raise TypeError(f"other must be an hlora.Importance, got {type(other).__name__}")
         if set(self.matrices) != set(other.matrices):
             missing = sorted(set(self.matrices) ^ set(other.matrices))
             raise ValueError(f"cannot merge importance over different matrices: {missing}")

@@ -16,12 +16,12 @@ Use it in any training loop::
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from hlora import _checks as check
 from hlora import _io, ops
 from hlora.adapters import AdaptedMatrix, adapter_config, find_adapted, model_fingerprint
 from hlora.importance import Importance
@@ -31,6 +31,14 @@ from hlora.importance import Importance
 DEFAULT_XI = 1e-3
 CLAMP_POLICIES = ("final", "step", "none")
 STATE_FORMAT = "hlora-recorder-state"
+
+
+def check_recorder_options(xi: object, clamp: object) -> float:
+    """ξ as a float, after checking it and the clamp policy (also what the HF callback checks
+    when it is made, before a Trainer runs)."""
+    if clamp not in CLAMP_POLICIES:
+        raise ValueError(f"clamp must be one of {CLAMP_POLICIES}, got {clamp!r}")
+    return check.positive(xi, "xi")
 
 
 class ImportanceRecorder:
@@ -52,17 +60,16 @@ class ImportanceRecorder:
     def __init__(self, model: Optional[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer] = None, *,
                  adapter: str = "default", xi: float = DEFAULT_XI, clamp: str = "final",
                  matrices: Optional[Sequence[AdaptedMatrix]] = None) -> None:
-        if clamp not in CLAMP_POLICIES:
-            raise ValueError(f"clamp must be one of {CLAMP_POLICIES}, got {clamp!r}")
-        if not (isinstance(xi, (int, float)) and math.isfinite(xi) and xi > 0):
-            raise ValueError(f"xi must be a positive number, got {xi!r}")
+        xi = check_recorder_options(xi, clamp)
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"optimizer must be a torch optimizer (with param_groups), got {type(optimizer).__name__}")
         if matrices is None:
             if model is None:
                 raise ValueError("give a model or an explicit list of matrices")
             matrices = find_adapted(model, adapter)
         self.matrices: List[AdaptedMatrix] = list(matrices)
         self.optimizer = optimizer
-        self.xi, self.clamp, self.adapter = float(xi), clamp, adapter
+        self.xi, self.clamp, self.adapter = xi, clamp, adapter
         self._adapter_config = adapter_config(model, adapter) if model is not None else {}
         self._fingerprint = model_fingerprint(model) if model is not None else None
         self.omega: List[torch.Tensor] = [

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from hlora import _checks as check
 from hlora import ops
 from hlora.adapters import find_adapted
 from hlora.importance import Importance, cast_omega
@@ -22,6 +22,24 @@ ANCHORS = ("auto", "reference", "zero")
 
 #: Ω storage dtypes the penalty kernels read (None: keep the recorded dtype).
 OMEGA_STORAGE = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_regularizer_options(phi: object, layer_weighting: object, temperature: object, anchor: object,
+                  omega_dtype: object = None) -> Tuple[float, Optional[float]]:
+    """φ and the temperature as floats (None for ``"auto"``), after checking every option (also
+    what the HF callback checks when it is made, before a Trainer runs)."""
+    phi_value = check.non_negative(phi, "phi")
+    if layer_weighting not in ("softmax", "uniform"):
+        raise ValueError(f'layer_weighting must be "softmax" or "uniform", got {layer_weighting!r}')
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    if omega_dtype not in OMEGA_STORAGE:
+        raise TypeError(f"omega_dtype must be one of {OMEGA_STORAGE}, got {omega_dtype!r}")
+    if isinstance(temperature, str):
+        if temperature != "auto":
+            raise ValueError(f'temperature must be "auto" or a positive number, got {temperature!r}')
+        return phi_value, None
+    return phi_value, check.positive(temperature, "temperature")
 
 
 class Regularizer:
@@ -46,17 +64,13 @@ class Regularizer:
                  layer_weighting: str = "softmax", temperature: Union[str, float] = "auto",
                  adapter: str = "default", anchor: str = "auto",
                  omega_dtype: Optional[torch.dtype] = None) -> None:
-        if not (isinstance(phi, (int, float)) and math.isfinite(phi) and phi >= 0):
-            raise ValueError(f"phi must be a non-negative number, got {phi!r}")
-        if layer_weighting not in ("softmax", "uniform"):
-            raise ValueError(f'layer_weighting must be "softmax" or "uniform", got {layer_weighting!r}')
-        if anchor not in ANCHORS:
-            raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
-        if omega_dtype not in OMEGA_STORAGE:
-            raise TypeError(f"omega_dtype must be one of {OMEGA_STORAGE}, got {omega_dtype!r}")
+        phi, fixed_temperature = check_regularizer_options(phi, layer_weighting, temperature, anchor, omega_dtype)
+        if not isinstance(importance, Importance):
+            raise TypeError(f"importance must be an hlora.Importance (ImportanceRecorder.finalize(), "
+                            f"Importance.load(path)), got {type(importance).__name__}")
         importance.check(model, adapter)
         self.matrices = find_adapted(model, adapter)
-        self.phi = float(phi)
+        self.phi = phi
         self.layer_weighting = layer_weighting
         device = self.matrices[0].a.device
         self.omegas: List[torch.Tensor] = [importance.matrices[m.name].to(device) for m in self.matrices]
@@ -71,13 +85,11 @@ class Regularizer:
         if not bool(norms.any()):
             warnings.warn("Ω is zero for every matrix (was any step recorded?): the penalty will be 0",
                           stacklevel=2)
-        if temperature == "auto":
+        if fixed_temperature is None:  # "auto"
             mean = float(norms.mean())
             self.temperature = mean if mean > 0 else 1.0
-        elif isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0:
-            self.temperature = float(temperature)
         else:
-            raise ValueError(f'temperature must be "auto" or a positive number, got {temperature!r}')
+            self.temperature = fixed_temperature
         self.coefficients: torch.Tensor = ops.layer_coefficients(norms, mode=layer_weighting,
                                                                  temperature=self.temperature)
         self._weights = [self.phi * float(c) for c in self.coefficients]
