@@ -22,7 +22,7 @@ from hlora.hf import (
     refuse_sharded_training,
 )
 
-from conftest import rel_err
+from conftest import rel_err, requires_cuda
 from tiny import TokenData, tiny_lora_model
 
 
@@ -109,8 +109,8 @@ def _weighted_drift(model, importance):
     total = 0.0
     for m in find_adapted(model):
         a_ref, b_ref = importance.references[m.name]
-        total += float(reference.importance_penalty(importance.matrices[m.name].double(), m.a.detach().double(),
-                                                    m.b.detach().double(), a_ref.double(), b_ref.double(),
+        total += float(reference.importance_penalty(importance.matrices[m.name].double(), m.a.detach().double().cpu(),
+                                                    m.b.detach().double().cpu(), a_ref.double(), b_ref.double(),
                                                     scaling=m.scaling))
     return total
 
@@ -123,6 +123,34 @@ def test_penalty_reaches_log_history_and_holds_weights(tmp_path, recorded):
     assert all("hlora/task_loss" in e and e["hlora/task_loss"] == e["loss"] for e in logged)
     assert logged[0]["hlora/penalty"] == 0.0 and any(e["hlora/penalty"] > 0 for e in logged)
     assert _weighted_drift(held, recorded) < 0.1 * _weighted_drift(free, recorded)
+
+
+@requires_cuda
+def test_mixin_on_cuda_with_the_regularizer_built_before_the_trainer_placed_the_model(tmp_path, recorded):
+    """The README's pattern on a GPU: hlora.Regularizer(model, imp) runs on the CPU model, before
+    HLoRATrainer moves it; the penalty follows the model there."""
+    held, trainer = _finetune(tmp_path / "held", recorded, phi=1e6, mixin=True, use_cpu=False)
+    assert next(held.parameters()).is_cuda
+    logged = [e["hlora/penalty"] for e in trainer.state.log_history if "hlora/penalty" in e]
+    assert len(logged) == 8 and any(v > 0 for v in logged)
+    free, _ = _finetune(tmp_path / "free", recorded, phi=0.0, mixin=True, use_cpu=False)
+    assert _weighted_drift(held, recorded) < 0.1 * _weighted_drift(free, recorded)
+
+
+def test_mixin_refuses_a_regularizer_it_could_not_apply(tmp_path, recorded):
+    # Built on another copy of the model, its penalty's gradient would reach parameters the
+    # Trainer never steps: the run would be unregularized, without a word.
+    model, other = tiny_lora_model(seed=40), tiny_lora_model(seed=40)
+    kw = dict(model=model, args=_args(tmp_path, max_steps=1), train_dataset=TokenData(8))
+    with pytest.raises(ValueError, match="built on another model"):
+        HLoRATrainer(**kw, hlora_regularizer=hlora.Regularizer(other, recorded))
+    with pytest.raises(TypeError, match="hlora_regularizer must be an hlora.Regularizer, got str"):
+        HLoRATrainer(**kw, hlora_regularizer="importance.safetensors")
+    trainer = HLoRATrainer(**kw)
+    with pytest.raises(ValueError, match="built on another model"):
+        trainer.hlora_regularizer = hlora.Regularizer(other, recorded)
+    trainer.hlora_regularizer = hlora.Regularizer(model, recorded)  # set later, as the docstring allows
+    assert trainer.hlora_regularizer.matrices[0].a is find_adapted(model)[0].a
 
 
 def test_gradient_accumulation_applies_the_penalty_once_per_step(tmp_path, recorded):
@@ -217,6 +245,8 @@ def test_importance_callback_refuses_what_would_fail_at_train_end(tmp_path):
         ImportanceCallback(xi=-1e-3)
     with pytest.raises(ValueError, match="clamp must be one of"):
         ImportanceCallback(clamp="always")
+    with pytest.raises(TypeError, match="save_path must be a file path"):
+        ImportanceCallback(1e-3)  # ξ given where the path goes
     with pytest.raises(ValueError, match="save_path .* is a folder"):
         ImportanceCallback(str(tmp_path))
     with pytest.raises(TypeError, match="save_dtype must be a floating dtype"):
@@ -238,6 +268,8 @@ def test_regularization_callback_checks_its_options_when_made(recorded):
         RegularizationCallback(recorded, temperature=0)
     with pytest.raises(ValueError, match="anchor must be one of"):
         RegularizationCallback(recorded, anchor="start")
+    with pytest.raises(TypeError, match="importance must be an hlora.Importance or the path of a saved one"):
+        RegularizationCallback(dict(recorded.matrices))
 
 
 def test_resume_without_recorder_state_is_refused(tmp_path):

@@ -12,7 +12,7 @@ import hlora
 from hlora import reference
 from hlora.adapters import find_adapted
 
-from conftest import rel_err
+from conftest import rel_err, requires_cuda
 from tiny import TokenData, batches, tiny_lora_model
 
 
@@ -226,3 +226,24 @@ def test_options_are_checked_with_errors_naming_them():
         empty = hlora.ImportanceRecorder(model).finalize()
     with pytest.raises(TypeError, match="other must be an hlora.Importance, got dict"):
         empty.merge(dict(empty.matrices))
+
+
+@requires_cuda
+def test_a_recorder_made_before_the_model_moved_to_cuda_follows_it():
+    model = tiny_lora_model(seed=62)
+    early = hlora.ImportanceRecorder(model)  # ω and the start factors on the CPU
+    model.cuda()
+    late = hlora.ImportanceRecorder(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    early.optimizer = late.optimizer = opt
+    for batch in list(batches(TokenData(32, seed=63), 4))[:3]:
+        opt.zero_grad()
+        model(**{k: v.cuda() for k, v in batch.items()}).loss.backward()
+        early.before_step()
+        late.before_step()
+        opt.step()
+        assert early.after_step() and late.after_step()
+    got, want = early.finalize(), late.finalize()
+    assert any(float(om.abs().sum()) > 0 for om in want.matrices.values())
+    for name in want.names:
+        assert got.matrices[name].is_cuda and torch.equal(got.matrices[name], want.matrices[name])

@@ -116,6 +116,21 @@ def test_ambiguous_anchor_is_an_error():
         hlora.Regularizer(model, no_refs, anchor="reference")
 
 
+def test_a_regularizer_follows_its_model_to_another_dtype():
+    """Built, then the model changes under it (HLoRATrainer's regularizer is built before the
+    Trainer places the model): the reference factors follow the factors' dtype (and Ω their device,
+    tests/test_hf.py on CUDA)."""
+    model = tiny_lora_model(seed=36)
+    imp = _record(model)
+    _drift(model)
+    reg = hlora.Regularizer(model, imp, anchor="reference")
+    model.to(torch.float64)
+    value = reg.penalty()
+    assert value.dtype == torch.float64 and reg.a_ref[0].dtype == torch.float64
+    fresh = hlora.Regularizer(model, imp, anchor="reference").penalty()
+    assert float(value.detach()) > 0 and rel_err(value.detach(), fresh.detach()) < 1e-12
+
+
 def test_rslora_scaling_is_respected():
     model = tiny_lora_model(seed=35, rslora=True)
     imp = _record(model)

@@ -54,7 +54,12 @@ def refuse_sharded_training(args: Any) -> None:
 
 
 def _load_importance(importance: Union[Importance, str, os.PathLike]) -> Importance:
-    return importance if isinstance(importance, Importance) else Importance.load(os.fspath(importance))
+    if isinstance(importance, Importance):
+        return importance
+    if not isinstance(importance, (str, os.PathLike)):
+        raise TypeError(f"importance must be an hlora.Importance or the path of a saved one, "
+                        f"got {type(importance).__name__}")
+    return Importance.load(os.fspath(importance))
 
 
 class ImportanceCallback(TrainerCallback):
@@ -70,6 +75,8 @@ class ImportanceCallback(TrainerCallback):
         # Checked now, not when the Trainer starts (xi, clamp) or ends (save_path, save_dtype):
         # a bad one must not cost the run.
         check_recorder_options(xi, clamp)
+        if save_path is not None and not isinstance(save_path, (str, os.PathLike)):
+            raise TypeError(f"save_path must be a file path (str or os.PathLike), got {type(save_path).__name__}")
         check_save_dtype(save_dtype, "save_dtype")
         if save_path is not None and os.path.isdir(save_path):
             raise ValueError(f"save_path {save_path!r} is a folder; give the importance file's path, "
@@ -191,6 +198,23 @@ class RegularizedTrainerMixin:
         self.hlora_regularizer = hlora_regularizer
         self._hlora_log = _PenaltyLog()
         refuse_sharded_training(self.args)
+
+    @property
+    def hlora_regularizer(self) -> Optional[Regularizer]:
+        return self._hlora_regularizer
+
+    @hlora_regularizer.setter
+    def hlora_regularizer(self, regularizer: Optional[Regularizer]) -> None:
+        # A regularizer built on another copy of the model would add a penalty whose gradient
+        # reaches parameters this Trainer never steps: no error, just no regularization.
+        if regularizer is not None:
+            if not isinstance(regularizer, Regularizer):
+                raise TypeError(f"hlora_regularizer must be an hlora.Regularizer, got {type(regularizer).__name__}")
+            trained = {id(p) for p in self.model.parameters()}
+            if not all(id(m.a) in trained and id(m.b) in trained for m in regularizer.matrices):
+                raise ValueError("hlora_regularizer was built on another model than the one this Trainer trains: "
+                                 "build it with hlora.Regularizer(trainer_model, importance)")
+        self._hlora_regularizer = regularizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

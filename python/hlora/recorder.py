@@ -105,10 +105,19 @@ class ImportanceRecorder:
                 self._warned_split_lr = True
         return lrs
 
+    def _follow_model(self) -> None:
+        """Moves ω and the start factors to where the model now is (a recorder made before
+        ``model.to("cuda")``), keeping what was accumulated."""
+        if self.omega[0].device == self.matrices[0].a.device:
+            return
+        self.omega = [om.to(m.a.device) for om, m in zip(self.omega, self.matrices)]
+        self._start = [(a0.to(m.a.device), b0.to(m.b.device)) for (a0, b0), m in zip(self._start, self.matrices)]
+
     def before_step(self, lr: Optional[float] = None) -> None:
         """Snapshots A, B and their gradients as the optimizer will see them (call after
         backward and any clipping/unscaling, right before ``optimizer.step()``)."""
         lrs = [float(lr)] * len(self.matrices) if lr is not None else self._learning_rates()
+        self._follow_model()
         snapshot = []
         for m in self.matrices:
             ga = m.a.grad.detach().clone() if m.a.grad is not None else torch.zeros_like(m.a)
@@ -157,6 +166,7 @@ class ImportanceRecorder:
         if self.steps == 0:
             warnings.warn(f"no optimizer step was recorded ({self.skipped} skipped): Ω is zero everywhere, "
                           "so a penalty built on it is 0", stacklevel=2)
+        self._follow_model()
         matrices, references, scalings = {}, {}, {}
         factors = [(m.a.detach(), m.b.detach()) for m in self.matrices]
         results, _ = ops.finalize_importance_many(

@@ -95,6 +95,17 @@ class Regularizer:
         self._weights = [self.phi * float(c) for c in self.coefficients]
         self._last: Optional[torch.Tensor] = None
 
+    def _follow_model(self) -> None:
+        """Moves Ω and the reference factors to where the model now is. A Regularizer passed to
+        HLoRATrainer is built before the Trainer moves the model to its GPU."""
+        a = self.matrices[0].a
+        if self.omegas[0].device == a.device and (self.anchor != "reference" or self.a_ref[0].dtype == a.dtype):
+            return  # the usual case: one comparison per penalty
+        self.omegas = [om.to(m.a.device) for om, m in zip(self.omegas, self.matrices)]
+        if self.anchor == "reference":
+            self.a_ref = [r.to(m.a.device, m.a.dtype) for r, m in zip(self.a_ref, self.matrices)]
+            self.b_ref = [r.to(m.b.device, m.b.dtype) for r, m in zip(self.b_ref, self.matrices)]
+
     def _resolve_anchor(self, anchor: str, importance: Importance) -> str:
         if anchor != "auto":
             if anchor == "reference" and not importance.references:
@@ -120,6 +131,7 @@ class Regularizer:
 
     def penalty(self) -> torch.Tensor:
         """φ·Σ_l c_l·P_l as a 0-d tensor, differentiable w.r.t. every LoRA factor."""
+        self._follow_model()
         refs = {"a_ref": self.a_ref, "b_ref": self.b_ref, "scaling_ref": self.scaling_ref} \
             if self.anchor == "reference" else {}
         value = ops.importance_penalty_many(self.omegas, [m.a for m in self.matrices], [m.b for m in self.matrices],
