@@ -32,6 +32,8 @@ import subprocess
 import tempfile
 from typing import Dict, List
 
+from hlora._io import atomic_path, write_text_atomic
+
 OUT = os.path.join(os.path.dirname(__file__), "..", "python", "hlora", "data", "files")
 DEBS = ["dict-jargon", "dict-devil", "cfi-en"]
 
@@ -170,7 +172,10 @@ def main() -> None:
         root = _extract_debs(tmp)
         for split, paras in general_text(root).items():
             name = f"general_{split}.txt.gz"
-            with gzip.GzipFile(os.path.join(OUT, name), "wb", mtime=0) as f:
+            path = os.path.join(OUT, name)
+            # The gzip header names the file: the final name, not the temporary one written.
+            with atomic_path(path) as part, open(part, "wb") as raw, \
+                    gzip.GzipFile(path, "wb", fileobj=raw, mtime=0) as f:
                 f.write("\n\n".join(paras).encode())
             manifest[name] = {"paragraphs": len(paras), "licence": "public domain",
                               "sources": "Debian dict-jargon, dict-devil, cfi-en"}
@@ -182,14 +187,11 @@ def main() -> None:
         items = build(random.Random(f"hlora-{domain}"))
         for split, rows in split_items(items, *sizes[domain]).items():
             name = f"{domain}_{split}.jsonl"
-            with open(os.path.join(OUT, name), "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
+            write_text_atomic(os.path.join(OUT, name), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
             manifest[name] = {"items": len(rows), "licence": licences[domain]}
     for name in manifest:
         manifest[name]["sha256"] = hashlib.sha256(open(os.path.join(OUT, name), "rb").read()).hexdigest()
-    with open(os.path.join(OUT, "MANIFEST.json"), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+    write_text_atomic(os.path.join(OUT, "MANIFEST.json"), json.dumps(manifest, indent=1, sort_keys=True))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "sha256"} for k, v in manifest.items()}, indent=1))
 
 
