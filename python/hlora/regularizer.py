@@ -25,7 +25,7 @@ OMEGA_STORAGE = (None, torch.float32, torch.float64, torch.bfloat16, torch.float
 
 
 def check_regularizer_options(phi: object, layer_weighting: object, temperature: object, anchor: object,
-                  omega_dtype: object = None) -> Tuple[float, Optional[float]]:
+                              omega_dtype: object = None) -> Tuple[float, Optional[float]]:
     """φ and the temperature as floats (None for ``"auto"``), after checking every option (also
     what the HF callback checks when it is made, before a Trainer runs)."""
     phi_value = check.non_negative(phi, "phi")
