@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -185,7 +186,5 @@ def test_options_are_checked_with_errors_naming_them():
     with pytest.raises(TypeError, match="importance must be an hlora.Importance .* got dict"):
         hlora.Regularizer(model, dict(imp.matrices))  # was an AttributeError from inside
     # NumPy scalars and one-element tensors are numbers, as in hlora.ops.
-    import numpy as np
-
     reg = hlora.Regularizer(model, imp, phi=np.float32(10.0), temperature=torch.tensor(2.0))
     assert (reg.phi, reg.temperature) == (10.0, 2.0)
