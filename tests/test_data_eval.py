@@ -78,6 +78,9 @@ def test_mcq_file_errors(tmp_path):
     bad.write_text('{"question": "q", "options": ["a", "b"], "answer": 2}\n')
     with pytest.raises(ValueError, match="answer"):
         data.load_mcq_file(str(bad))
+    bad.write_text('{"question": "q", "options": ["a", "b"], "answer": true}\n')  # was read as option 1
+    with pytest.raises(ValueError, match="'answer' must be the index"):
+        data.load_mcq_file(str(bad))
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match=":1: not valid JSON"):
         data.load_mcq_file(str(bad))

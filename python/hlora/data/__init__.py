@@ -45,7 +45,7 @@ def validate_item(item: MCQItem, where: str = "item") -> MCQItem:
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
         raise ValueError(f"{where}: 'options' must be a list of at least two strings")
     answer = item.get("answer")
-    if not isinstance(answer, int) or not 0 <= answer < len(options):
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):  # true is not 1
         raise ValueError(f"{where}: 'answer' must be the index of the correct option (0..{len(options) - 1})")
     return item
 
