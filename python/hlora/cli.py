@@ -20,6 +20,8 @@ import torch
 import hlora
 from hlora._args import existing_file, non_negative_float, positive_float, positive_int
 from hlora.data import DOMAINS
+from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
+from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
 
 #: Seeds per domain of `hlora experiment` (the README's results): the medical task, the paper's
 #: headline, gets the most.
@@ -221,6 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = "HF causal LM name or path (default: SmolLM2-135M, offline)"
 THREADS_HELP = "torch CPU threads, the kernels' too (default: %(default)s)"
 SEED_HELP = "data order and adapter initialization (default: %(default)s)"
 
@@ -234,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--domain", default="medical", choices=DOMAINS,
                       help="the fine-tuning task (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    demo.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M, offline)")
+    demo.add_argument("--model", default=None, help=MODEL_HELP)
     demo.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
     demo.add_argument("--sweep", type=non_negative_float, nargs="*", default=[],
                       help="also run HLoRA at these φ on the validation split (Fig. 6; ~1.5 min each)")
@@ -251,19 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: " + ", ".join(f"{d} {n}" for d, n in DEFAULT_SEEDS.items()) + ")")
     exp.add_argument("--eval-items", type=positive_int, default=600,
                      help="test items per evaluation (default: %(default)s)")
-    exp.add_argument("--phi", type=non_negative_float, default=1e3,
+    exp.add_argument("--phi", type=non_negative_float, default=DEFAULT_PHI,
                      help="HLoRA's penalty weight φ (default: %(default)g)")
     exp.add_argument("--lam", type=non_negative_float, default=1e3,
                      help="EWC-LoRA's penalty weight λ (default: %(default)g)")
     exp.add_argument("--selection", type=existing_file, default=None,
                      help="take φ and λ from scripts/select_hyperparameters.py's output (out/selection.json)")
-    exp.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
+    exp.add_argument("--model", default=None, help=MODEL_HELP)
     exp.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
     exp.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")
     exp.set_defaults(func=cmd_experiment)
 
     def common(p, steps, lr=8e-4):
-        p.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
+        p.add_argument("--model", default=None, help=MODEL_HELP)
         p.add_argument("--out", required=True, help="folder for the adapter and what else the command writes")
         p.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps (default: %(default)s)")
         p.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate (default: %(default)g)")
@@ -280,9 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch", type=positive_int, default=4,
                      help="blocks of --seq-len tokens per step (default: %(default)s)")
     rec.add_argument("--seq-len", type=positive_int, default=128, help="tokens per block (default: %(default)s)")
-    rec.add_argument("--xi", type=positive_float, default=1e-3,
+    rec.add_argument("--xi", type=positive_float, default=DEFAULT_XI,
                      help="ξ of Ω = ω / (Δ² + ξ) (Eq. 13; default: %(default)g)")
-    rec.add_argument("--clamp", default="final", choices=["final", "step", "none"],
+    rec.add_argument("--clamp", default="final", choices=CLAMP_POLICIES,
                      help="clamp negative Ω to 0 at the end (final), the running ω every step (step), "
                           "or never (none) (default: %(default)s)")
     rec.add_argument("--rslora", action="store_true", help="rank-stabilized scaling s = alpha / √r")
@@ -292,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--adapter", default=None,
                      help="continue this saved adapter, with its own r and alpha (else a fresh one)")
     fin.add_argument("--importance", type=existing_file, default=None, help="an importance file: regularize with it")
-    fin.add_argument("--phi", type=non_negative_float, default=1e3,
+    fin.add_argument("--phi", type=non_negative_float, default=DEFAULT_PHI,
                      help="the penalty's weight φ, with --importance (default: %(default)g)")
-    fin.add_argument("--layer-weighting", default="softmax", choices=["softmax", "uniform"],
+    fin.add_argument("--layer-weighting", default="softmax", choices=LAYER_WEIGHTINGS,
                      help="each matrix's weight: softmax of its ‖Ω‖ (Eq. 15) or 1/L (default: %(default)s)")
     fin.add_argument("--mcq", type=existing_file, default=None,
                      help="JSONL of {question, options, answer} (default: --domain's)")
@@ -303,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--batch", type=positive_int, default=8, help="MCQ items per step (default: %(default)s)")
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
-    ev.add_argument("--model", default=None, help="HF causal LM name or path (default: SmolLM2-135M)")
+    ev.add_argument("--model", default=None, help=MODEL_HELP)
     ev.add_argument("--adapter", default=None, help="a saved adapter on --model (default: the model alone)")
     ev.add_argument("--text", type=existing_file, default=None,
                     help="general text file (default: the shipped held-out text)")

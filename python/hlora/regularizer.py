@@ -17,6 +17,7 @@ from hlora.importance import Importance, cast_omega
 #: prevented at 1e6, halved near 1e2–1e3 and domain learning kept up to ~1e3; 1e3 is that
 #: middle. Ω's scale moves with ξ, s², η and the step count, so choose φ on validation data.
 DEFAULT_PHI = 1e3
+LAYER_WEIGHTINGS = ("softmax", "uniform")
 ANCHORS = ("auto", "reference", "zero")
 
 
@@ -29,7 +30,7 @@ def check_regularizer_options(phi: object, layer_weighting: object, temperature:
     """φ and the temperature as floats (None for ``"auto"``), after checking every option (also
     what the HF callback checks when it is made, before a Trainer runs)."""
     phi_value = check.non_negative(phi, "phi")
-    if layer_weighting not in ("softmax", "uniform"):
+    if layer_weighting not in LAYER_WEIGHTINGS:
         raise ValueError(f'layer_weighting must be "softmax" or "uniform", got {layer_weighting!r}')
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
