@@ -40,7 +40,14 @@ def betainc(a: float, b: float, x: float) -> float:
 
 
 def t_two_sided_p(t: float, df: float) -> float:
-    if not math.isfinite(t):
+    """P(|T| ≥ |t|) for Student's t with ``df`` degrees of freedom. NaN in, NaN out: a sample
+    with a NaN or infinite value (a diverged run's perplexity) has no p-value, and must not
+    read as p = 0."""
+    if math.isnan(t) or math.isnan(df):
+        return math.nan
+    if df <= 0:
+        raise ValueError(f"df must be > 0, got {df}")
+    if math.isinf(t):
         return 0.0
     return betainc(df / 2.0, 0.5, df / (df + t * t))
 
