@@ -120,6 +120,8 @@ def test_bad_numbers_are_usage_errors_not_empty_runs(capsys, tmp_path):
                           (["record", "--out", str(tmp_path), "--lr", "nan"], "--lr: must be finite"),
                           (["finetune", "--out", str(tmp_path), "--phi", "-1"], "--phi: must be 0 or more"),
                           (["bench", "--threads", "0"], "--threads: must be at least 1"),
+                          (["evaluate", "--seq-len", "1"], "--seq-len: must be at least 2"),
+                          (["record", "--out", str(tmp_path), "--seq-len", "1"], "--seq-len: must be at least 2"),
                           (["experiment", "--seeds", "two"], "--seeds: expected a whole number")):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)

@@ -113,6 +113,43 @@ def test_perplexity_is_exp_of_token_mean_nll():
     assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
 
 
+def test_metrics_refuse_what_they_cannot_measure():
+    model = tiny_lora_model(seed=73)
+    tok = CharTokenizer()
+    text = "hello world, " * 40
+    blocks = metrics.token_blocks(tok, text, seq_len=16)
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):  # a one-token block predicts nothing
+        metrics.token_blocks(tok, text, seq_len=1)
+    with pytest.raises(TypeError, match="seq_len must be an integer, got float"):
+        metrics.token_blocks(tok, text, seq_len=16.0)
+    with pytest.raises(ValueError, match="max_blocks must be >= 1"):
+        metrics.token_blocks(tok, text, seq_len=16, max_blocks=0)
+    for bad, error, match in [(blocks[:0], ValueError, r"n >= 1 .* got shape \[0, 16\]"),
+                              (blocks[:, :1], ValueError, r"seq_len >= 2, got shape \[32, 1\]"),
+                              (blocks[0], ValueError, r"\(n, seq_len\)"),
+                              (blocks.float(), TypeError, "integer token ids, got float32"),
+                              (blocks.tolist(), TypeError, "blocks must be a torch.Tensor")]:
+        with pytest.raises(error, match=match):
+            metrics.perplexity(model, bad)
+    for batch_size, error in [(0, ValueError), (True, TypeError), (2.0, TypeError)]:
+        with pytest.raises(error, match="batch_size"):
+            metrics.perplexity(model, blocks, batch_size=batch_size)
+        with pytest.raises(error, match="batch_size"):
+            metrics.mcq_accuracy(model, tok, [{"question": "Q?", "options": ["a", "b"], "answer": 0}],
+                                 batch_size=batch_size)
+    with pytest.raises(ValueError, match="items is empty"):  # not a ZeroDivisionError after the model ran
+        metrics.mcq_accuracy(model, tok, [])
+
+
+def test_a_diverged_model_has_infinite_perplexity_not_an_overflow():
+    model = tiny_lora_model(seed=74)
+    blocks = metrics.token_blocks(CharTokenizer(), "hello world, " * 40, seq_len=16, max_blocks=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1e5)  # logits of ~1e5: NLL far past exp's range
+    got = metrics.perplexity(model, blocks)
+    assert got["nll"] > 710 and math.isfinite(got["nll"]) and got["ppl"] == math.inf
+
+
 def test_mcq_scores_match_unpadded_scoring():
     model = tiny_lora_model(seed=71)
     tok = CharTokenizer()
@@ -203,3 +240,15 @@ def test_t_tests_against_known_values():
     assert p == pytest.approx(0.0723, abs=1e-3)
     with pytest.raises(ValueError):
         stats.welch([1.0], [2.0, 3.0])
+
+
+def test_t_tests_give_no_p_value_for_a_diverged_run():
+    """A run whose perplexity is NaN or inf has no p-value: NaN, never p = 0 ("significant")."""
+    for bad in (math.nan, math.inf):
+        assert math.isnan(stats.welch([1.0, bad, 2.0], [1.0, 2.0, 3.0])[1])
+        assert math.isnan(stats.paired([1.0, bad, 2.0], [1.0, 2.0, 2.5])[1])
+    assert math.isnan(stats.t_two_sided_p(math.nan, 4))
+    assert stats.t_two_sided_p(math.inf, 4) == 0.0  # a finite sample with zero spread can be certain
+    assert stats.paired([1.0, 2.0], [2.0, 3.0]) == (-math.inf, 0.0)
+    with pytest.raises(ValueError, match="df must be > 0"):
+        stats.t_two_sided_p(1.0, 0)

@@ -121,6 +121,11 @@ def test_a_folder_as_the_path_is_named(recorded, tmp_path):
     with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder"):  # not the temporary file
         imp.save(str(tmp_path))
     assert not any(tmp_path.iterdir())
+    # Loading names it too, rather than calling the folder a missing file.
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; give the path of the hlora-importance"):
+        hlora.Importance.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        hlora.Importance.load(tmp_path / "absent.safetensors")
 
 
 def test_text_and_json_files_are_replaced_whole_or_not_at_all(tmp_path):
@@ -192,3 +197,16 @@ def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         plots.violins({"LoRA": [0.1, 0.2]}, str(path), "accuracy")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["accuracy.png"]
+
+
+def test_the_heatmap_names_norms_it_cannot_place(tmp_path):
+    # A model whose matrices are not named `layers.<i>.<...>_proj` (GPT-2's h.0.attn.c_attn) had
+    # the heatmap fail with "max() arg is an empty sequence".
+    from hlora import plots
+
+    with pytest.raises(ValueError, match=r"norms has no matrix named like .* \(got 1: h\.0\.attn\.c_attn\)"):
+        plots.importance_heatmap({"h.0.attn.c_attn": 2.0}, str(tmp_path / "heatmap.png"))
+    assert not any(tmp_path.iterdir())
+    path = plots.importance_heatmap({"model.layers.3.self_attn.q_proj": 2.0, "h.0.attn.c_attn": 2.0},
+                                    str(tmp_path / "heatmap.png"))
+    assert open(path, "rb").read(4) == b"\x89PNG"

@@ -18,6 +18,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def block_length(text: str) -> int:
+    """Tokens per block: at least 2 (a one-token block predicts no token)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a one-token block predicts nothing), got {value}")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         value = float(text)

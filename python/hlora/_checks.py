@@ -117,6 +117,16 @@ def positive(x: object, name: str) -> float:
     return value
 
 
+def count(x: object, name: str, minimum: int = 1) -> int:
+    """A whole number ≥ ``minimum`` (a batch size, a block length): Python or NumPy integers —
+    not bools or floats, which would be truncated or taken as 0/1 without a word."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return int(x)
+
+
 def numbers(x: object, name: str) -> List[float]:
     """One number, or a list/tuple/1-D array or tensor of them (one per matrix), as floats."""
     if isinstance(x, (list, tuple)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 1):

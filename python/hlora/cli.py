@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 import hlora
-from hlora._args import existing_file, non_negative_float, positive_float, positive_int
+from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a plain-text file (default: the shipped general corpus)")
     rec.add_argument("--batch", type=positive_int, default=4,
                      help="blocks of --seq-len tokens per step (default: %(default)s)")
-    rec.add_argument("--seq-len", type=positive_int, default=128, help="tokens per block (default: %(default)s)")
+    rec.add_argument("--seq-len", type=block_length, default=128, help="tokens per block (default: %(default)s)")
     rec.add_argument("--xi", type=positive_float, default=DEFAULT_XI,
                      help="ξ of Ω = ω / (Δ² + ξ) (Eq. 13; default: %(default)g)")
     rec.add_argument("--clamp", default="final", choices=CLAMP_POLICIES,
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mcq", type=existing_file, default=None, help="MCQ JSONL file (default: --domain's test split)")
     ev.add_argument("--domain", default="medical", choices=DOMAINS,
                     help="the shipped test split used without --mcq (default: %(default)s)")
-    ev.add_argument("--seq-len", type=positive_int, default=128,
+    ev.add_argument("--seq-len", type=block_length, default=128,
                     help="tokens per perplexity block (default: %(default)s)")
     ev.add_argument("--max-blocks", type=positive_int, default=None, help="at most this many blocks (default: all)")
     ev.add_argument("--max-items", type=positive_int, default=None, help="at most this many MCQ items (default: all)")

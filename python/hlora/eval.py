@@ -8,11 +8,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from hlora import _checks as check
 from hlora.data import MCQItem, prompt
 
 
 def token_blocks(tokenizer, text: str, seq_len: int, max_blocks: Optional[int] = None) -> torch.Tensor:
     """Non-overlapping blocks of ``seq_len`` tokens (the tail that does not fill a block is dropped)."""
+    # A block of one token predicts nothing: perplexity would divide by zero tokens.
+    seq_len = check.count(seq_len, "seq_len", minimum=2)
+    if max_blocks is not None:
+        max_blocks = check.count(max_blocks, "max_blocks")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = len(ids) // seq_len
     if max_blocks is not None:
@@ -24,7 +29,16 @@ def token_blocks(tokenizer, text: str, seq_len: int, max_blocks: Optional[int] =
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> Dict[str, float]:
-    """exp(token-weighted mean natural-log NLL) over every predicted token of the blocks."""
+    """exp(token-weighted mean natural-log NLL) over every predicted token of the blocks
+    (``token_blocks``' (n, seq_len) token ids); ``ppl`` is inf when that mean overflows exp."""
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(f"blocks must be a torch.Tensor of token ids, got {type(blocks).__name__}")
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be (n, seq_len) token ids with n >= 1 and seq_len >= 2, "
+                         f"got shape {list(blocks.shape)}")
+    if blocks.dtype.is_floating_point or blocks.is_complex() or blocks.dtype == torch.bool:
+        raise TypeError(f"blocks must hold integer token ids, got {str(blocks.dtype).replace('torch.', '')}")
+    batch_size = check.count(batch_size, "batch_size")
     model.eval()
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
@@ -35,7 +49,12 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
                                                 reduction="sum")
         total_nll += float(nll)
         total_tokens += ids[:, 1:].numel()
-    return {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens, "tokens": total_tokens}
+    nll = total_nll / total_tokens
+    try:
+        ppl = math.exp(nll)
+    except OverflowError:  # a diverged model (> 709.8 nats per token): inf, not a crash at the end
+        ppl = math.inf
+    return {"ppl": ppl, "nll": nll, "tokens": total_tokens}
 
 
 @torch.no_grad()
@@ -46,6 +65,9 @@ def option_logprobs(model, tokenizer, items: Sequence[MCQItem], batch_size: int 
 
     Sequences are left-padded (with matching position ids) so every continuation ends at the last
     position: only the last few positions go through the vocabulary projection."""
+    if len(items) == 0:
+        raise ValueError("items is empty: no multiple-choice questions to score")
+    batch_size = check.count(batch_size, "batch_size")
     model.eval()
     device = next(model.parameters()).device
     pairs = []

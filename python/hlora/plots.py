@@ -62,6 +62,10 @@ def importance_heatmap(norms: Dict[str, float], path: str) -> str:
         m = re.search(r"layers\.(\d+)\..*?(\w+_proj)$", name)
         if m:
             layers.setdefault(m.group(2), {})[int(m.group(1))] = math.log10(max(value, 1e-30))
+    if not layers:
+        shown = ", ".join(list(norms)[:3]) or "none"
+        raise ValueError(f"norms has no matrix named like 'layers.<i>.<...>_proj' to place in the heatmap "
+                         f"(got {len(norms)}: {shown})")
     kinds = sorted(layers)
     depth = max(max(v) for v in layers.values()) + 1
     grid = [[layers[k].get(i, float("nan")) for i in range(depth)] for k in kinds]
