@@ -210,3 +210,16 @@ def test_the_heatmap_names_norms_it_cannot_place(tmp_path):
     path = plots.importance_heatmap({"model.layers.3.self_attn.q_proj": 2.0, "h.0.attn.c_attn": 2.0},
                                     str(tmp_path / "heatmap.png"))
     assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_to_keeps_omega_a_floating_tensor_within_range():
+    imp = Importance({"m": torch.tensor([[1e6, 2.0]])}, {"m": (torch.ones(1, 2), torch.ones(1, 1))})
+    with pytest.raises(TypeError, match="dtype must be a floating dtype for Ω .* got torch.int64"):
+        imp.to(torch.int64)  # would keep 0 for every entry below 1
+    with pytest.raises(ValueError, match="m: Ω reaches 1e\\+06, beyond the range of float16"):
+        imp.to(torch.float16)
+    with pytest.raises(ValueError, match="device: .*tpu"):  # torch's parse error is a RuntimeError
+        imp.to("tpu")
+    half = imp.to("cpu", torch.bfloat16)
+    assert half.matrices["m"].dtype == torch.bfloat16 and half.references["m"][0].dtype == torch.float32
+    assert imp.matrices["m"].dtype == torch.float32  # a new Importance; this one is untouched

@@ -20,11 +20,16 @@ FORMAT_VERSION = 1
 def cast_omega(omega: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     """Ω stored as ``dtype``, refusing a cast that would turn finite entries into inf: float16
     ends at 65504, while Ω = ω/(Δ² + ξ) reaches ~1e9 with a small ξ."""
-    out = omega.to(dtype)
-    if out.dtype != omega.dtype and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(omega).all()):
+    return _refuse_overflow(omega, omega.to(dtype), name)
+
+
+def _refuse_overflow(omega: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+    """``out`` (Ω cast), unless the cast turned finite entries into inf."""
+    dtype = out.dtype
+    if dtype != omega.dtype and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(omega).all()):
         raise ValueError(f"{name}: Ω reaches {float(omega.abs().max()):.3g}, beyond the range of "
                          f"{str(dtype).replace('torch.', '')} ({torch.finfo(dtype).max:.3g}); "
-                         "store it as bfloat16 or float32")
+                         "use bfloat16 or float32")
     return out
 
 
@@ -79,8 +84,21 @@ class Importance:
                           meta)
 
     def to(self, *args: Any, **kwargs: Any) -> Importance:
-        """Ω moved/cast like ``Tensor.to``; reference factors moved to the same device only."""
-        matrices = {k: v.to(*args, **kwargs) for k, v in self.matrices.items()}
+        """Ω moved/cast like ``Tensor.to`` — cast only to a dtype Ω can be kept in (float32,
+        float64, bfloat16, float16) and not past its range; reference factors moved to the same
+        device only."""
+        for arg in [*args, kwargs.get("device")]:
+            if isinstance(arg, str):  # torch's own parse error is a RuntimeError
+                try:
+                    torch.device(arg)
+                except RuntimeError as err:
+                    raise ValueError(f"device: {err}") from None
+        matrices = {}
+        for name, om in self.matrices.items():
+            moved = om.to(*args, **kwargs)
+            if moved.dtype != om.dtype:  # an integer Ω would hold zeros for the small entries
+                check_save_dtype(moved.dtype, "dtype")
+            matrices[name] = _refuse_overflow(om, moved, name)
         device = next(iter(matrices.values())).device if matrices else None
         refs = {k: (a.to(device), b.to(device)) for k, (a, b) in self.references.items()}
         return replace(self, matrices=matrices, references=refs)
