@@ -108,6 +108,14 @@ def test_training_benchmark_prints_its_overheads(capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_both_benchmarks_refuse_cuda_where_torch_sees_no_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    for main in (bench.main, bench_training.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--device", "cuda"])
+        assert exit_.value.code == 2 and "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
 def test_quick_example_prints_real_numbers(capsys):
     cli._quick_example()
     out = capsys.readouterr().out

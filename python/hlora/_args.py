@@ -55,3 +55,11 @@ def existing_file(text: str) -> str:
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"no such file: {text}")
     return text
+
+
+def require_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """A usage error for ``--device cuda`` where torch sees no GPU (not torch's driver traceback)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")

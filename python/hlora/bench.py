@@ -31,7 +31,7 @@ import torch
 
 import hlora
 from hlora import ops, reference
-from hlora._args import positive_int
+from hlora._args import positive_int, require_device
 from hlora._io import write_json_atomic
 
 SHAPES = [("SmolLM2 q_proj", 576, 576), ("SmolLM2 v_proj", 192, 576),
@@ -215,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    require_device(parser, args.device)
     threading = ""
     if hlora.backend() == "rust":
         from hlora import _native

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 import hlora
-from hlora._args import positive_int
+from hlora._args import positive_int, require_device
 from hlora.adapters import find_adapted
 
 #: Random-weight models with the shapes of the paper's GPU models (DESIGN §5).
@@ -119,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    require_device(parser, args.device)
     torch.set_num_threads(args.threads)
     res = run(args.model, args.steps, args.batch, args.seq, args.device, getattr(torch, args.dtype), args.rank)
     print(f"hlora {hlora.__version__} backend={hlora.backend()} model={args.model} device={args.device} "
