@@ -93,8 +93,7 @@ class _NoWork(torch.autograd.Function):
 
 def _no_work_penalty(x: Dict[str, torch.Tensor], s: float = 4.0) -> Callable[[], None]:
     """The no-work Function on the benchmark's penalty inputs (its results are hlora's)."""
-    a = x["a1"].clone().requires_grad_()
-    b = x["b1"].clone().requires_grad_()
+    a, b = _trainable_factors(x)
     value = ops.importance_penalty(x["omega"], a, b, x["a0"], x["b0"], scaling=s)
     value.backward()
     results = (value.detach(), a.grad.clone(), b.grad.clone())
@@ -119,9 +118,13 @@ def _inputs(out: int, inn: int, rank: int, device: torch.device) -> Dict[str, to
     return x
 
 
+def _trainable_factors(x: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's A and B as leaves the penalty's backward writes gradients to."""
+    return x["a1"].clone().requires_grad_(), x["b1"].clone().requires_grad_()
+
+
 def _op_calls(impl, x: Dict[str, torch.Tensor], s: float = 4.0, lr: float = 8e-4) -> Dict[str, Callable]:
-    a = x["a1"].clone().requires_grad_()
-    b = x["b1"].clone().requires_grad_()
+    a, b = _trainable_factors(x)
 
     def accumulate():
         impl.accumulate_omega_(x["omega"], x["a0"], x["b0"], x["ga"], x["gb"], x["a1"], x["b1"], lr=lr, scaling=s)
