@@ -73,8 +73,9 @@ def write_json_atomic(path: str, payload: object, default: Callable[[object], ob
 
 
 def load_checked(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and metadata of a file written by :func:`save_atomic`; ValueError when it is
-    missing, truncated, corrupted or not an hlora file of ``kind``."""
+    """Tensors and metadata of a file written by :func:`save_atomic`. FileNotFoundError (or
+    IsADirectoryError) when ``path`` is not a file; ValueError when it is truncated, corrupted or
+    not an hlora file of ``kind``."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; give the path of the {kind} file")
     if not os.path.isfile(path):
