@@ -54,6 +54,22 @@ def test_record_finetune_evaluate_commands(tmp_path):
     assert "general perplexity" in out and "over 6 items" in out
 
 
+def test_a_budget_that_cannot_run_is_refused_when_made():
+    # eval_items=0 used to fail with a ZeroDivisionError after the whole ν and μ training.
+    for kwargs, error, match in [({"eval_items": 0}, ValueError, "eval_items must be >= 1"),
+                                 ({"seq_len": 1}, ValueError, "seq_len must be >= 2"),
+                                 ({"nu_steps": 2.5}, TypeError, "nu_steps must be an integer"),
+                                 ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
+                                 ({"phi": -1.0}, ValueError, "phi must be a finite number >= 0"),
+                                 ({"xi": "1e-3"}, TypeError, "xi must be a number"),
+                                 ({"targets": "q_proj"}, TypeError, "targets must be a non-empty tuple"),
+                                 ({"targets": ()}, TypeError, "targets must be a non-empty tuple")]:
+        with pytest.raises(error, match=match):
+            experiment.Budget(**kwargs)
+    budget = experiment.Budget(phi=0, targets=["q_proj"], alpha=16)
+    assert budget.phi == 0.0 and budget.targets == ("q_proj",) and budget.alpha == 16
+
+
 def test_cost_ratio_never_divides_by_an_overhead_lost_in_the_noise():
     """The recording overhead is a difference of two timed runs; measured at 0 s, a ratio to it
     printed "92587936005× the recording overhead" once."""

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import hlora
+from hlora import _checks as check
 from hlora import data
 from hlora import eval as metrics
 from hlora._io import write_json_atomic
@@ -49,6 +50,19 @@ class Budget:
     lam: float = 1e3
     threads: int = 2
     targets: tuple = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        # Checked when made: a budget that cannot run (0 evaluation items, a one-token block)
+        # would otherwise fail only after the training it sizes.
+        for name in ("nu_steps", "nu_batch", "mu_steps", "mu_batch", "r", "ppl_blocks", "eval_items", "threads"):
+            setattr(self, name, check.count(getattr(self, name), name))
+        self.seq_len = check.count(self.seq_len, "seq_len", minimum=2)
+        self.lr, self.xi = check.positive(self.lr, "lr"), check.positive(self.xi, "xi")
+        check.positive(self.alpha, "alpha")  # kept as given (an int in LoraConfig and the saved runs)
+        self.phi, self.lam = check.non_negative(self.phi, "phi"), check.non_negative(self.lam, "lam")
+        if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) for t in self.targets):
+            raise TypeError(f"targets must be a non-empty tuple of module names, got {self.targets!r}")
+        self.targets = tuple(self.targets)
 
     def describe(self) -> str:
         return (f"ν: {self.nu_steps} steps × {self.nu_batch} × {self.seq_len} tokens; μ: {self.mu_steps} steps × "
