@@ -189,6 +189,13 @@ def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():
     assert all(p.requires_grad for m in find_adapted(model) for p in (m.a, m.b)), "LoRA params restored"
     penalty = EWCPenalty(model, fisher, lam=2.0)
     assert float(penalty.penalty().detach()) == 0.0  # fresh adapter: B = 0, anchored at W0
+    for lam, error in [(-1.0, ValueError), (math.nan, ValueError), (True, TypeError)]:
+        with pytest.raises(error, match="lam"):
+            EWCPenalty(model, fisher, lam=lam)
+    with pytest.raises(TypeError, match="fisher must be an hlora.baselines.ewc.Fisher, got dict"):
+        EWCPenalty(model, fisher.matrices, lam=2.0)
+    with pytest.raises(ValueError, match="sequences is empty"):  # was a NaN Fisher (0/0)
+        empirical_fisher(model, seqs[:0])
 
 
 def test_ewc_fisher_is_out_by_in_for_fan_in_fan_out_layers():

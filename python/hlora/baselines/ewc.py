@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from hlora import _checks as check
 from hlora import ops
 from hlora.adapters import find_adapted
 
@@ -39,6 +40,8 @@ def _base_linear(module: torch.nn.Module) -> torch.nn.Linear:
 def empirical_fisher(peft_model: torch.nn.Module, sequences: torch.Tensor, adapter: str = "default",
                      progress: bool = False) -> Fisher:
     """Diagonal Fisher of every LoRA-adapted base weight, from one backward per sequence."""
+    if len(sequences) == 0:  # the mean over none would be 0/0: a NaN Fisher
+        raise ValueError("sequences is empty: the Fisher is a mean over at least one sequence")
     start = time.perf_counter()
     names = [m.name for m in find_adapted(peft_model, adapter)]
     modules = dict(peft_model.named_modules())
@@ -80,13 +83,15 @@ class EWCPenalty:
     Ω = F and no reference factors)."""
 
     def __init__(self, peft_model: torch.nn.Module, fisher: Fisher, lam: float, adapter: str = "default") -> None:
+        if not isinstance(fisher, Fisher):
+            raise TypeError(f"fisher must be an hlora.baselines.ewc.Fisher, got {type(fisher).__name__}")
+        self.lam = check.non_negative(lam, "lam")
         self.matrices = find_adapted(peft_model, adapter)
         missing = [m.name for m in self.matrices if m.name not in fisher.matrices]
         if missing:
             raise ValueError(f"no Fisher for {missing}")
         device = self.matrices[0].a.device
         self.f: List[torch.Tensor] = [fisher.matrices[m.name].to(device) for m in self.matrices]
-        self.lam = float(lam)
 
     def penalty(self) -> torch.Tensor:
         return ops.importance_penalty_many(self.f, [m.a for m in self.matrices], [m.b for m in self.matrices],
