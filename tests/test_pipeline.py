@@ -92,3 +92,19 @@ def test_grid_summary_from_saved_runs(tmp_path):
     assert "60× the recording overhead" in text
     assert (tmp_path / "medical_ppl_rise.png").stat().st_size > 1000
     assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
+    """A seed kept from an earlier session under another budget or model would be summarized beside
+    the new ones as if comparable; only the thread count may differ."""
+    budget = experiment.Budget(eval_items=50)
+    path = grid.run_path(str(tmp_path), "medical", 0)
+    os.makedirs(os.path.dirname(path))
+    experiment.save_json(path, {"domain": "medical", "seed": 0, "budget": budget, "model": None, "results": {}})
+    logged = []
+    grid.run_grid(str(tmp_path), ["medical"], [1], experiment.Budget(eval_items=50, threads=7), log=logged.append)
+    assert logged == [f"medical seed 0: done earlier ({path})"]  # nothing run, nothing refused
+    with pytest.raises(ValueError, match=r"seed0.json was run with other settings \(eval_items 50 → 100\)"):
+        grid.run_grid(str(tmp_path), ["medical"], [1], experiment.Budget())
+    with pytest.raises(ValueError, match=r"model None → 'other/model'"):
+        grid.run_grid(str(tmp_path), ["medical"], [1], budget, model_name="other/model")

@@ -5,6 +5,7 @@ and violin plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -23,6 +24,27 @@ def run_path(out: str, domain: str, seed: int) -> str:
     return os.path.join(out, domain, f"seed{seed}.json")
 
 
+def _settings(budget: Dict, model_name: Optional[str]) -> Dict:
+    """What a finished run must share with the grid it is summarized in: its budget (as saved,
+    JSON-normalized) but the thread count, which changes only the speed, and the model."""
+    settings = {k: v for k, v in json.loads(json.dumps(budget, default=list)).items() if k != "threads"}
+    return {**settings, "model": model_name}
+
+
+def _check_finished_run(path: str, budget: experiment.Budget, model_name: Optional[str]) -> None:
+    """A run kept from an earlier session must have been made like the ones this grid adds, or
+    the summary would set results of two budgets side by side without a word."""
+    saved = _read_json(path)
+    if "budget" not in saved:  # written by hand or by an hlora before runs recorded theirs
+        return
+    was = _settings(saved["budget"], saved.get("model"))
+    now = _settings(dataclasses.asdict(budget), model_name)
+    differ = [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"{path} was run with other settings ({'; '.join(differ)}): give another --out, or "
+                         "remove that file to run its seed again")
+
+
 def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: experiment.Budget,
              model_name: Optional[str] = None, log=print) -> None:
     for domain, n_seeds in zip(domains, seeds):
@@ -30,6 +52,7 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
         for seed in range(n_seeds):
             path = run_path(out, domain, seed)
             if os.path.isfile(path):
+                _check_finished_run(path, budget, model_name)
                 log(f"{domain} seed {seed}: done earlier ({path})")
                 continue
             log(f"{domain} seed {seed}: running — {budget.describe()}")
@@ -44,7 +67,7 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
             cmp.measure_recording_overhead(steps=2)
             for method in experiment.METHODS:
                 cmp.run_method(method)
-            experiment.save_json(path, {"domain": domain, "seed": seed, "budget": budget,
+            experiment.save_json(path, {"domain": domain, "seed": seed, "budget": budget, "model": model_name,
                                         "results": {k: {"ppl": r.ppl, "acc": r.acc, "acc_norm": r.acc_norm,
                                                         "seconds": r.seconds} for k, r in cmp.results.items()},
                                         "costs": cmp.costs})
