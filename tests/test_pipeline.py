@@ -108,3 +108,50 @@ def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
         grid.run_grid(str(tmp_path), ["medical"], [1], experiment.Budget())
     with pytest.raises(ValueError, match=r"model None → 'other/model'"):
         grid.run_grid(str(tmp_path), ["medical"], [1], budget, model_name="other/model")
+    # The same for a seed interrupted mid-way (its progress is kept beside its result file).
+    os.remove(path)
+    os.makedirs(path + ".partial")
+    experiment.save_json(path + ".partial/progress.json", {"budget": budget, "model": None, "results": {}, "costs": {}})
+    with pytest.raises(ValueError, match=r"progress.json was run with other settings \(eval_items 50 → 100\)"):
+        grid.run_grid(str(tmp_path), ["medical"], [1], experiment.Budget())
+
+
+@pytest.mark.slow
+def test_a_grid_seed_interrupted_mid_way_resumes_from_its_last_phase(tmp_path, monkeypatch):
+    """A crash in the fourth method keeps base, ν and the three methods before it: the resumed run
+    trains only what was left, and its results are those of a run that never stopped."""
+    budget = experiment.Budget(nu_steps=2, nu_batch=2, seq_len=64, mu_steps=2, mu_batch=2, ppl_blocks=2,
+                               eval_items=4)
+    whole = tmp_path / "whole"
+    grid.run_grid(str(whole), ["physical"], [1], budget, log=lambda s: None)
+    want = json.load(open(grid.run_path(str(whole), "physical", 0)))["results"]
+
+    out, ran = str(tmp_path / "resumed"), []
+    real_run_method = experiment.Comparison.run_method
+
+    def crash_at_ewc(self, method, phi=None):
+        if method == "EWC-LoRA":
+            raise KeyboardInterrupt  # the process dies here
+        ran.append(method)
+        return real_run_method(self, method, phi)
+
+    monkeypatch.setattr(experiment.Comparison, "run_method", crash_at_ewc)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(out, ["physical"], [1], budget, log=lambda s: None)
+    path = grid.run_path(out, "physical", 0)
+    assert not os.path.exists(path) and ran == list(experiment.METHODS[:3])
+    assert set(json.load(open(path + ".partial/progress.json"))["results"]) == {"base", "after ν", *ran}
+
+    ran.clear()
+    monkeypatch.setattr(experiment.Comparison, "run_method",
+                        lambda self, method, phi=None: ran.append(method) or real_run_method(self, method, phi))
+    monkeypatch.setattr(experiment.Comparison, "run_nu", lambda self: pytest.fail("the ν phase ran again"))
+    monkeypatch.setattr(experiment.Comparison, "run_base", lambda self: pytest.fail("the base ran again"))
+    logged = []
+    grid.run_grid(out, ["physical"], [1], budget, log=logged.append)
+    assert ran == list(experiment.METHODS[3:])
+    assert any("resumed from" in line and "LoRA(mu)" in line for line in logged)
+    got = json.load(open(path))["results"]
+    for method, r in want.items():
+        assert {k: r[k] for k in ("ppl", "acc", "acc_norm")} == {k: got[method][k] for k in ("ppl", "acc", "acc_norm")}
+    assert not os.path.exists(path + ".partial")

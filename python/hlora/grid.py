@@ -1,5 +1,6 @@
 """The multi-seed grid (``hlora experiment``): domains × seeds × methods, every (domain, seed) run
-saved atomically as it completes, so the grid resumes where it stopped, across sessions. The
+saved atomically as it completes and the seed in progress phase by phase (``SeedProgress``), so the
+grid resumes where it stopped, across sessions. The
 summary gives means ± sd, paired t-tests where methods share a seed's ν run, Welch t-tests (Fig. 3)
 and violin plots."""
 
@@ -8,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from hlora import experiment, plots, stats
+import hlora
+from hlora import _io, experiment, plots, stats
 from hlora._io import write_text_atomic
 
 
@@ -55,23 +58,85 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
                 _check_finished_run(path, budget, model_name)
                 log(f"{domain} seed {seed}: done earlier ({path})")
                 continue
+            progress = SeedProgress(path, budget, model_name)  # its settings checked before the model loads
             log(f"{domain} seed {seed}: running — {budget.describe()}")
             cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, log=log)
-            earlier = run_path(out, domain, 0)
-            if seed > 0 and os.path.isfile(earlier):  # the base model does not depend on the seed
-                base = _read_json(earlier)["results"]["base"]
-                cmp.results["base"] = experiment.Result("base", base["ppl"], base["acc"], base["acc_norm"], 0.0)
-            else:
-                cmp.run_base()
-            cmp.run_nu()
-            cmp.measure_recording_overhead(steps=2)
+            progress.resume(cmp, log)
+            if "base" not in cmp.results:
+                earlier = run_path(out, domain, 0)
+                if seed > 0 and os.path.isfile(earlier):  # the base model does not depend on the seed
+                    base = _read_json(earlier)["results"]["base"]
+                    cmp.results["base"] = experiment.Result("base", base["ppl"], base["acc"], base["acc_norm"], 0.0)
+                else:
+                    cmp.run_base()
+                progress.save(cmp)
+            if "after ν" not in cmp.results:
+                cmp.run_nu()
+                cmp.measure_recording_overhead(steps=2)
+                progress.save_nu(cmp)
+                progress.save(cmp)
             for method in experiment.METHODS:
-                cmp.run_method(method)
+                if method not in cmp.results:
+                    cmp.run_method(method)
+                    progress.save(cmp)
             experiment.save_json(path, {"domain": domain, "seed": seed, "budget": budget, "model": model_name,
-                                        "results": {k: {"ppl": r.ppl, "acc": r.acc, "acc_norm": r.acc_norm,
-                                                        "seconds": r.seconds} for k, r in cmp.results.items()},
-                                        "costs": cmp.costs})
+                                        "results": _results(cmp), "costs": cmp.costs})
+            progress.remove()
             summarize(out)
+
+
+def _results(cmp: experiment.Comparison) -> Dict[str, Dict[str, float]]:
+    return {k: {"ppl": r.ppl, "acc": r.acc, "acc_norm": r.acc_norm, "seconds": r.seconds}
+            for k, r in cmp.results.items()}
+
+
+class SeedProgress:
+    """A (domain, seed) run in progress, kept beside its result file (``seedN.json.partial/``) so a
+    crash loses only the phase it was in: the results so far and, once the ν phase is done, the ν
+    adapter and its importance, which every method starts from. Removed when the seed's file is
+    written."""
+
+    NU_FORMAT = "hlora-nu-adapter"
+
+    def __init__(self, path: str, budget: experiment.Budget, model_name: Optional[str]) -> None:
+        self.folder = path + ".partial"
+        self.budget, self.model_name = budget, model_name
+        if os.path.isfile(self._file("progress.json")):
+            _check_finished_run(self._file("progress.json"), budget, model_name)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def resume(self, cmp: experiment.Comparison, log=print) -> None:
+        """Puts what an interrupted run of this seed finished into ``cmp``."""
+        state = self._file("progress.json")
+        if not os.path.isfile(state):
+            return
+        saved = _read_json(state)
+        for name, r in saved["results"].items():
+            cmp.results[name] = experiment.Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"])
+        cmp.costs.update(saved["costs"])
+        if "after ν" in cmp.results:
+            tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
+            cmp.nu_state = {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in json.loads(meta["names"])}
+            cmp.importance = hlora.Importance.load(self._file("importance.safetensors"))
+        log(f"  resumed from {self.folder}: {', '.join(cmp.results)} done earlier")
+
+    def save_nu(self, cmp: experiment.Comparison) -> None:
+        """The ν adapter and importance, before the progress that says the ν phase is done."""
+        os.makedirs(self.folder, exist_ok=True)
+        tensors = {f"{k}/{n}": t for n, (a, b) in cmp.nu_state.items() for k, t in (("a", a), ("b", b))}
+        _io.save_atomic(self._file("nu_adapter.safetensors"), tensors,
+                        {"format": self.NU_FORMAT, "names": json.dumps(list(cmp.nu_state))})
+        cmp.importance.save(self._file("importance.safetensors"))
+
+    def save(self, cmp: experiment.Comparison) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        experiment.save_json(self._file("progress.json"), {"budget": self.budget, "model": self.model_name,
+                                                           "results": _results(cmp), "costs": cmp.costs})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def load_runs(out: str) -> Dict[str, List[Dict]]:
