@@ -37,6 +37,33 @@ def test_demo_quick_writes_results_and_plots(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_interrupted_demo_resumes_with_its_loss_histories(tmp_path, monkeypatch, capsys):
+    from hlora import cli
+
+    argv = ["demo", "--quick", "--out", str(tmp_path)]
+    real_run_method = experiment.Comparison.run_method
+
+    def crash_at_hlora(self, method, phi=None):
+        if method == "HLoRA":
+            raise KeyboardInterrupt
+        return real_run_method(self, method, phi)
+
+    monkeypatch.setattr(experiment.Comparison, "run_method", crash_at_hlora)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert not (tmp_path / "results.json").exists() and (tmp_path / "results.json.partial").is_dir()
+    monkeypatch.setattr(experiment.Comparison, "run_method", real_run_method)
+    monkeypatch.setattr(experiment.Comparison, "run_nu", lambda self: pytest.fail("the ν phase ran again"))
+    assert cli.main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+    results = json.load(open(tmp_path / "results.json"))["results"]
+    assert set(results) == {"base", "after ν", *experiment.METHODS}
+    # The loss curves of the methods finished before the crash came back with them.
+    assert all(len(results[m]["history"]) == 2 for m in experiment.METHODS)
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and not (tmp_path / "results.json.partial").exists()
+
+
+@pytest.mark.slow
 def test_record_finetune_evaluate_commands(tmp_path):
     _cli("record", "--out", str(tmp_path / "nu"), "--steps", "2", "--batch", "2", "--seq-len", "32")
     assert (tmp_path / "nu" / "importance.safetensors").is_file()
@@ -111,9 +138,13 @@ def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
     # The same for a seed interrupted mid-way (its progress is kept beside its result file).
     os.remove(path)
     os.makedirs(path + ".partial")
-    experiment.save_json(path + ".partial/progress.json", {"budget": budget, "model": None, "results": {}, "costs": {}})
+    experiment.save_json(path + ".partial/progress.json", {"domain": "medical", "seed": 0, "budget": budget,
+                                                          "model": None, "results": {}, "costs": {}})
     with pytest.raises(ValueError, match=r"progress.json was run with other settings \(eval_items 50 → 100\)"):
         grid.run_grid(str(tmp_path), ["medical"], [1], experiment.Budget())
+    # A demo's progress names its domain and seed (its --out does not).
+    with pytest.raises(ValueError, match=r"other settings \(domain 'medical' → 'science'; seed 0 → 3\)"):
+        experiment.Progress(path, budget, None, "science", 3)
 
 
 @pytest.mark.slow

@@ -76,12 +76,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"hlora {hlora.__version__} demo — backend {hlora.backend()}, torch {torch.__version__}, "
           f"domain {args.domain}, seed {args.seed}")
     print(f"DEMO BUDGET (one seed; not the paper's scale): {budget.describe()}")
+    results_path = os.path.join(args.out, "results.json")
+    # A demo interrupted in this --out resumes after its last finished phase (checked before the model loads).
+    progress = experiment.Progress(results_path, budget, args.model, args.domain, args.seed)
     cmp = experiment.Comparison(args.domain, budget, seed=args.seed, model_name=args.model)
-    cmp.run_base()
-    cmp.run_nu()
-    cmp.measure_recording_overhead(steps=1 if args.quick else 3)
-    for method in experiment.METHODS:
-        cmp.run_method(method)
+    progress.run(cmp, cmp.run_base, overhead_steps=1 if args.quick else 3)
     sweep = cmp.phi_sweep(args.sweep) if args.sweep else []
     table = experiment.results_table(cmp.results)
     print()
@@ -103,10 +102,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     if sweep:
         figures["phi_sweep"] = plots.phi_sweep(sweep, os.path.join(args.out, "phi_sweep.png"))
-    experiment.save_json(os.path.join(args.out, "results.json"), {
+    experiment.save_json(results_path, {
         "kind": "demo-budget run", "domain": args.domain, "seed": args.seed, "budget": budget,
         "results": cmp.results, "costs": costs, "phi_sweep_validation": sweep, "figures": figures,
         "seconds": time.perf_counter() - t0})
+    progress.remove()
     print(f"\nresults.json and {len(figures)} plots in {args.out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

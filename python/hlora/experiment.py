@@ -11,7 +11,10 @@ HLoRA — the ν adapter continued with φ·Σ c_l·P_l; HLoRA − layer — uni
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 
 import hlora
 from hlora import _checks as check
-from hlora import data
+from hlora import _io, data
 from hlora import eval as metrics
 from hlora._io import write_json_atomic
 from hlora.adapters import find_adapted
@@ -332,6 +335,104 @@ def versus_recording(ewc_s: float, recording_s: float) -> str:
 def save_json(path: str, payload: Dict) -> None:
     """Atomic JSON write (a crashed run never leaves half a results file)."""
     write_json_atomic(path, payload, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+
+
+def read_json(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _settings(budget: Dict, model_name: Optional[str]) -> Dict:
+    """What two runs must share to be set side by side: the budget (JSON-normalized) but the
+    thread count, which changes only the speed, and the model."""
+    settings = {k: v for k, v in json.loads(json.dumps(budget, default=list)).items() if k != "threads"}
+    return {**settings, "model": model_name}
+
+
+def check_settings(path: str, budget: Budget, model_name: Optional[str], **run: object) -> None:
+    """A run kept from an earlier session (a result or progress file) must have been made like
+    the one about to join it — same budget, model and ``run`` (domain, seed) — or results of two
+    settings would be set side by side without a word."""
+    saved = read_json(path)
+    if "budget" not in saved:  # written by hand or by an hlora before runs recorded theirs
+        return
+    was = {**_settings(saved["budget"], saved.get("model")), **{k: saved.get(k) for k in run}}
+    now = {**_settings(asdict(budget), model_name), **run}
+    differ = [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"{path} was run with other settings ({'; '.join(differ)}): give another --out, or "
+                         "remove that file to run again")
+
+
+def results_payload(results: Dict[str, Result], history: bool = False) -> Dict[str, Dict]:
+    """The results as saved: the four numbers of each method (and its loss history when asked)."""
+    keep = ("ppl", "acc", "acc_norm", "seconds") + (("history", "extra") if history else ())
+    return {name: {k: getattr(r, k) for k in keep} for name, r in results.items()}
+
+
+class Progress:
+    """A comparison in progress, kept beside its result file (``<result>.partial/``) so a crash
+    loses only the phase it was in: the results so far and, once the ν phase is done, the ν adapter
+    and its importance, which every method starts from. Removed when the result file is written."""
+
+    NU_FORMAT = "hlora-nu-adapter"
+
+    def __init__(self, result_path: str, budget: Budget, model_name: Optional[str], domain: str, seed: int) -> None:
+        self.folder = result_path + ".partial"
+        self.budget, self.model_name, self.run_id = budget, model_name, {"domain": domain, "seed": seed}
+        if os.path.isfile(self._file("progress.json")):
+            check_settings(self._file("progress.json"), budget, model_name, **self.run_id)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def run(self, cmp: Comparison, run_base: Callable[[], None], overhead_steps: int,
+            log: Callable[[str], None] = print) -> None:
+        """The base evaluation (``run_base``), the ν phase with its recording overhead and every
+        method, each phase saved as it ends and skipped when an interrupted run finished it."""
+        self._resume(cmp, log)
+        if "base" not in cmp.results:
+            run_base()
+            self._save(cmp)
+        if "after ν" not in cmp.results:
+            cmp.run_nu()
+            cmp.measure_recording_overhead(steps=overhead_steps)
+            self._save_nu(cmp)
+            self._save(cmp)
+        for method in METHODS:
+            if method not in cmp.results:
+                cmp.run_method(method)
+                self._save(cmp)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _resume(self, cmp: Comparison, log: Callable[[str], None]) -> None:
+        if not os.path.isfile(self._file("progress.json")):
+            return
+        saved = read_json(self._file("progress.json"))
+        for name, r in saved["results"].items():
+            cmp.results[name] = Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"], r["history"], r["extra"])
+        cmp.costs.update(saved["costs"])
+        if "after ν" in cmp.results:
+            tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
+            cmp.nu_state = {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in json.loads(meta["names"])}
+            cmp.importance = hlora.Importance.load(self._file("importance.safetensors"))
+        log(f"  resumed from {self.folder}: {', '.join(cmp.results)} done earlier")
+
+    def _save_nu(self, cmp: Comparison) -> None:
+        """The ν adapter and importance, before the progress that says the ν phase is done."""
+        os.makedirs(self.folder, exist_ok=True)
+        tensors = {f"{k}/{n}": t for n, (a, b) in cmp.nu_state.items() for k, t in (("a", a), ("b", b))}
+        _io.save_atomic(self._file("nu_adapter.safetensors"), tensors,
+                        {"format": self.NU_FORMAT, "names": json.dumps(list(cmp.nu_state))})
+        cmp.importance.save(self._file("importance.safetensors"))
+
+    def _save(self, cmp: Comparison) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        save_json(self._file("progress.json"), {**self.run_id, "budget": self.budget, "model": self.model_name,
+                                                "results": results_payload(cmp.results, history=True),
+                                                "costs": cmp.costs})
 
 
 def finite(x: float) -> bool:

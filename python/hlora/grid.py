@@ -1,51 +1,20 @@
 """The multi-seed grid (``hlora experiment``): domains × seeds × methods, every (domain, seed) run
-saved atomically as it completes and the seed in progress phase by phase (``SeedProgress``), so the
-grid resumes where it stopped, across sessions. The
-summary gives means ± sd, paired t-tests where methods share a seed's ν run, Welch t-tests (Fig. 3)
-and violin plots."""
+saved atomically as it completes and the seed in progress phase by phase (``experiment.Progress``),
+so the grid resumes where it stopped, across sessions. The summary gives means ± sd, paired t-tests
+where methods share a seed's ν run, Welch t-tests (Fig. 3) and violin plots."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-import hlora
-from hlora import _io, experiment, plots, stats
+from hlora import experiment, plots, stats
 from hlora._io import write_text_atomic
-
-
-def _read_json(path: str) -> Dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_path(out: str, domain: str, seed: int) -> str:
     return os.path.join(out, domain, f"seed{seed}.json")
-
-
-def _settings(budget: Dict, model_name: Optional[str]) -> Dict:
-    """What a finished run must share with the grid it is summarized in: its budget (as saved,
-    JSON-normalized) but the thread count, which changes only the speed, and the model."""
-    settings = {k: v for k, v in json.loads(json.dumps(budget, default=list)).items() if k != "threads"}
-    return {**settings, "model": model_name}
-
-
-def _check_finished_run(path: str, budget: experiment.Budget, model_name: Optional[str]) -> None:
-    """A run kept from an earlier session must have been made like the ones this grid adds, or
-    the summary would set results of two budgets side by side without a word."""
-    saved = _read_json(path)
-    if "budget" not in saved:  # written by hand or by an hlora before runs recorded theirs
-        return
-    was = _settings(saved["budget"], saved.get("model"))
-    now = _settings(dataclasses.asdict(budget), model_name)
-    differ = [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-    if differ:
-        raise ValueError(f"{path} was run with other settings ({'; '.join(differ)}): give another --out, or "
-                         "remove that file to run its seed again")
 
 
 def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: experiment.Budget,
@@ -55,88 +24,27 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
         for seed in range(n_seeds):
             path = run_path(out, domain, seed)
             if os.path.isfile(path):
-                _check_finished_run(path, budget, model_name)
+                experiment.check_settings(path, budget, model_name)
                 log(f"{domain} seed {seed}: done earlier ({path})")
                 continue
-            progress = SeedProgress(path, budget, model_name)  # its settings checked before the model loads
+            # An interrupted run of this seed: its settings checked before the model loads.
+            progress = experiment.Progress(path, budget, model_name, domain, seed)
             log(f"{domain} seed {seed}: running — {budget.describe()}")
             cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, log=log)
-            progress.resume(cmp, log)
-            if "base" not in cmp.results:
-                earlier = run_path(out, domain, 0)
-                if seed > 0 and os.path.isfile(earlier):  # the base model does not depend on the seed
-                    base = _read_json(earlier)["results"]["base"]
-                    cmp.results["base"] = experiment.Result("base", base["ppl"], base["acc"], base["acc_norm"], 0.0)
-                else:
-                    cmp.run_base()
-                progress.save(cmp)
-            if "after ν" not in cmp.results:
-                cmp.run_nu()
-                cmp.measure_recording_overhead(steps=2)
-                progress.save_nu(cmp)
-                progress.save(cmp)
-            for method in experiment.METHODS:
-                if method not in cmp.results:
-                    cmp.run_method(method)
-                    progress.save(cmp)
+            progress.run(cmp, lambda: _base(cmp, run_path(out, domain, 0), seed), overhead_steps=2, log=log)  # noqa: B023
             experiment.save_json(path, {"domain": domain, "seed": seed, "budget": budget, "model": model_name,
-                                        "results": _results(cmp), "costs": cmp.costs})
+                                        "results": experiment.results_payload(cmp.results), "costs": cmp.costs})
             progress.remove()
             summarize(out)
 
 
-def _results(cmp: experiment.Comparison) -> Dict[str, Dict[str, float]]:
-    return {k: {"ppl": r.ppl, "acc": r.acc, "acc_norm": r.acc_norm, "seconds": r.seconds}
-            for k, r in cmp.results.items()}
-
-
-class SeedProgress:
-    """A (domain, seed) run in progress, kept beside its result file (``seedN.json.partial/``) so a
-    crash loses only the phase it was in: the results so far and, once the ν phase is done, the ν
-    adapter and its importance, which every method starts from. Removed when the seed's file is
-    written."""
-
-    NU_FORMAT = "hlora-nu-adapter"
-
-    def __init__(self, path: str, budget: experiment.Budget, model_name: Optional[str]) -> None:
-        self.folder = path + ".partial"
-        self.budget, self.model_name = budget, model_name
-        if os.path.isfile(self._file("progress.json")):
-            _check_finished_run(self._file("progress.json"), budget, model_name)
-
-    def _file(self, name: str) -> str:
-        return os.path.join(self.folder, name)
-
-    def resume(self, cmp: experiment.Comparison, log=print) -> None:
-        """Puts what an interrupted run of this seed finished into ``cmp``."""
-        state = self._file("progress.json")
-        if not os.path.isfile(state):
-            return
-        saved = _read_json(state)
-        for name, r in saved["results"].items():
-            cmp.results[name] = experiment.Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"])
-        cmp.costs.update(saved["costs"])
-        if "after ν" in cmp.results:
-            tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
-            cmp.nu_state = {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in json.loads(meta["names"])}
-            cmp.importance = hlora.Importance.load(self._file("importance.safetensors"))
-        log(f"  resumed from {self.folder}: {', '.join(cmp.results)} done earlier")
-
-    def save_nu(self, cmp: experiment.Comparison) -> None:
-        """The ν adapter and importance, before the progress that says the ν phase is done."""
-        os.makedirs(self.folder, exist_ok=True)
-        tensors = {f"{k}/{n}": t for n, (a, b) in cmp.nu_state.items() for k, t in (("a", a), ("b", b))}
-        _io.save_atomic(self._file("nu_adapter.safetensors"), tensors,
-                        {"format": self.NU_FORMAT, "names": json.dumps(list(cmp.nu_state))})
-        cmp.importance.save(self._file("importance.safetensors"))
-
-    def save(self, cmp: experiment.Comparison) -> None:
-        os.makedirs(self.folder, exist_ok=True)
-        experiment.save_json(self._file("progress.json"), {"budget": self.budget, "model": self.model_name,
-                                                           "results": _results(cmp), "costs": cmp.costs})
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+def _base(cmp: experiment.Comparison, seed0_path: str, seed: int) -> None:
+    """The base model's evaluation: seed 0's when it is done (it does not depend on the seed)."""
+    if seed > 0 and os.path.isfile(seed0_path):
+        r = experiment.read_json(seed0_path)["results"]["base"]
+        cmp.results["base"] = experiment.Result("base", r["ppl"], r["acc"], r["acc_norm"], 0.0)
+    else:
+        cmp.run_base()
 
 
 def load_runs(out: str) -> Dict[str, List[Dict]]:
@@ -147,7 +55,7 @@ def load_runs(out: str) -> Dict[str, List[Dict]]:
         folder = os.path.join(out, domain)
         if os.path.isdir(folder):
             files = sorted(f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json"))
-            runs[domain] = [_read_json(os.path.join(folder, f)) for f in files]
+            runs[domain] = [experiment.read_json(os.path.join(folder, f)) for f in files]
     return runs
 
 
