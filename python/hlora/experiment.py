@@ -412,7 +412,8 @@ class Progress:
             return
         saved = read_json(self._file("progress.json"))
         for name, r in saved["results"].items():
-            cmp.results[name] = Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"], r["history"], r["extra"])
+            cmp.results[name] = Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"], r.get("history", []),
+                                       r.get("extra", {}))
         cmp.costs.update(saved["costs"])
         if "after ν" in cmp.results:
             tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
