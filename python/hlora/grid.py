@@ -31,6 +31,7 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
             progress = experiment.Progress(path, budget, model_name, domain, seed)
             log(f"{domain} seed {seed}: running — {budget.describe()}")
             cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, log=log)
+            # (The lambda is called within this iteration: the loop variables it reads are this seed's.)
             progress.run(cmp, lambda: _base(cmp, run_path(out, domain, 0), seed), overhead_steps=2, log=log)  # noqa: B023
             experiment.save_json(path, {"domain": domain, "seed": seed, "budget": budget, "model": model_name,
                                         "results": experiment.results_payload(cmp.results), "costs": cmp.costs})
