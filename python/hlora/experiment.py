@@ -365,7 +365,8 @@ def check_settings(path: str, budget: Budget, model_name: Optional[str], **run: 
 
 
 def results_payload(results: Dict[str, Result], history: bool = False) -> Dict[str, Dict]:
-    """The results as saved: the four numbers of each method (and its loss history when asked)."""
+    """The results as saved: the four numbers of each method (with ``history``, also its loss history
+    and extras: what a resumed demo needs for its plots)."""
     keep = ("ppl", "acc", "acc_norm", "seconds") + (("history", "extra") if history else ())
     return {name: {k: getattr(r, k) for k in keep} for name, r in results.items()}
 
