@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hlora import experiment, grid
+from hlora import experiment, grid, models
 
 
 def _cli(*args, timeout=900):
@@ -113,12 +113,23 @@ def test_grid_summary_from_saved_runs(tmp_path):
                  "ewc_fisher_s": 60.0, "ewc_fisher_bytes": 4e6}
         os.makedirs(tmp_path / "medical", exist_ok=True)
         experiment.save_json(grid.run_path(str(tmp_path), "medical", seed),
-                             {"domain": "medical", "seed": seed, "results": results, "costs": costs})
+                             {"domain": "medical", "seed": seed, "results": results, "costs": costs,
+                              "budget": experiment.Budget(eval_items=7, threads=1 + seed), "model": None})
     text = grid.summarize(str(tmp_path))
     assert "### medical — 3 seed(s)" in text and "| HLoRA |" in text
     assert "60× the recording overhead" in text
+    # The summary says what it summarizes (the thread count may differ between seeds).
+    assert "Settings: ν: 30 steps" in text and "7 test items; model SmolLM2-135M-Instruct (the default)." in text
     assert (tmp_path / "medical_ppl_rise.png").stat().st_size > 1000
     assert (tmp_path / "summary.md").read_text() == text
+    # A seed of another experiment copied beside them is refused by name, not averaged in.
+    mixed = experiment.read_json(grid.run_path(str(tmp_path), "medical", 2))
+    mixed["budget"]["eval_items"] = 100
+    experiment.save_json(grid.run_path(str(tmp_path), "medical", 10), mixed)
+    with pytest.raises(ValueError, match=r"seed10.json was run with other settings than .*seed0.json "
+                                         r"\(eval_items 7 → 100\): the medical summary would mix two experiments"):
+        grid.summarize(str(tmp_path))
+    assert (tmp_path / "summary.md").read_text() == text  # the last good summary stays
 
 
 def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
@@ -135,6 +146,10 @@ def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
         grid.run_grid(str(tmp_path), ["medical"], [1], experiment.Budget())
     with pytest.raises(ValueError, match=r"model None → 'other/model'"):
         grid.run_grid(str(tmp_path), ["medical"], [1], budget, model_name="other/model")
+    # Naming the default model, or one folder by two paths, is the same model.
+    logged.clear()
+    grid.run_grid(str(tmp_path), ["medical"], [1], budget, model_name="smollm2", log=logged.append)
+    assert logged == [f"medical seed 0: done earlier ({path})"]
     # The same for a seed interrupted mid-way (its progress is kept beside its result file).
     os.remove(path)
     os.makedirs(path + ".partial")
@@ -145,6 +160,20 @@ def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
     # A demo's progress names its domain and seed (its --out does not).
     with pytest.raises(ValueError, match=r"other settings \(domain 'medical' → 'science'; seed 0 → 3\)"):
         experiment.Progress(path, budget, None, "science", 3)
+
+
+def test_each_model_has_one_identity_however_it_is_named(tmp_path, monkeypatch):
+    """What resumed runs compare: every spelling of the default is the default, a folder is its
+    real path, a hub name is itself."""
+    monkeypatch.setenv("HLORA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    default_spellings = [None, "", "smollm2", str(tmp_path / "cache" / "SmolLM2-135M-Instruct"),
+                         "cache/SmolLM2-135M-Instruct"]
+    assert [models.identity(m) for m in default_spellings] == [None] * 5
+    assert models.identity("mine") == models.identity("./mine/") == os.path.realpath(tmp_path / "mine")
+    assert models.identity("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
 
 
 @pytest.mark.slow

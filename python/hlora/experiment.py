@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import hlora
 from hlora import _checks as check
-from hlora import _io, data
+from hlora import _io, data, models
 from hlora import eval as metrics
 from hlora._io import write_json_atomic
 from hlora.adapters import find_adapted
@@ -173,8 +173,6 @@ class Comparison:
                  device: Optional[str] = None, progress: bool = True,
                  log: Callable[[str], None] = lambda s: print(s, flush=True)) -> None:
         from peft import LoraConfig, get_peft_model
-
-        from hlora import models
 
         torch.set_num_threads(budget.threads)
         self.domain, self.budget, self.seed, self.progress, self.log = domain, budget, seed, progress, log
@@ -344,9 +342,9 @@ def read_json(path: str) -> Dict:
 
 def _settings(budget: Dict, model_name: Optional[str]) -> Dict:
     """What two runs must share to be set side by side: the budget (JSON-normalized) but the
-    thread count, which changes only the speed, and the model."""
+    thread count, which changes only the speed, and the model (any spelling of the same one)."""
     settings = {k: v for k, v in json.loads(json.dumps(budget, default=list)).items() if k != "threads"}
-    return {**settings, "model": model_name}
+    return {**settings, "model": models.identity(model_name)}
 
 
 def check_settings(path: str, budget: Budget, model_name: Optional[str], **run: object) -> None:
@@ -354,14 +352,25 @@ def check_settings(path: str, budget: Budget, model_name: Optional[str], **run: 
     the one about to join it — same budget, model and ``run`` (domain, seed) — or results of two
     settings would be set side by side without a word."""
     saved = read_json(path)
-    if "budget" not in saved:  # written by hand or by an hlora before runs recorded theirs
+    recorded = recorded_settings(saved)
+    if recorded is None:
         return
-    was = {**_settings(saved["budget"], saved.get("model")), **{k: saved.get(k) for k in run}}
-    now = {**_settings(asdict(budget), model_name), **run}
-    differ = [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    differ = differences({**recorded, **{k: saved.get(k) for k in run}},
+                         {**_settings(asdict(budget), model_name), **run})
     if differ:
         raise ValueError(f"{path} was run with other settings ({'; '.join(differ)}): give another --out, or "
                          "remove that file to run again")
+
+
+def recorded_settings(saved: Dict) -> Optional[Dict]:
+    """The settings a saved run was made with (as ``check_settings`` compares them); ``None`` for
+    a file written by hand or by an hlora before runs recorded theirs."""
+    return _settings(saved["budget"], saved.get("model")) if "budget" in saved else None
+
+
+def differences(was: Dict, now: Dict) -> List[str]:
+    """``"key old → new"`` for every setting that differs."""
+    return [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
 
 
 def results_payload(results: Dict[str, Result], history: bool = False) -> Dict[str, Dict]:

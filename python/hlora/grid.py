@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Dict, List, Optional, Sequence
+from dataclasses import fields
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from hlora import experiment, plots, stats
 from hlora._io import write_text_atomic
@@ -48,16 +49,38 @@ def _base(cmp: experiment.Comparison, seed0_path: str, seed: int) -> None:
         cmp.run_base()
 
 
-def load_runs(out: str) -> Dict[str, List[Dict]]:
-    runs: Dict[str, List[Dict]] = {}
+def load_runs(out: str) -> Dict[str, List[Tuple[str, Dict]]]:
+    """Every finished run under ``out``, as (path, run) pairs per domain, in seed order."""
+    runs: Dict[str, List[Tuple[str, Dict]]] = {}
     if not os.path.isdir(out):
         return runs
     for domain in sorted(os.listdir(out)):
         folder = os.path.join(out, domain)
         if os.path.isdir(folder):
-            files = sorted(f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json"))
-            runs[domain] = [experiment.read_json(os.path.join(folder, f)) for f in files]
+            files = sorted((f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json")),
+                           key=lambda f: (len(f), f))  # seed2 before seed10
+            runs[domain] = [(path, experiment.read_json(path)) for path in (os.path.join(folder, f) for f in files)]
     return runs
+
+
+def _settings_of(domain: str, runs: List[Tuple[str, Dict]]) -> str:
+    """The one budget and model every run of a domain was made with, as a line for the summary;
+    runs of other settings (copied in, or kept from before runs recorded theirs) are refused by
+    name — their means would mix two experiments."""
+    recorded = [(path, experiment.recorded_settings(run), run) for path, run in runs]
+    made = [(path, settings, run) for path, settings, run in recorded if settings is not None]
+    if not made:
+        return ""
+    first_path, first, run = made[0]
+    for path, settings, _ in made[1:]:
+        differ = experiment.differences(first, settings)
+        if differ:
+            raise ValueError(f"{path} was run with other settings than {first_path} ({'; '.join(differ)}): "
+                             f"the {domain} summary would mix two experiments; move one of them to another --out")
+    known = {f.name for f in fields(experiment.Budget)}
+    budget = experiment.Budget(**{k: v for k, v in run["budget"].items() if k in known})
+    model = run.get("model") or "SmolLM2-135M-Instruct (the default)"
+    return f"Settings: {budget.describe()}; model {model}."
 
 
 def _fmt(values: List[float], digits: int = 2) -> str:
@@ -69,14 +92,16 @@ def _fmt(values: List[float], digits: int = 2) -> str:
 def summarize(out: str) -> str:
     """summary.md (and violin PNGs) from every finished run."""
     lines = []
-    for domain, runs in load_runs(out).items():
-        if not runs:
+    for domain, kept in load_runs(out).items():
+        if not kept:
             continue
+        settings = _settings_of(domain, kept)
+        runs = [run for _, run in kept]
         methods = list(runs[0]["results"])
         rise = {m: [r["results"][m]["ppl"] - r["results"]["after ν"]["ppl"] for r in runs] for m in methods}
         acc = {m: [r["results"][m]["acc"] for r in runs] for m in methods}
         ppl = {m: [r["results"][m]["ppl"] for r in runs] for m in methods}
-        lines += [f"### {domain} — {len(runs)} seed(s)", "",
+        lines += [f"### {domain} — {len(runs)} seed(s)", "", *([settings, ""] if settings else []),
                   "| method | general PPL | PPL rise vs ν | domain acc | p (rise, paired vs HLoRA) |",
                   "|---|---:|---:|---:|---:|"]
         tests = {}

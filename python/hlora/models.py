@@ -68,6 +68,19 @@ def resolve(name_or_path: Optional[str] = None) -> str:
     return name_or_path
 
 
+def identity(name_or_path: Optional[str]) -> Optional[str]:
+    """What two runs compare to tell whether they used the same model: ``None`` for every
+    spelling of the default (``None``, ``""``, ``"smollm2"``, its cache folder), the real path of
+    a local folder (so ``./m`` and ``/abs/m`` agree), else the hub name as given."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return None
+    if os.path.isdir(name_or_path):
+        real = os.path.realpath(name_or_path)
+        default_folder = os.path.realpath(os.path.join(cache_dir(), "SmolLM2-135M-Instruct"))
+        return None if real == default_folder else real
+    return name_or_path
+
+
 def load(name_or_path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
          device: Optional[str] = None) -> Tuple[torch.nn.Module, object]:
     """(model, tokenizer) for a causal LM; the tokenizer gets a pad token if it has none."""
