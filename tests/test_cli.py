@@ -167,6 +167,25 @@ def test_missing_input_files_are_usage_errors(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_an_adapter_that_is_not_there_is_a_usage_error(capsys, tmp_path):
+    """--adapter is checked before the model loads; the record folder instead of its adapter
+    subfolder (the likely slip) gets the right path named."""
+    record_out = tmp_path / "nu"
+    (record_out / "adapter").mkdir(parents=True)
+    (record_out / "adapter" / "adapter_config.json").write_text("{}")
+    out = str(tmp_path / "mu")
+    for adapter, message in ((tmp_path / "missing", f"no such folder: {tmp_path / 'missing'}"),
+                             (tmp_path, f"{tmp_path} is no PEFT adapter folder (it has no adapter_config.json)"),
+                             (record_out, f"{record_out} holds no adapter_config.json; did you mean "
+                                          f"{record_out / 'adapter'}?")):
+        for argv in (["finetune", "--out", out, "--adapter", str(adapter)], ["evaluate", "--adapter", str(adapter)]):
+            with pytest.raises(SystemExit) as exit_:
+                cli.main(argv)
+            assert exit_.value.code == 2
+            assert f"argument --adapter: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "mu").exists()
+
+
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: what is checked here must fail before the model loads."""

@@ -57,6 +57,19 @@ def existing_file(text: str) -> str:
     return text
 
 
+def saved_adapter(text: str) -> str:
+    """A PEFT adapter folder (``save_pretrained``'s, with its adapter_config.json), checked before
+    the model loads; ``hlora record --out DIR`` saves it as DIR/adapter, which is hinted."""
+    if os.path.isfile(os.path.join(text, "adapter_config.json")):
+        return text
+    inner = os.path.join(text, "adapter")
+    if os.path.isfile(os.path.join(inner, "adapter_config.json")):
+        raise argparse.ArgumentTypeError(f"{text} holds no adapter_config.json; did you mean {inner}?")
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    raise argparse.ArgumentTypeError(f"{text} is no PEFT adapter folder (it has no adapter_config.json)")
+
+
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
     """A usage error for ``--device cuda`` where torch sees no GPU (not torch's driver traceback)."""
     import torch

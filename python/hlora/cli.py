@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 import hlora
-from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int
+from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int, saved_adapter
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_record)
     fin = sub.add_parser("finetune", help="fine-tune an adapter on domain MCQ data, optionally regularized")
     common(fin, 40)
-    fin.add_argument("--adapter", default=None,
+    fin.add_argument("--adapter", type=saved_adapter, default=None,
                      help="continue this saved adapter, with its own r and alpha (else a fresh one)")
     fin.add_argument("--importance", type=existing_file, default=None, help="an importance file: regularize with it")
     fin.add_argument("--phi", type=non_negative_float, default=DEFAULT_PHI,
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     fin.set_defaults(func=cmd_finetune)
     ev = sub.add_parser("evaluate", help="general perplexity and domain accuracy of a model or adapter")
     ev.add_argument("--model", default=None, help=MODEL_HELP)
-    ev.add_argument("--adapter", default=None, help="a saved adapter on --model (default: the model alone)")
+    ev.add_argument("--adapter", type=saved_adapter, default=None,
+                    help="a saved adapter on --model (default: the model alone)")
     ev.add_argument("--text", type=existing_file, default=None,
                     help="general text file (default: the shipped held-out text)")
     ev.add_argument("--mcq", type=existing_file, default=None, help="MCQ JSONL file (default: --domain's test split)")
