@@ -31,6 +31,8 @@ from hlora._io import write_json_atomic
 from hlora.adapters import find_adapted
 from hlora.baselines.ewc import EWCPenalty, empirical_fisher, sequences_for_budget
 
+#: The result of the shared general phase (task ν), every ν+μ method's starting point.
+NU = "after ν"
 METHODS = ("LoRA(mu)", "LoRA(nu+mu)", "rsLoRA(nu+mu)", "EWC-LoRA", "HLoRA", "HLoRA-layer")
 
 
@@ -227,14 +229,14 @@ class Comparison:
         with self.model.disable_adapter():
             return self.evaluate(self.model, "base")
 
-    def run_nu(self) -> None:
+    def run_nu(self) -> Result:
         """The shared general phase: LoRA on general text, recording Ω (HLoRA's whole importance cost)."""
         load_lora_state(self.model, self.fresh)
         hist, seconds, self.importance = self._nu(self.model, record=True)
         self.nu_state = lora_state(self.model)
         self.costs.update({"hlora_nu_phase_s": seconds, "hlora_importance_bytes": sum(
             t.numel() * t.element_size() for t in self.importance.matrices.values())})
-        self.evaluate(self.model, "after ν", seconds, hist)
+        return self.evaluate(self.model, NU, seconds, hist)
 
     def measure_recording_overhead(self, steps: int = 4) -> None:
         """Seconds of a ν-phase step without and with recording, on the same batch: an untimed
@@ -266,9 +268,11 @@ class Comparison:
                      progress=self.progress)
         return self.evaluate(model, method, time.perf_counter() - t0, hist)
 
-    def run_method(self, method: str, phi: Optional[float] = None) -> Result:
+    def run_method(self, method: str, phi: Optional[float] = None, lam: Optional[float] = None) -> Result:
+        """One method's μ phase and evaluation; ``phi`` (HLoRA) and ``lam`` (EWC-LoRA) default to the budget's."""
         b = self.budget
         phi = b.phi if phi is None else phi
+        lam = b.lam if lam is None else lam
         if method == "LoRA(mu)":
             return self._mu(self.model, method, self.fresh)
         if method == "LoRA(nu+mu)":
@@ -288,7 +292,7 @@ class Comparison:
                 self.fisher = empirical_fisher(self.model, seqs, progress=self.progress)
                 self.costs.update({"ewc_fisher_s": self.fisher.seconds, "ewc_fisher_bytes": self.fisher.nbytes,
                                    "ewc_sequences": self.fisher.sequences})
-            return self._mu(self.model, method, self.fresh, lambda: EWCPenalty(self.model, self.fisher, b.lam))
+            return self._mu(self.model, method, self.fresh, lambda: EWCPenalty(self.model, self.fisher, lam))
         if method in ("HLoRA", "HLoRA-layer"):
             weighting = "softmax" if method == "HLoRA" else "uniform"
             load_lora_state(self.model, self.nu_state)
@@ -311,7 +315,7 @@ class Comparison:
         return rows
 
 
-def results_table(results: Dict[str, Result], reference: str = "after ν") -> str:
+def results_table(results: Dict[str, Result], reference: str = NU) -> str:
     ref = results.get(reference)
     lines = ["| method | general PPL ↓ | rise vs ν | domain acc ↑ | acc_norm | μ time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -400,24 +404,35 @@ class Progress:
             log: Callable[[str], None] = print) -> None:
         """The base evaluation (``run_base``), the ν phase with its recording overhead and every
         method, each phase saved as it ends and skipped when an interrupted run finished it."""
-        self._resume(cmp, log)
-        if "base" not in cmp.results:
-            run_base()
-            self._save(cmp)
-        if "after ν" not in cmp.results:
+        self.resume(cmp, log)
+        self.phase(cmp, "base", run_base)
+
+        def nu() -> None:
             cmp.run_nu()
             cmp.measure_recording_overhead(steps=overhead_steps)
-            self._save_nu(cmp)
-            self._save(cmp)
+
+        self.phase(cmp, NU, nu)
         for method in METHODS:
-            if method not in cmp.results:
-                cmp.run_method(method)
-                self._save(cmp)
+            self.phase(cmp, method, lambda: cmp.run_method(method))  # noqa: B023 (called at once)
+
+    def phase(self, cmp: Comparison, name: str, work: Callable[[], object]) -> None:
+        """``work`` unless an interrupted run finished it, then the progress saved. ``name`` is the
+        result ``work`` adds to ``cmp.results``, or what that result is renamed to (a method at one
+        of several φ, say). The ν phase (``"after ν"``) also keeps the ν adapter and importance."""
+        if name in cmp.results:
+            return
+        result = work()
+        if isinstance(result, Result) and result.method != name:
+            cmp.results[name] = cmp.results.pop(result.method)
+        if name == NU:
+            self._save_nu(cmp)
+        self._save(cmp)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _resume(self, cmp: Comparison, log: Callable[[str], None]) -> None:
+    def resume(self, cmp: Comparison, log: Callable[[str], None] = print) -> None:
+        """The results (and, past the ν phase, the ν adapter and importance) an interrupted run kept."""
         if not os.path.isfile(self._file("progress.json")):
             return
         saved = read_json(self._file("progress.json"))
@@ -425,7 +440,7 @@ class Progress:
             cmp.results[name] = Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"], r.get("history", []),
                                        r.get("extra", {}))
         cmp.costs.update(saved["costs"])
-        if "after ν" in cmp.results:
+        if NU in cmp.results:
             tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
             cmp.nu_state = {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in json.loads(meta["names"])}
             cmp.importance = hlora.Importance.load(self._file("importance.safetensors"))
