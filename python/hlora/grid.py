@@ -98,7 +98,7 @@ def summarize(out: str) -> str:
         settings = _settings_of(domain, kept)
         runs = [run for _, run in kept]
         methods = list(runs[0]["results"])
-        rise = {m: [r["results"][m]["ppl"] - r["results"]["after ν"]["ppl"] for r in runs] for m in methods}
+        rise = {m: [r["results"][m]["ppl"] - r["results"][experiment.NU]["ppl"] for r in runs] for m in methods}
         acc = {m: [r["results"][m]["acc"] for r in runs] for m in methods}
         ppl = {m: [r["results"][m]["ppl"] for r in runs] for m in methods}
         lines += [f"### {domain} — {len(runs)} seed(s)", "", *([settings, ""] if settings else []),
@@ -107,7 +107,7 @@ def summarize(out: str) -> str:
         tests = {}
         for m in methods:
             p = ""
-            if m not in ("HLoRA", "base", "after ν") and len(runs) >= 2:
+            if m not in ("HLoRA", "base", experiment.NU) and len(runs) >= 2:
                 _, pv = stats.paired(rise[m], rise["HLoRA"])
                 tests[m] = pv
                 p = f"{pv:.3g}"
@@ -122,7 +122,7 @@ def summarize(out: str) -> str:
                           f"{costs[0]['ewc_fisher_bytes'] / 1e6:.1f} MB → {experiment.versus_recording(ewc, rec)}, "
                           f"{ewc / nu:.2f}× the whole ν phase."]
         if len(runs) >= 2:
-            compared = [m for m in methods if m not in ("base", "after ν")]
+            compared = [m for m in methods if m not in ("base", experiment.NU)]
             welch = {m: stats.welch(rise[m], rise["HLoRA"])[1] for m in compared if m != "HLoRA"}
             plots.violins({m: rise[m] for m in compared}, os.path.join(out, f"{domain}_ppl_rise.png"),
                           "general PPL rise over the ν model", welch)
