@@ -26,6 +26,7 @@ def test_demo_quick_writes_results_and_plots(tmp_path):
     assert "Demo-budget run" in out and "DEMO BUDGET" in out
     results = json.load(open(tmp_path / "results.json"))
     assert set(results["results"]) == {"base", "after ν", *experiment.METHODS}
+    assert results["model"] is None and results["budget"]["eval_items"] == 8  # what it was run with
     for r in results["results"].values():
         assert r["ppl"] > 1 and 0 <= r["acc"] <= 1
     assert results["costs"]["ewc_fisher_bytes"] > 0 and results["costs"]["hlora_importance_bytes"] > 0

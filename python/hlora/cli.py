@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if sweep:
         figures["phi_sweep"] = plots.phi_sweep(sweep, os.path.join(args.out, "phi_sweep.png"))
     experiment.save_json(results_path, {
-        "kind": "demo-budget run", "domain": args.domain, "seed": args.seed, "budget": budget,
+        "kind": "demo-budget run", "domain": args.domain, "seed": args.seed, "budget": budget, "model": args.model,
         "results": cmp.results, "costs": costs, "phi_sweep_validation": sweep, "figures": figures,
         "seconds": time.perf_counter() - t0})
     progress.remove()
