@@ -73,6 +73,35 @@ def test_hub_schemas_from_local_files(tmp_path):
         data.hub_mcq("mmlu", path=str(sciq))
 
 
+def test_a_medmcqa_file_of_the_original_release_is_read_with_its_answers_counted_from_one(tmp_path):
+    """The original release ships JSON lines as .json, with cop 1..4; a datasets export counts from
+    0. Read the wrong way, every answer would name the option after the right one."""
+    rows = [{"question": f"q{i}", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": cop, "choice_type": "single"}
+            for i, cop in enumerate([1, 4, 2, 3])]
+    original = tmp_path / "dev.json"
+    original.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [it["answer"] for it in data.hub_mcq("medmcqa", path=str(original))] == [0, 3, 1, 2]
+    export = tmp_path / "export.jsonl"
+    export.write_text("\n".join(json.dumps({**r, "cop": r["cop"] - 1}) for r in rows))
+    assert [it["answer"] for it in data.hub_mcq("medmcqa", path=str(export))] == [0, 3, 1, 2]
+    unsure = tmp_path / "unsure.json"
+    unsure.write_text(json.dumps([{**r, "cop": 2} for r in rows]))
+    with pytest.raises(ValueError, match="'cop' is never 0 or 4.*cop_base=0 or cop_base=1"):
+        data.hub_mcq("medmcqa", path=str(unsure))
+    assert [it["answer"] for it in data.hub_mcq("medmcqa", path=str(unsure), cop_base=1)] == [1, 1, 1, 1]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([{**rows[0], "cop": 0}, {**rows[1], "cop": 4}]))
+    with pytest.raises(ValueError, match="takes both 0 and 4"):
+        data.hub_mcq("medmcqa", path=str(mixed))
+    for bad in (2, True, "1"):
+        with pytest.raises(ValueError, match="cop_base must be 0 or 1"):
+            data.hub_mcq("medmcqa", path=str(original), cop_base=bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON"):
+        data.hub_mcq("medmcqa", path=str(broken))
+
+
 def test_mcq_file_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "options": ["a", "b"], "answer": 2}\n')

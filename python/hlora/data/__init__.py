@@ -94,23 +94,50 @@ def from_piqa(row: Dict) -> MCQItem:
     return validate_item({"question": row["goal"], "options": [row["sol1"], row["sol2"]], "answer": int(row["label"])})
 
 
-def from_medmcqa(row: Dict) -> MCQItem:
+def from_medmcqa(row: Dict, cop_base: int = 0) -> MCQItem:
+    """``cop`` counts from 0 on the hub (a class label) and from 1 in the original release's files."""
     options = [row["opa"], row["opb"], row["opc"], row["opd"]]
-    return validate_item({"question": row["question"], "options": options, "answer": int(row["cop"])})
+    return validate_item({"question": row["question"], "options": options, "answer": int(row["cop"]) - cop_base})
 
 
 CONVERTERS = {"sciq": from_sciq, "piqa": from_piqa, "medmcqa": from_medmcqa}
 
 
-def _rows(path: str) -> Iterable[Dict]:
+def medmcqa_cop_base(rows: List[Dict], where: str) -> int:
+    """Whether a local MedMCQA file counts ``cop`` from 0 (a ``datasets`` export) or from 1 (the
+    original release: "cop: correct option, i.e. 1, 2, 3, 4"), told by the values it holds: read
+    the wrong way, every answer would be shifted by one option without an error."""
+    values = {int(row["cop"]) for row in rows}
+    if 0 in values and 4 in values:
+        raise ValueError(f"{where}: 'cop' takes both 0 and 4, so it counts neither from 0 nor from 1")
+    if 4 in values:
+        return 1
+    if 0 in values:
+        return 0
+    raise ValueError(f"{where}: 'cop' is never 0 or 4, so it may count from 0 (a datasets export) or from 1 "
+                     "(the original release); say which with cop_base=0 or cop_base=1")
+
+
+def _rows(path: str) -> List[Dict]:
+    """A JSON array (or ``{"data": [...]}``) or JSON lines — whatever the extension says: the
+    original MedMCQA release ships JSON lines as ``.json``."""
     with open(path, encoding="utf8") as f:
-        if path.endswith(".jsonl"):
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+        text = f.read()
+    if not path.endswith(".jsonl"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # not one JSON document: JSON lines
         else:
-            data = json.load(f)
-            yield from (data if isinstance(data, list) else data["data"])
+            return data if isinstance(data, list) else data["data"]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+    return rows
 
 
 def _hub_rows(name: str, split: str, path: Optional[str]) -> Iterable[Dict]:
@@ -124,11 +151,21 @@ def _hub_rows(name: str, split: str, path: Optional[str]) -> Iterable[Dict]:
     return datasets.load_dataset(HUB[name], split={"val": "validation"}.get(split, split))
 
 
-def hub_mcq(name: str, split: str = "validation", path: Optional[str] = None) -> List[MCQItem]:
-    """SciQ / PiQA / MedMCQA items, from the hub or from a local file of the same schema."""
+def hub_mcq(name: str, split: str = "validation", path: Optional[str] = None,
+            cop_base: Optional[int] = None) -> List[MCQItem]:
+    """SciQ / PiQA / MedMCQA items, from the hub or from a local file of the same schema (a JSON
+    array or JSON lines). MedMCQA's ``cop`` counts from 0 on the hub; a local file's is told from
+    its values (1..4: the original release) unless ``cop_base`` (0 or 1) says."""
     if name not in CONVERTERS:
         raise ValueError(f"name must be one of {sorted(CONVERTERS)}, got {name!r}")
-    return [CONVERTERS[name](row) for row in _hub_rows(name, split, path)]
+    if cop_base not in (None, 0, 1) or isinstance(cop_base, bool):
+        raise ValueError(f"cop_base must be 0 or 1 (or None: told from the file), got {cop_base!r}")
+    rows = list(_hub_rows(name, split, path))
+    if name != "medmcqa":
+        return [CONVERTERS[name](row) for row in rows]
+    if cop_base is None:
+        cop_base = 0 if path is None else medmcqa_cop_base(rows, path)
+    return [from_medmcqa(row, cop_base) for row in rows]
 
 
 def hub_text(name: str = "pile", split: str = "train", path: Optional[str] = None, limit: Optional[int] = None) -> str:
