@@ -29,11 +29,17 @@ class AdaptedMatrix:
         return (self.b.shape[0], self.a.shape[1])
 
 
-def _unwrap(model: Any) -> Any:
-    # DDP / accelerate wrappers keep the real model in .module
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+def unwrap(model: Any) -> Any:
+    """The model inside its wrappers — DDP / accelerate (``.module``), ``torch.compile``
+    (``._orig_mod``) — so module names, and the importance files keyed by them, are the same
+    whether or not the model was wrapped."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[AdaptedMatrix]:
@@ -43,7 +49,7 @@ def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[Adapt
     ``lora_variant``s) is refused, and embedding adapters — which no penalty would cover — are
     named in a warning."""
     found, embeddings = [], []
-    for name, module in _unwrap(model).named_modules():
+    for name, module in unwrap(model).named_modules():
         if adapter in (getattr(module, "lora_embedding_A", None) or {}):
             embeddings.append(name)
         lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
@@ -62,7 +68,7 @@ def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[Adapt
         warnings.warn(f"hlora covers LoRA on linear layers only; the embedding adapters of {embeddings} are "
                       "trained without importance or penalty", stacklevel=2)
     if not found:
-        adapters = sorted({k for m in _unwrap(model).modules()
+        adapters = sorted({k for m in unwrap(model).modules()
                            for k in getattr(getattr(m, "lora_A", None), "keys", lambda: [])()})
         hint = f"; adapters present: {adapters}" if adapters else "; is this a PEFT LoRA model?"
         raise ValueError(f"model has no LoRA-adapted matrices for adapter {adapter!r}{hint}")
@@ -71,7 +77,7 @@ def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[Adapt
 
 def adapter_config(model: torch.nn.Module, adapter: str = "default") -> Dict[str, Any]:
     """r, alpha, rsLoRA and target modules of a PEFT adapter (empty when unknown)."""
-    cfg = getattr(_unwrap(model), "peft_config", {}).get(adapter)
+    cfg = getattr(unwrap(model), "peft_config", {}).get(adapter)
     if cfg is None:
         return {}
     targets = getattr(cfg, "target_modules", None)
@@ -86,7 +92,7 @@ def model_fingerprint(model: torch.nn.Module) -> Optional[str]:
     import hashlib
     import json
 
-    base = _unwrap(model)
+    base = unwrap(model)
     if hasattr(base, "get_base_model"):
         base = base.get_base_model()
     config = getattr(base, "config", None)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hlora import _checks as check
 from hlora import ops
-from hlora.adapters import find_adapted
+from hlora.adapters import find_adapted, unwrap
 
 
 @dataclass
@@ -44,7 +44,7 @@ def empirical_fisher(peft_model: torch.nn.Module, sequences: torch.Tensor, adapt
         raise ValueError("sequences is empty: the Fisher is a mean over at least one sequence")
     start = time.perf_counter()
     names = [m.name for m in find_adapted(peft_model, adapter)]
-    modules = dict(peft_model.named_modules())
+    modules = dict(unwrap(peft_model).named_modules())  # named as find_adapted names them
     weights = {n: _base_linear(modules[n]).weight for n in names}
     # GPT-2-style Conv1D layers store W as (in, out) (PEFT's fan_in_fan_out); F must be (out, in)
     # like s·B·A, or a square F would be silently transposed.
