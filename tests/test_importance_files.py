@@ -4,6 +4,7 @@ truncated / corrupted / other format versions, and matching against a model."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -198,6 +199,16 @@ def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         plots.violins({"LoRA": [0.1, 0.2]}, str(path), "accuracy")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["accuracy.png"]
+
+
+def test_a_diverged_seed_is_counted_on_the_violin_plot_not_dropped_unsaid(tmp_path):
+    from hlora import plots
+
+    per_method = {"LoRA": [1.0, math.nan, 2.0], "HLoRA": [0.5, 0.7, 0.6], "EWC": [math.inf, math.nan]}
+    assert plots.violin_labels(per_method, {"LoRA": 0.04, "EWC": math.nan}) == [
+        "LoRA\np=0.04\n1 of 3 diverged", "HLoRA", "EWC\np=nan\n2 of 2 diverged"]
+    path = plots.violins(per_method, str(tmp_path / "rise.png"), "PPL rise")  # a method with no finite seed too
+    assert open(path, "rb").read(4) == b"\x89PNG"
 
 
 def test_the_heatmap_names_norms_it_cannot_place(tmp_path):

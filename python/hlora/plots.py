@@ -79,17 +79,27 @@ def importance_heatmap(norms: Dict[str, float], path: str) -> str:
     return _save(fig, path)
 
 
+def violin_labels(per_method: Dict[str, List[float]], tests: Dict[str, float] = None) -> List[str]:
+    """Each method's name, its p-value when tested, and how many of its seeds diverged."""
+    labels = []
+    for name, values in per_method.items():
+        label = f"{name}\np={tests[name]:.3g}" if tests and name in tests else name
+        diverged = sum(not math.isfinite(v) for v in values)
+        labels.append(label + (f"\n{diverged} of {len(values)} diverged" if diverged else ""))
+    return labels
+
+
 def violins(per_method: Dict[str, List[float]], path: str, ylabel: str, tests: Dict[str, float] = None) -> str:
     """Fig. 3: the spread over seeds for each method, with Welch t-test p-values against HLoRA."""
     names = list(per_method)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.5))
-    data = [per_method[n] for n in names]
+    # A diverged seed (NaN or inf) has no place on the axis: it is left out and counted in the label.
+    data = [[v for v in per_method[n] if math.isfinite(v)] for n in names]
     if all(len(d) > 1 for d in data):
         ax.violinplot(data, showmeans=True)
     for i, d in enumerate(data, 1):
         ax.scatter([i] * len(d), d, s=10, color="k", zorder=3)
-    labels = [f"{n}\np={tests[n]:.3g}" if tests and n in tests else n for n in names]
-    ax.set_xticks(range(1, len(names) + 1), labels, fontsize=8)
+    ax.set_xticks(range(1, len(names) + 1), violin_labels(per_method, tests), fontsize=8)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
     return _save(fig, path)
