@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import hlora
 from hlora import bench, bench_training, cli, grid, ops
 
 
@@ -165,6 +166,14 @@ def test_missing_input_files_are_usage_errors(capsys, tmp_path):
         cli.main(["experiment", "--out", str(tmp_path), "--domains", "medical", "sceince"])
     assert exit_.value.code == 2 and "invalid choice: 'sceince'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_version_names_the_backend_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"hlora {hlora.__version__} (backend {hlora.backend()}, "
+                                               f"torch {torch.__version__})")
 
 
 def test_an_adapter_that_is_not_there_is_a_usage_error(capsys, tmp_path):
