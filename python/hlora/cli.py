@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 import torch
@@ -334,6 +335,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return bench.main(argv[1:])
     args = parser.parse_args(argv)
+    # PEFT (0.21) asks transformers (5.24) a deprecated question on every get_peft_model: a
+    # FutureWarning no user of this command can act on, printed before every run.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return args.func(args)
     except (ValueError, OSError) as err:
