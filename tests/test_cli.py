@@ -168,6 +168,16 @@ def test_missing_input_files_are_usage_errors(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_summary_only_of_a_folder_without_runs_is_an_error(capsys, tmp_path):
+    """A mistyped --out used to make that folder and an empty summary.md, with exit status 0."""
+    missing = tmp_path / "typo"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["experiment", "--summary-only", "--out", str(missing)])
+    assert exit_.value.code == 2
+    assert f"--summary-only: no finished runs in {missing}" in capsys.readouterr().err
+    assert not missing.exists()
+
+
 def test_version_names_the_backend_and_torch(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])

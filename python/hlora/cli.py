@@ -134,6 +134,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"φ = {phi:g} and λ = {lam:g}, chosen on the validation split ({args.selection})")
     budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items, phi=phi, lam=lam)
     if args.summary_only:
+        if not any(grid.load_runs(args.out).values()):  # a mistyped --out, not an empty summary
+            raise ValueError(f"--summary-only: no finished runs in {args.out} (its <domain>/seedN.json files)")
         print(grid.summarize(args.out))
         return 0
     grid.run_grid(args.out, args.domains, seeds, budget, model_name=args.model)
