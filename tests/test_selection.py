@@ -23,6 +23,22 @@ def test_the_rule_takes_the_lowest_perplexity_within_a_point_and_never_a_diverge
         selection.pick([{"lam": 1.0, "ppl": math.inf, "acc": 0.5}], 0.5, "lam")
 
 
+def test_a_sweep_that_cannot_choose_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(experiment.Comparison, "__init__", no_model)
+    out = str(tmp_path / "selection.json")
+    for kwargs, error, match in [({"phis": ()}, TypeError, "phis must be a non-empty list"),
+                                 ({"lams": 1e3}, TypeError, "lams must be a non-empty list"),
+                                 ({"phis": [1e3, -1.0]}, ValueError, r"phis\[1\] must be a finite number >= 0"),
+                                 ({"lams": [math.nan]}, ValueError, r"lams\[0\] must be a finite number >= 0"),
+                                 ({"domain": "legal"}, ValueError, "domain must be one of")]:
+        with pytest.raises(error, match=match):
+            selection.select(out, **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_with_the_choice_of_an_uninterrupted_one(tmp_path, monkeypatch):
     budget = experiment.Budget(nu_steps=2, nu_batch=2, seq_len=64, mu_steps=2, mu_batch=2, ppl_blocks=2,

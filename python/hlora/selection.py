@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-from hlora import experiment, plots
+from hlora import _checks as check
+from hlora import data, experiment, plots
 
 PHIS = (1e2, 1e3, 1e4, 1e5)
 LAMS = (1e2, 1e4, 1e6)
@@ -29,6 +30,13 @@ def pick(candidates: List[Dict], reference_acc: float, key: str) -> float:
     return min(ok, key=lambda c: c["ppl"])[key]
 
 
+def _weights(values: Sequence[float], name: str) -> List[float]:
+    """A non-empty list of candidate penalty weights (finite, ≥ 0)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise TypeError(f"{name} must be a non-empty list of penalty weights, got {values!r}")
+    return [check.non_negative(v, f"{name}[{i}]") for i, v in enumerate(values)]
+
+
 def _at(method: str, weight: float) -> str:
     """The result name of ``method`` at one candidate weight (exact: two candidates never share it)."""
     return f"{method} at {weight!r}"
@@ -40,6 +48,10 @@ def select(out: str, domain: str = "medical", seed: int = 1000, phis: Sequence[f
            log: Callable[[str], None] = print) -> Dict:
     """The sweep on ``domain``'s validation split; writes ``out`` (JSON, atomically) and the φ sweep's
     plot beside it, and returns what ``out`` holds."""
+    # Checked before the model loads: a bad candidate list would otherwise fail after the sweep.
+    phis, lams = _weights(phis, "phis"), _weights(lams, "lams")
+    if domain not in data.DOMAINS:
+        raise ValueError(f"domain must be one of {data.DOMAINS}, got {domain!r}")
     progress = experiment.Progress(out, budget, model_name, domain, seed)
     cmp = experiment.Comparison(domain, budget, seed=seed, model_name=model_name, progress=progress_bars, log=log)
     cmp.test_items = cmp.val_items[: budget.eval_items]  # everything below is scored on validation data
