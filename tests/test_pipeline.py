@@ -133,6 +133,17 @@ def test_grid_summary_from_saved_runs(tmp_path):
     assert (tmp_path / "summary.md").read_text() == text  # the last good summary stays
 
 
+def test_a_grid_that_does_not_pair_domains_with_seed_counts_is_refused_before_it_runs(tmp_path):
+    for domains, seeds, error, match in [(["medical", "science"], [3], ValueError, "must pair up"),
+                                         ("medical", [1], ValueError, "must pair up"),
+                                         (["legal"], [1], ValueError, "domains must be among"),
+                                         (["medical"], [0], ValueError, "seeds for medical must be >= 1"),
+                                         (["medical"], [2.0], TypeError, "seeds for medical must be an integer")]:
+        with pytest.raises(error, match=match):
+            grid.run_grid(str(tmp_path), domains, seeds, experiment.Budget())
+    assert not any(tmp_path.iterdir())
+
+
 def test_grid_refuses_to_resume_beside_runs_of_other_settings(tmp_path):
     """A seed kept from an earlier session under another budget or model would be summarized beside
     the new ones as if comparable; only the thread count may differ."""

@@ -10,7 +10,8 @@ import statistics
 from dataclasses import fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hlora import experiment, plots, stats
+from hlora import _checks as check
+from hlora import data, experiment, plots, stats
 from hlora._io import write_text_atomic
 
 
@@ -20,6 +21,14 @@ def run_path(out: str, domain: str, seed: int) -> str:
 
 def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: experiment.Budget,
              model_name: Optional[str] = None, log=print) -> None:
+    """``seeds[i]`` seeds of ``domains[i]`` (seeds 0, 1, …), each kept in ``run_path`` as it ends."""
+    # Checked before any run: zip() would drop the domains past the last seed count without a word.
+    if isinstance(domains, str) or len(domains) != len(seeds):
+        raise ValueError(f"domains and seeds must pair up, one seed count per domain: got {domains!r} and {seeds!r}")
+    for domain, n_seeds in zip(domains, seeds):
+        if domain not in data.DOMAINS:
+            raise ValueError(f"domains must be among {data.DOMAINS}, got {domain!r}")
+        check.count(n_seeds, f"seeds for {domain}")
     for domain, n_seeds in zip(domains, seeds):
         os.makedirs(os.path.join(out, domain), exist_ok=True)
         for seed in range(n_seeds):
