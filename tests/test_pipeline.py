@@ -133,6 +133,20 @@ def test_grid_summary_from_saved_runs(tmp_path):
     assert (tmp_path / "summary.md").read_text() == text  # the last good summary stays
 
 
+def test_a_comparison_checks_its_domain_budget_and_seed_before_the_model_loads(monkeypatch):
+    from hlora import models
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(models, "load", load)
+    for kwargs, error, match in [({"domain": "legal"}, ValueError, "domain must be one of"),
+                                 ({"budget": {"nu_steps": 2}}, TypeError, "budget must be an hlora.experiment.Budget"),
+                                 ({"seed": 1.5}, TypeError, "seed must be an integer")]:
+        with pytest.raises(error, match=match):
+            experiment.Comparison(**kwargs)
+
+
 def test_a_grid_that_does_not_pair_domains_with_seed_counts_is_refused_before_it_runs(tmp_path):
     for domains, seeds, error, match in [(["medical", "science"], [3], ValueError, "must pair up"),
                                          ("medical", [1], ValueError, "must pair up"),

@@ -176,6 +176,14 @@ class Comparison:
                  log: Callable[[str], None] = lambda s: print(s, flush=True)) -> None:
         from peft import LoraConfig, get_peft_model
 
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be an hlora.experiment.Budget, got {type(budget).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):  # a float seed would fail deep in torch
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        # The domain's items first: a bad domain fails before the model loads.
+        self.train_items = data.mcq(domain, "train")
+        self.test_items = data.mcq(domain, "test")[: budget.eval_items]
+        self.val_items = data.mcq(domain, "val")
         torch.set_num_threads(budget.threads)
         self.domain, self.budget, self.seed, self.progress, self.log = domain, budget, seed, progress, log
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,9 +193,6 @@ class Comparison:
         self.general_blocks = metrics.token_blocks(self.tokenizer, data.general_text("train"), budget.seq_len)
         self.ppl_blocks = metrics.token_blocks(self.tokenizer, data.general_text("test"), budget.seq_len,
                                                budget.ppl_blocks)
-        self.train_items = data.mcq(domain, "train")
-        self.test_items = data.mcq(domain, "test")[: budget.eval_items]
-        self.val_items = data.mcq(domain, "val")
         self.base = base
         self.results: Dict[str, Result] = {}
         self.costs: Dict[str, float] = {}
