@@ -227,17 +227,20 @@ def test_a_grid_seed_interrupted_mid_way_resumes_from_its_last_phase(tmp_path, m
     path = grid.run_path(out, "physical", 0)
     assert not os.path.exists(path) and ran == list(experiment.METHODS[:3])
     assert set(json.load(open(path + ".partial/progress.json"))["results"]) == {"base", "after ν", *ran}
+    assert os.path.isfile(path + ".partial/ewc_fisher.safetensors")  # computed before EWC-LoRA's μ phase died
 
     ran.clear()
     monkeypatch.setattr(experiment.Comparison, "run_method",
                         lambda self, method, phi=None: ran.append(method) or real_run_method(self, method, phi))
     monkeypatch.setattr(experiment.Comparison, "run_nu", lambda self: pytest.fail("the ν phase ran again"))
     monkeypatch.setattr(experiment.Comparison, "run_base", lambda self: pytest.fail("the base ran again"))
+    monkeypatch.setattr(experiment, "empirical_fisher", lambda *a, **k: pytest.fail("the Fisher was computed again"))
     logged = []
     grid.run_grid(out, ["physical"], [1], budget, log=logged.append)
     assert ran == list(experiment.METHODS[3:])
     assert any("resumed from" in line and "LoRA(mu)" in line for line in logged)
     got = json.load(open(path))["results"]
+    assert json.load(open(path))["costs"]["ewc_sequences"] == 4  # the kept Fisher's cost is reported
     for method, r in want.items():
         assert {k: r[k] for k in ("ppl", "acc", "acc_norm")} == {k: got[method][k] for k in ("ppl", "acc", "acc_norm")}
     assert not os.path.exists(path + ".partial")

@@ -70,8 +70,9 @@ def test_an_interrupted_sweep_resumes_with_the_choice_of_an_uninterrupted_one(tm
     assert not os.path.exists(out) and len(ran) == 1 + 2 + 2 + 1  # ν, two references, two φ, the first λ
     ran.clear()
     crash = False
+    monkeypatch.setattr(experiment, "empirical_fisher", lambda *a, **k: pytest.fail("the Fisher was computed again"))
     got = selection.select(out, **sweep)
-    assert ran == [("EWC-LoRA", None, 1e6)]  # nothing but the last λ ran again (not ν either)
+    assert ran == [("EWC-LoRA", None, 1e6)]  # nothing but the last λ ran again (not ν, not the Fisher)
     assert got == want  # every perplexity and accuracy to the bit
     saved = json.load(open(out))
     assert saved["phi"] in (1e2, 1e4) and saved["lam"] in (1e2, 1e6)

@@ -29,7 +29,7 @@ from hlora import _io, data, models
 from hlora import eval as metrics
 from hlora._io import write_json_atomic
 from hlora.adapters import find_adapted
-from hlora.baselines.ewc import EWCPenalty, empirical_fisher, sequences_for_budget
+from hlora.baselines.ewc import EWCPenalty, Fisher, empirical_fisher, sequences_for_budget
 
 #: The result of the shared general phase (task ν), every ν+μ method's starting point.
 NU = "after ν"
@@ -196,6 +196,7 @@ class Comparison:
         self.base = base
         self.results: Dict[str, Result] = {}
         self.costs: Dict[str, float] = {}
+        self.fisher: Optional[Fisher] = None
 
         # rsLoRA gets its own copy of the untouched base (get_peft_model injects layers in place).
         self._rs_base = copy.deepcopy(base)
@@ -273,6 +274,18 @@ class Comparison:
                      progress=self.progress)
         return self.evaluate(model, method, time.perf_counter() - t0, hist)
 
+    def ewc_fisher(self) -> Fisher:
+        """EWC-LoRA's Fisher on the ν phase's amount of general text, computed once per comparison
+        (a resumed one may have it already: ``Progress``)."""
+        if self.fisher is None:
+            b = self.budget
+            seqs = sequences_for_budget(self.general_blocks[torch.randperm(
+                len(self.general_blocks), generator=torch.Generator().manual_seed(self.seed))], b.nu_steps, b.nu_batch)
+            self.fisher = empirical_fisher(self.model, seqs, progress=self.progress)
+            self.costs.update({"ewc_fisher_s": self.fisher.seconds, "ewc_fisher_bytes": self.fisher.nbytes,
+                               "ewc_sequences": self.fisher.sequences})
+        return self.fisher
+
     def run_method(self, method: str, phi: Optional[float] = None, lam: Optional[float] = None) -> Result:
         """One method's μ phase and evaluation; ``phi`` (HLoRA) and ``lam`` (EWC-LoRA) default to the budget's."""
         b = self.budget
@@ -290,14 +303,8 @@ class Comparison:
             self._nu(self.rs_model, record=False)
             return self._mu(self.rs_model, method, lora_state(self.rs_model))
         if method == "EWC-LoRA":
-            if not hasattr(self, "fisher"):
-                seqs = sequences_for_budget(self.general_blocks[torch.randperm(
-                    len(self.general_blocks), generator=torch.Generator().manual_seed(self.seed))], b.nu_steps,
-                    b.nu_batch)
-                self.fisher = empirical_fisher(self.model, seqs, progress=self.progress)
-                self.costs.update({"ewc_fisher_s": self.fisher.seconds, "ewc_fisher_bytes": self.fisher.nbytes,
-                                   "ewc_sequences": self.fisher.sequences})
-            return self._mu(self.model, method, self.fresh, lambda: EWCPenalty(self.model, self.fisher, lam))
+            fisher = self.ewc_fisher()
+            return self._mu(self.model, method, self.fresh, lambda: EWCPenalty(self.model, fisher, lam))
         if method in ("HLoRA", "HLoRA-layer"):
             weighting = "softmax" if method == "HLoRA" else "uniform"
             load_lora_state(self.model, self.nu_state)
@@ -392,9 +399,11 @@ def results_payload(results: Dict[str, Result], history: bool = False) -> Dict[s
 class Progress:
     """A comparison in progress, kept beside its result file (``<result>.partial/``) so a crash
     loses only the phase it was in: the results so far and, once the ν phase is done, the ν adapter
-    and its importance, which every method starts from. Removed when the result file is written."""
+    and its importance, which every method starts from (and EWC's Fisher once computed). Removed
+    when the result file is written."""
 
     NU_FORMAT = "hlora-nu-adapter"
+    FISHER_FORMAT = "hlora-ewc-fisher"
 
     def __init__(self, result_path: str, budget: Budget, model_name: Optional[str], domain: str, seed: int) -> None:
         self.folder = result_path + ".partial"
@@ -418,7 +427,24 @@ class Progress:
 
         self.phase(cmp, NU, nu)
         for method in METHODS:
+            if method == "EWC-LoRA" and method not in cmp.results:
+                self.ewc_fisher(cmp)
             self.phase(cmp, method, lambda: cmp.run_method(method))  # noqa: B023 (called at once)
+
+    def ewc_fisher(self, cmp: Comparison) -> None:
+        """EWC-LoRA's Fisher — kept as soon as it is computed, so a crash in EWC-LoRA's μ phase
+        does not cost it again — or the one an interrupted run kept, with what it cost."""
+        path = self._file("ewc_fisher.safetensors")
+        if cmp.fisher is None and os.path.isfile(path):
+            tensors, meta = _io.load_checked(path, self.FISHER_FORMAT)
+            cmp.fisher = Fisher(tensors, int(meta["sequences"]), float(meta["seconds"]))
+            cmp.costs.update({"ewc_fisher_s": cmp.fisher.seconds, "ewc_fisher_bytes": cmp.fisher.nbytes,
+                              "ewc_sequences": cmp.fisher.sequences})
+        elif cmp.fisher is None:
+            fisher = cmp.ewc_fisher()
+            os.makedirs(self.folder, exist_ok=True)
+            _io.save_atomic(path, fisher.matrices, {"format": self.FISHER_FORMAT, "sequences": str(fisher.sequences),
+                                                    "seconds": repr(fisher.seconds)})
 
     def phase(self, cmp: Comparison, name: str, work: Callable[[], object]) -> None:
         """``work`` unless an interrupted run finished it, then the progress saved. ``name`` is the

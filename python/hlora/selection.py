@@ -61,6 +61,8 @@ def select(out: str, domain: str = "medical", seed: int = 1000, phis: Sequence[f
         progress.phase(cmp, method, lambda: cmp.run_method(method))  # noqa: B023 (called at once)
     for phi in phis:
         progress.phase(cmp, _at("HLoRA", phi), lambda: cmp.run_method("HLoRA", phi=phi))  # noqa: B023
+    if any(_at("EWC-LoRA", lam) not in cmp.results for lam in lams):
+        progress.ewc_fisher(cmp)
     for lam in lams:
         progress.phase(cmp, _at("EWC-LoRA", lam), lambda: cmp.run_method("EWC-LoRA", lam=lam))  # noqa: B023
     results = cmp.results
