@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from hlora import experiment, selection
+from hlora import experiment, models, selection
 
 
 def test_the_rule_takes_the_lowest_perplexity_within_a_point_and_never_a_diverged_run():
@@ -27,7 +27,7 @@ def test_a_sweep_that_cannot_choose_is_refused_before_the_model_loads(tmp_path, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded")
 
-    monkeypatch.setattr(experiment.Comparison, "__init__", no_model)
+    monkeypatch.setattr(models, "load", no_model)
     out = str(tmp_path / "selection.json")
     for kwargs, error, match in [({"phis": ()}, TypeError, "phis must be a non-empty list"),
                                  ({"lams": 1e3}, TypeError, "lams must be a non-empty list"),
