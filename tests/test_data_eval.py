@@ -96,6 +96,14 @@ def test_a_medmcqa_file_of_the_original_release_is_read_with_its_answers_counted
     for bad in (2, True, "1"):
         with pytest.raises(ValueError, match="cop_base must be 0 or 1"):
             data.hub_mcq("medmcqa", path=str(original), cop_base=bad)
+    unlabeled = tmp_path / "test.json"
+    unlabeled.write_text(json.dumps([{**r, "cop": -1} for r in rows]))
+    with pytest.raises(ValueError, match="the hub's test split of medmcqa is unlabeled"):
+        data.hub_mcq("medmcqa", path=str(unlabeled))
+    piqa = tmp_path / "piqa_test.jsonl"
+    piqa.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": -1}))
+    with pytest.raises(ValueError, match="the hub's test split of piqa is unlabeled"):
+        data.hub_mcq("piqa", path=str(piqa))
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON"):

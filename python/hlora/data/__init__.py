@@ -90,14 +90,24 @@ def from_sciq(row: Dict) -> MCQItem:
     return validate_item({"question": row["question"], "options": options, "answer": 0})
 
 
+def _labelled(answer: object, name: str) -> int:
+    """The hubs mark an unlabeled item (PiQA's and MedMCQA's test splits) with -1."""
+    if int(answer) == -1:
+        raise ValueError(f"{name} items here have no answer (-1): the hub's test split of {name} is unlabeled; "
+                         "use the validation split")
+    return int(answer)
+
+
 def from_piqa(row: Dict) -> MCQItem:
-    return validate_item({"question": row["goal"], "options": [row["sol1"], row["sol2"]], "answer": int(row["label"])})
+    return validate_item({"question": row["goal"], "options": [row["sol1"], row["sol2"]],
+                          "answer": _labelled(row["label"], "piqa")})
 
 
 def from_medmcqa(row: Dict, cop_base: int = 0) -> MCQItem:
     """``cop`` counts from 0 on the hub (a class label) and from 1 in the original release's files."""
     options = [row["opa"], row["opb"], row["opc"], row["opd"]]
-    return validate_item({"question": row["question"], "options": options, "answer": int(row["cop"]) - cop_base})
+    return validate_item({"question": row["question"], "options": options,
+                          "answer": _labelled(row["cop"], "medmcqa") - cop_base})
 
 
 CONVERTERS = {"sciq": from_sciq, "piqa": from_piqa, "medmcqa": from_medmcqa}
@@ -107,7 +117,7 @@ def medmcqa_cop_base(rows: List[Dict], where: str) -> int:
     """Whether a local MedMCQA file counts ``cop`` from 0 (a ``datasets`` export) or from 1 (the
     original release: "cop: correct option, i.e. 1, 2, 3, 4"), told by the values it holds: read
     the wrong way, every answer would be shifted by one option without an error."""
-    values = {int(row["cop"]) for row in rows}
+    values = {_labelled(row["cop"], "medmcqa") for row in rows}
     if 0 in values and 4 in values:
         raise ValueError(f"{where}: 'cop' takes both 0 and 4, so it counts neither from 0 nor from 1")
     if 4 in values:
