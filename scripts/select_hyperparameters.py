@@ -26,6 +26,8 @@ def main() -> None:
                         help="HLoRA's φ candidates (default: 1e2 1e3 1e4 1e5)")
     parser.add_argument("--lams", type=non_negative_float, nargs="+", default=list(selection.LAMS),
                         help="EWC-LoRA's λ candidates (default: 1e2 1e4 1e6)")
+    parser.add_argument("--model", default=None,
+                        help="HF causal LM name or path to choose on (default: SmolLM2-135M, offline)")
     parser.add_argument("--out", default="out/selection.json",
                         help="the choice, for `hlora experiment --selection` (default: %(default)s)")
     args = parser.parse_args()
@@ -34,7 +36,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     except OSError as err:
         parser.error(f"--out: {err}")
-    chosen = selection.select(args.out, args.domain, args.seed, args.phis, args.lams)
+    chosen = selection.select(args.out, args.domain, args.seed, args.phis, args.lams, model_name=args.model)
     print(json.dumps({k: chosen[k] for k in ("reference", "phi_sweep", "lam_sweep", "phi", "lam")}, indent=1))
 
 

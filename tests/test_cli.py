@@ -168,6 +168,20 @@ def test_missing_input_files_are_usage_errors(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_selection_made_on_another_model_is_pointed_out(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(grid, "run_grid", lambda *a, **k: None)
+    monkeypatch.setattr(grid, "summarize", lambda out: "")
+    chosen = tmp_path / "selection.json"
+    chosen.write_text('{"phi": 1000.0, "lam": 10000.0, "model": "other/model"}')
+    assert cli.main(["experiment", "--out", str(tmp_path / "grid"), "--selection", str(chosen)]) == 0
+    out = capsys.readouterr().out
+    assert "φ = 1000 and λ = 10000" in out
+    assert "was chosen on model other/model, this grid runs SmolLM2-135M (the default)" in out
+    chosen.write_text('{"phi": 1000.0, "lam": 10000.0, "model": "smollm2"}')  # the default, named
+    assert cli.main(["experiment", "--out", str(tmp_path / "grid"), "--selection", str(chosen)]) == 0
+    assert "was chosen on model" not in capsys.readouterr().out
+
+
 def test_summary_only_of_a_folder_without_runs_is_an_error(capsys, tmp_path):
     """A mistyped --out used to make that folder and an empty summary.md, with exit status 0."""
     missing = tmp_path / "typo"
