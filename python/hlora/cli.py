@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     import json
 
-    from hlora import experiment, grid
+    from hlora import experiment, grid, models
 
     seeds = args.seeds or [DEFAULT_SEEDS[d] for d in args.domains]
     if len(seeds) == 1:
@@ -132,8 +132,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                              "(it is scripts/select_hyperparameters.py's output)")
         phi, lam = chosen["phi"], chosen["lam"]
         print(f"φ = {phi:g} and λ = {lam:g}, chosen on the validation split ({args.selection})")
-        from hlora import models
-
         if "model" in chosen and models.identity(chosen["model"]) != models.identity(args.model):
             # Allowed (choosing on a small model is cheap), but Ω's scale, and so φ's, moves with the model.
             print(f"note: {args.selection} was chosen on model {chosen['model'] or 'SmolLM2-135M (the default)'}, "
