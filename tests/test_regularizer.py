@@ -87,12 +87,18 @@ def test_layer_coefficients_and_temperature():
             hlora.Regularizer(model, imp, **bad)
 
 
-def test_fresh_adapter_on_the_merged_model():
-    model = tiny_lora_model(seed=33)
+@pytest.mark.parametrize("rank", [4, 8], ids=["same rank", "another rank"])
+def test_fresh_adapter_on_the_merged_model(rank):
+    """The importance's reference factors are not the anchor here, so a fresh adapter of another
+    rank than the recorded one takes it too (it was refused as mis-shaped)."""
+    model = tiny_lora_model(seed=33)  # r = 4
     imp = _record(model)
     merged = model.merge_and_unload()
-    fresh = get_peft_model(merged, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    fresh = get_peft_model(merged, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
                                               lora_dropout=0.0))
+    if rank != 4:
+        with pytest.raises(ValueError, match=r"reference factors .* \(another rank\?\)"):
+            hlora.Regularizer(fresh, imp, anchor="reference")
     reg = hlora.Regularizer(fresh, imp, phi=1.0)
     assert reg.anchor == "zero"
     assert float(reg.penalty().detach()) == 0.0, "B = 0: no drift from the merged model yet"

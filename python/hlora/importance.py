@@ -137,9 +137,10 @@ class Importance:
 
     # ---- checks ----
 
-    def check(self, model: torch.nn.Module, adapter: str = "default") -> None:
+    def check(self, model: torch.nn.Module, adapter: str = "default", references: bool = True) -> None:
         """Raises ValueError naming every missing, extra or mis-shaped matrix (and a different
-        base model) between this importance and ``model``'s adapter."""
+        base model) between this importance and ``model``'s adapter; with ``references``, also
+        reference factors of another shape (another rank) than the adapter's."""
         adapted = {m.name: m for m in find_adapted(model, adapter)}
         problems = []
         for name in sorted(set(self.matrices) - set(adapted)):
@@ -150,7 +151,7 @@ class Importance:
             want, got = adapted[name].shape, tuple(self.matrices[name].shape)
             if want != got:
                 problems.append(f"mis-shaped: {name} has importance {got} but the model's weight is {want}")
-            if name in self.references:
+            if references and name in self.references:
                 a_ref, b_ref = self.references[name]
                 a, b = adapted[name].a, adapted[name].b
                 if a_ref.shape != a.shape or b_ref.shape != b.shape:

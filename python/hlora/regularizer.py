@@ -69,7 +69,9 @@ class Regularizer:
         if not isinstance(importance, Importance):
             raise TypeError(f"importance must be an hlora.Importance (ImportanceRecorder.finalize(), "
                             f"Importance.load(path)), got {type(importance).__name__}")
-        importance.check(model, adapter)
+        # The reference factors matter only as the anchor: a fresh adapter of another rank on the
+        # merged model (anchor "zero") takes the importance of any rank.
+        importance.check(model, adapter, references=False)
         self.matrices = find_adapted(model, adapter)
         self.phi = phi
         self.layer_weighting = layer_weighting
@@ -77,6 +79,7 @@ class Regularizer:
         self.omegas: List[torch.Tensor] = [importance.matrices[m.name].to(device) for m in self.matrices]
         self.anchor = self._resolve_anchor(anchor, importance)
         if self.anchor == "reference":
+            importance.check(model, adapter)
             self.a_ref = [importance.references[m.name][0].to(device, m.a.dtype) for m in self.matrices]
             self.b_ref = [importance.references[m.name][1].to(device, m.b.dtype) for m in self.matrices]
             self.scaling_ref = [float(importance.scalings.get(m.name, m.scaling)) for m in self.matrices]
@@ -113,7 +116,7 @@ class Regularizer:
                 raise ValueError("anchor='reference' but the importance holds no reference factors")
             return anchor
         refs = importance.references
-        if refs and all(torch.equal(refs[m.name][0].to(m.a.device, m.a.dtype), m.a.detach())
+        if refs and all(torch.equal(refs[m.name][0].to(m.a.device, m.a.dtype), m.a.detach())  # False for another rank
                         and torch.equal(refs[m.name][1].to(m.b.device, m.b.dtype), m.b.detach())
                         for m in self.matrices):
             return "reference"
