@@ -31,9 +31,18 @@ def smollm2_gguf() -> str:
     return path
 
 
+def _default_folder() -> str:
+    """Where the default model's safetensors are cached."""
+    return os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+
+
+def _names_default(name_or_path: Optional[str]) -> bool:
+    return name_or_path in (None, "", DEFAULT_MODEL)
+
+
 def _cached_smollm2() -> str:
     """The dequantized float32 safetensors folder, made once (≈20 s) and reused (≈1 s)."""
-    target = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    target = _default_folder()
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +72,7 @@ def _cached_smollm2() -> str:
 
 def resolve(name_or_path: Optional[str] = None) -> str:
     """A loadable folder or hub name for ``name_or_path`` (``None``/``"smollm2"``: the default)."""
-    if name_or_path in (None, "", DEFAULT_MODEL):
+    if _names_default(name_or_path):
         return _cached_smollm2()
     return name_or_path
 
@@ -72,12 +81,11 @@ def identity(name_or_path: Optional[str]) -> Optional[str]:
     """What two runs compare to tell whether they used the same model: ``None`` for every
     spelling of the default (``None``, ``""``, ``"smollm2"``, its cache folder), the real path of
     a local folder (so ``./m`` and ``/abs/m`` agree), else the hub name as given."""
-    if name_or_path in (None, "", DEFAULT_MODEL):
+    if _names_default(name_or_path):
         return None
     if os.path.isdir(name_or_path):
         real = os.path.realpath(name_or_path)
-        default_folder = os.path.realpath(os.path.join(cache_dir(), "SmolLM2-135M-Instruct"))
-        return None if real == default_folder else real
+        return None if real == os.path.realpath(_default_folder()) else real
     return name_or_path
 
 
