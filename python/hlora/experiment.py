@@ -281,10 +281,14 @@ class Comparison:
             b = self.budget
             seqs = sequences_for_budget(self.general_blocks[torch.randperm(
                 len(self.general_blocks), generator=torch.Generator().manual_seed(self.seed))], b.nu_steps, b.nu_batch)
-            self.fisher = empirical_fisher(self.model, seqs, progress=self.progress)
-            self.costs.update({"ewc_fisher_s": self.fisher.seconds, "ewc_fisher_bytes": self.fisher.nbytes,
-                               "ewc_sequences": self.fisher.sequences})
+            self.use_fisher(empirical_fisher(self.model, seqs, progress=self.progress))
         return self.fisher
+
+    def use_fisher(self, fisher: Fisher) -> None:
+        """EWC-LoRA's Fisher for this comparison (computed here, or kept by an interrupted run), with its cost."""
+        self.fisher = fisher
+        self.costs.update({"ewc_fisher_s": fisher.seconds, "ewc_fisher_bytes": fisher.nbytes,
+                           "ewc_sequences": fisher.sequences})
 
     def run_method(self, method: str, phi: Optional[float] = None, lam: Optional[float] = None) -> Result:
         """One method's μ phase and evaluation; ``phi`` (HLoRA) and ``lam`` (EWC-LoRA) default to the budget's."""
@@ -434,17 +438,17 @@ class Progress:
     def ewc_fisher(self, cmp: Comparison) -> None:
         """EWC-LoRA's Fisher — kept as soon as it is computed, so a crash in EWC-LoRA's μ phase
         does not cost it again — or the one an interrupted run kept, with what it cost."""
+        if cmp.fisher is not None:
+            return
         path = self._file("ewc_fisher.safetensors")
-        if cmp.fisher is None and os.path.isfile(path):
+        if os.path.isfile(path):
             tensors, meta = _io.load_checked(path, self.FISHER_FORMAT)
-            cmp.fisher = Fisher(tensors, int(meta["sequences"]), float(meta["seconds"]))
-            cmp.costs.update({"ewc_fisher_s": cmp.fisher.seconds, "ewc_fisher_bytes": cmp.fisher.nbytes,
-                              "ewc_sequences": cmp.fisher.sequences})
-        elif cmp.fisher is None:
-            fisher = cmp.ewc_fisher()
-            os.makedirs(self.folder, exist_ok=True)
-            _io.save_atomic(path, fisher.matrices, {"format": self.FISHER_FORMAT, "sequences": str(fisher.sequences),
-                                                    "seconds": repr(fisher.seconds)})
+            cmp.use_fisher(Fisher(tensors, int(meta["sequences"]), float(meta["seconds"])))
+            return
+        fisher = cmp.ewc_fisher()
+        os.makedirs(self.folder, exist_ok=True)
+        _io.save_atomic(path, fisher.matrices, {"format": self.FISHER_FORMAT, "sequences": str(fisher.sequences),
+                                                "seconds": repr(fisher.seconds)})
 
     def phase(self, cmp: Comparison, name: str, work: Callable[[], object]) -> None:
         """``work`` unless an interrupted run finished it, then the progress saved. ``name`` is the
