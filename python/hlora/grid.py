@@ -76,8 +76,8 @@ def _settings_of(domain: str, runs: List[Tuple[str, Dict]]) -> str:
     """The one budget and model every run of a domain was made with, as a line for the summary;
     runs of other settings (copied in, or kept from before runs recorded theirs) are refused by
     name — their means would mix two experiments."""
-    recorded = [(path, experiment.recorded_settings(run), run) for path, run in runs]
-    made = [(path, settings, run) for path, settings, run in recorded if settings is not None]
+    made = [(path, settings, run) for path, run in runs
+            if (settings := experiment.recorded_settings(run)) is not None]
     if not made:
         return ""
     first_path, first, run = made[0]
