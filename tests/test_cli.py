@@ -176,7 +176,7 @@ def test_a_selection_made_on_another_model_is_pointed_out(monkeypatch, capsys, t
     assert cli.main(["experiment", "--out", str(tmp_path / "grid"), "--selection", str(chosen)]) == 0
     out = capsys.readouterr().out
     assert "φ = 1000 and λ = 10000" in out
-    assert "was chosen on model other/model, this grid runs SmolLM2-135M (the default)" in out
+    assert "was chosen on model other/model, this grid runs SmolLM2-135M-Instruct (the default)" in out
     chosen.write_text('{"phi": 1000.0, "lam": 10000.0, "model": "smollm2"}')  # the default, named
     assert cli.main(["experiment", "--out", str(tmp_path / "grid"), "--selection", str(chosen)]) == 0
     assert "was chosen on model" not in capsys.readouterr().out

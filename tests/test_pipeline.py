@@ -200,6 +200,9 @@ def test_each_model_has_one_identity_however_it_is_named(tmp_path, monkeypatch):
     assert [models.identity(m) for m in default_spellings] == [None] * 5
     assert models.identity("mine") == models.identity("./mine/") == os.path.realpath(tmp_path / "mine")
     assert models.identity("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+    # Summaries and notes print one name for all of them.
+    assert {models.label(m) for m in default_spellings} == {"SmolLM2-135M-Instruct (the default)"}
+    assert models.label("mine") == "mine"
 
 
 @pytest.mark.slow

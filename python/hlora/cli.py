@@ -134,8 +134,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"φ = {phi:g} and λ = {lam:g}, chosen on the validation split ({args.selection})")
         if "model" in chosen and models.identity(chosen["model"]) != models.identity(args.model):
             # Allowed (choosing on a small model is cheap), but Ω's scale, and so φ's, moves with the model.
-            print(f"note: {args.selection} was chosen on model {chosen['model'] or 'SmolLM2-135M (the default)'}, "
-                  f"this grid runs {args.model or 'SmolLM2-135M (the default)'}")
+            print(f"note: {args.selection} was chosen on model {models.label(chosen['model'])}, "
+                  f"this grid runs {models.label(args.model)}")
     budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items, phi=phi, lam=lam)
     if args.summary_only:
         if not any(grid.load_runs(args.out).values()):  # a mistyped --out, not an empty summary

@@ -11,7 +11,7 @@ from dataclasses import fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hlora import _checks as check
-from hlora import data, experiment, plots, stats
+from hlora import data, experiment, models, plots, stats
 from hlora._io import write_text_atomic
 
 
@@ -88,8 +88,7 @@ def _settings_of(domain: str, runs: List[Tuple[str, Dict]]) -> str:
                              f"the {domain} summary would mix two experiments; move one of them to another --out")
     known = {f.name for f in fields(experiment.Budget)}
     budget = experiment.Budget(**{k: v for k, v in run["budget"].items() if k in known})
-    model = run.get("model") or "SmolLM2-135M-Instruct (the default)"
-    return f"Settings: {budget.describe()}; model {model}."
+    return f"Settings: {budget.describe()}; model {models.label(run.get('model'))}."
 
 
 def _fmt(values: List[float], digits: int = 2) -> str:

@@ -77,6 +77,12 @@ def resolve(name_or_path: Optional[str] = None) -> str:
     return name_or_path
 
 
+def label(name_or_path: Optional[str]) -> str:
+    """The model's name as summaries and notes print it: every spelling of the default (see
+    :func:`identity`) as one."""
+    return "SmolLM2-135M-Instruct (the default)" if identity(name_or_path) is None else str(name_or_path)
+
+
 def identity(name_or_path: Optional[str]) -> Optional[str]:
     """What two runs compare to tell whether they used the same model: ``None`` for every
     spelling of the default (``None``, ``""``, ``"smollm2"``, its cache folder), the real path of
