@@ -310,7 +310,12 @@ pub fn exact_on_device<'a>(
 ) -> Result<()> {
     let on_tch: Vec<&mut PenaltyJob> = jobs
         .into_iter()
-        .filter(|job| path_for(job.device()) == Path::Tch && job.omega.numel() > 0)
+        // (A meta tensor, for shape inference, has no values to scan: no data pointer.)
+        .filter(|job| {
+            path_for(job.device()) == Path::Tch
+                && job.omega.numel() > 0
+                && !job.omega.data_ptr().is_null()
+        })
         .collect();
     if on_tch.is_empty() {
         return Ok(());

@@ -137,8 +137,50 @@ fn numpy_view<'py>(
     })
 }
 
-/// Extracts a torch tensor or a NumPy array (float32/float64, CPU) named `name`.
+/// Extracts a torch tensor or a NumPy array (float32/float64, CPU) named `name`; one that is
+/// `writable` must not have elements sharing memory.
 pub fn arg<'py>(obj: &Bound<'py, PyAny>, name: &str, writable: bool) -> Result<Arg<'py>> {
+    let arg = extract(obj, name, writable)?;
+    if writable && overlaps_itself(&arg.tensor.size(), &arg.tensor.stride()) {
+        // Caught here: the kernels would update such an ω through a contiguous copy, and only
+        // writing it back would fail, with libtorch's message naming no argument.
+        return Err(Error::value(format!(
+            "{name} is updated in place, but some of its elements share memory (an expand()ed \
+             or as_strided view?); pass {name}.clone()"
+        )));
+    }
+    Ok(arg)
+}
+
+/// Whether two indices of a matrix of this size and these strides address one element: a stride
+/// of 0 along more than one element, or steps di·s₀ = dj·s₁ within the matrix (the smallest
+/// being s₁/g rows against s₀/g columns, g = gcd). Other ranks are refused later, by shape.
+fn overlaps_itself(size: &[i64], stride: &[i64]) -> bool {
+    let ([n0, n1], [s0, s1]) = (size, stride) else {
+        return false;
+    };
+    let (s0, s1) = (s0.abs(), s1.abs());
+    if *n0 == 0 || *n1 == 0 {
+        return false;
+    }
+    if (*n0 > 1 && s0 == 0) || (*n1 > 1 && s1 == 0) {
+        return true;
+    }
+    if *n0 < 2 || *n1 < 2 {
+        return false;
+    }
+    let g = gcd(s0, s1);
+    s1 / g < *n0 && s0 / g < *n1
+}
+
+fn gcd(mut a: i64, mut b: i64) -> i64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn extract<'py>(obj: &Bound<'py, PyAny>, name: &str, writable: bool) -> Result<Arg<'py>> {
     if let Ok(array) = obj.downcast::<PyUntypedArray>() {
         return numpy_view(array, name, writable);
     }
@@ -470,6 +512,20 @@ mod tests {
         disjoint(written, read)
             .err()
             .map(|e| e.message().to_string())
+    }
+
+    #[test]
+    fn self_overlap_is_told_from_size_and_strides() {
+        assert!(!overlaps_itself(&[5, 6], &[6, 1]));
+        assert!(!overlaps_itself(&[6, 5], &[1, 6])); // a transpose
+        assert!(!overlaps_itself(&[4, 6], &[12, 2])); // every other column
+        assert!(!overlaps_itself(&[1, 6], &[0, 1])); // stride 0 over one row
+        assert!(!overlaps_itself(&[0, 6], &[0, 0]));
+        assert!(overlaps_itself(&[5, 6], &[0, 1])); // expand()ed rows
+        assert!(overlaps_itself(&[5, 6], &[3, 1])); // rows overlapping by three elements
+        assert!(overlaps_itself(&[3, 4], &[1, 2])); // (2, 0) and (0, 1) are one element
+        assert!(!overlaps_itself(&[2, 3], &[3, 2])); // interleaved, yet no element shared
+        assert!(!overlaps_itself(&[1, 5, 6], &[0, 0, 1])); // not a matrix: refused by shape
     }
 
     #[test]

@@ -193,6 +193,30 @@ def test_omega_may_not_share_memory_with_an_input(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
+@pytest.mark.parametrize("view", ["expanded rows", "overlapping rows", "interleaved"])
+def test_an_omega_whose_elements_share_memory_is_refused_untouched(impl, view):
+    # Updated through a contiguous copy, such an ω would be written back in no defined order (or,
+    # expanded, fail with libtorch's message naming no argument).
+    s = make_step(5, 6, 2, torch.float32, seed=4)
+    buffer = torch.rand(64)
+    omega = {"expanded rows": buffer[:6].expand(5, 6), "overlapping rows": buffer.as_strided((5, 6), (3, 1)),
+             "interleaved": buffer.as_strided((5, 6), (1, 2))}[view]
+    before = buffer.clone()
+    with pytest.raises(ValueError, match=r"omega is updated in place, but some of its elements share memory"):
+        impl.accumulate_omega_(omega, *s.args()[1:], lr=1e-3, scaling=1.0)
+    with pytest.raises(ValueError, match=r"omega\[1\] is updated in place"):
+        impl.accumulate_omega_many_([s.omega.clone(), omega], *[[t, t] for t in s.args()[1:]], lr=1e-3, scaling=1.0)
+    assert torch.equal(buffer, before)
+    # Strided views without a shared element (every other column, a transpose) are updated.
+    for fine in (buffer.as_strided((5, 6), (12, 2)), buffer.as_strided((2, 3), (3, 2)), buffer[:30].view(6, 5).t()):
+        out, inn = fine.shape
+        t = make_step(out, inn, 2, torch.float32, seed=5)
+        want = reference.accumulate_omega_(fine.clone(), *t.args()[1:], lr=1e-3, scaling=1.0)
+        impl.accumulate_omega_(fine, *t.args()[1:], lr=1e-3, scaling=1.0)
+        torch.testing.assert_close(fine, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
 def test_omega_views_of_one_buffer_are_fine_when_disjoint(impl):
     # Contiguous slices of one flat buffer, and side-by-side column blocks (interleaved rows,
     # no shared element): no false alarm, and the same result as separate tensors.
@@ -208,10 +232,17 @@ def test_omega_views_of_one_buffer_are_fine_when_disjoint(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["ops", "reference"])
-def test_meta_tensors_have_no_memory_to_overlap(impl):
-    # Shape inference on the meta device: every data pointer is 0, which is no overlap.
-    meta = [torch.empty(t.shape, device="meta") for t in _step().args()]
+def test_meta_tensors_infer_shapes(impl):
+    # Shape inference on the meta device: every data pointer is 0, which is no overlap, and the
+    # penalty has no Ω values to scan for a sign (it once failed reading one back).
+    omega, a0, b0, *_ = meta = [torch.empty(t.shape, device="meta") for t in _step().args()]
     assert impl.accumulate_omega_(*meta, lr=1e-3, scaling=1.0).shape == (6, 5)
+    assert impl.finalize_importance(omega, a0, b0, scaling=1.0, xi=1e-3).shape == (6, 5)
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    penalty = impl.importance_penalty(omega, a, b, a0, b0, scaling=1.0)
+    penalty.backward()
+    assert penalty.shape == () and penalty.is_meta and a.grad.shape == a.shape and b.grad.is_meta
+    assert impl.importance_penalty_many([omega], [a], [b], scaling=1.0, weights=[-1.0]).is_meta
 
 
 def test_numpy_argument_errors_on_both_backends():

@@ -138,7 +138,12 @@ def disjoint(written: Sequence[tuple], read: Sequence[tuple]) -> None:
     """Refuses in-place targets (``written``: (name, tensor) pairs) that share memory with each
     other or with an input: the kernels read inputs while writing the targets. Like torch's own
     in-place ops, reports only overlaps that are certain: a shared first element, or two
-    contiguous tensors whose byte ranges intersect. (The native module's ``view::disjoint``.)"""
+    contiguous tensors whose byte ranges intersect. (The native module's ``view::disjoint``.)
+    A target whose own elements share memory is refused too (``view::arg``)."""
+    for name, t in written:
+        if isinstance(t, torch.Tensor) and overlaps_itself(t):
+            raise ValueError(f"{name} is updated in place, but some of its elements share memory (an expand()ed "
+                             f"or as_strided view?); pass {name}.clone()")
     spans = []
     for is_written, group in ((True, written), (False, read)):
         for name, t in group:
@@ -163,6 +168,21 @@ def disjoint(written: Sequence[tuple], read: Sequence[tuple]) -> None:
             reach_written = (hi, name)
         if reach_any is None or hi > reach_any[0]:
             reach_any = (hi, name)
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two indices of matrix ``t`` address one element: a stride of 0 along more than one
+    element, or steps di·s₀ = dj·s₁ within the matrix (the smallest being s₁/g rows against s₀/g
+    columns, g = gcd). Other ranks are refused elsewhere, by shape. (The native ``overlaps_itself``.)"""
+    if t.dim() != 2 or t.numel() == 0:
+        return False
+    (n0, n1), (s0, s1) = t.shape, t.stride()
+    if (n0 > 1 and s0 == 0) or (n1 > 1 and s1 == 0):
+        return True
+    if n0 < 2 or n1 < 2:
+        return False
+    g = math.gcd(s0, s1)
+    return s1 // g < n0 and s0 // g < n1
 
 
 def _overlap(target: str, other: str) -> None:
