@@ -158,9 +158,11 @@ def test_check_names_every_problem(recorded):
     assert f"missing: {names[0]}" in msg
     assert "extra: base_model.model.extra.q_proj" in msg
     assert f"mis-shaped: {names[1]}" in msg
-    other = tiny_lora_model(seed=21, r=2)
-    with pytest.raises(ValueError, match="another rank"):
-        imp.check(other)
+    imp.check(tiny_lora_model(seed=21, r=2))  # another rank: the Regularizer pads the smaller pair
+    a_ref, b_ref = imp.references[names[2]]
+    unfactored = Importance(imp.matrices, {**imp.references, names[2]: (a_ref, b_ref[:, 1:])}, imp.scalings, imp.meta)
+    with pytest.raises(ValueError, match=rf"mis-shaped: {names[2]} reference factors .* do not factor its weight"):
+        unfactored.check(model)
     fingerprinted = Importance(imp.matrices, imp.references, imp.scalings,
                                {**imp.meta, "base_model_fingerprint": "0000"})
     with pytest.raises(ValueError, match="another architecture"):

@@ -96,9 +96,6 @@ def test_fresh_adapter_on_the_merged_model(rank):
     merged = model.merge_and_unload()
     fresh = get_peft_model(merged, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
                                               lora_dropout=0.0))
-    if rank != 4:
-        with pytest.raises(ValueError, match=r"reference factors .* \(another rank\?\)"):
-            hlora.Regularizer(fresh, imp, anchor="reference")
     reg = hlora.Regularizer(fresh, imp, phi=1.0)
     assert reg.anchor == "zero"
     assert float(reg.penalty().detach()) == 0.0, "B = 0: no drift from the merged model yet"
@@ -109,6 +106,37 @@ def test_fresh_adapter_on_the_merged_model(rank):
                                                       m.b.detach().double(), scaling=m.scaling)
                for m, c in zip(mats, reg.coefficients))
     assert rel_err(value, want) <= 1e-5
+
+
+@pytest.mark.parametrize("rank", [2, 8], ids=["lower rank", "higher rank"])
+def test_an_adapter_of_another_rank_is_anchored_at_the_recorded_one(rank):
+    """A fresh adapter of another rank on the base model (not merged), anchored at the general
+    task's adapter: D = s·B·A − s_ref·B_ref·A_ref with the smaller pair zero-padded."""
+    recorded = tiny_lora_model(seed=35)  # r = 4, α = 8
+    imp = _record(recorded)
+    base = recorded.unload()  # the ν adapter removed, not merged
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=3 * rank, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0))
+    _drift(model, seed=1)
+    reg = hlora.Regularizer(model, imp, phi=3.0, anchor="reference")
+    value = reg.penalty()
+    value.backward()
+    want = 0
+    leaves = {}
+    for m, c in zip(find_adapted(model), reg.coefficients):
+        a = m.a.detach().double().requires_grad_()
+        b = m.b.detach().double().requires_grad_()
+        leaves[m.name] = (m, a, b)
+        a_ref, b_ref = (t.double() for t in imp.references[m.name])
+        assert a_ref.shape[0] == 4 != a.shape[0]
+        d = m.scaling * b @ a - imp.scalings[m.name] * b_ref @ a_ref
+        want = want + 3.0 * float(c) * (imp.matrices[m.name].double() * d * d).sum()
+    want.backward()
+    assert rel_err(value, want) <= 1e-5
+    for m, a, b in leaves.values():
+        assert m.a.grad.shape == (rank, m.a.shape[1]) and float(m.a.grad.abs().sum()) > 0
+        assert rel_err(m.a.grad, a.grad) <= 1e-5 and rel_err(m.b.grad, b.grad) <= 1e-5
+    assert reg.a_ref[0].shape[0] == max(rank, 4), "the reference factors padded once, when the adapter's rank is higher"
 
 
 def test_ambiguous_anchor_is_an_error():

@@ -140,7 +140,8 @@ class Importance:
     def check(self, model: torch.nn.Module, adapter: str = "default", references: bool = True) -> None:
         """Raises ValueError naming every missing, extra or mis-shaped matrix (and a different
         base model) between this importance and ``model``'s adapter; with ``references``, also
-        reference factors of another shape (another rank) than the adapter's."""
+        reference factors that do not factor the adapted weight's shape (another rank than the
+        adapter's is fine: the Regularizer pads the smaller one with zeros)."""
         adapted = {m.name: m for m in find_adapted(model, adapter)}
         problems = []
         for name in sorted(set(self.matrices) - set(adapted)):
@@ -153,10 +154,10 @@ class Importance:
                 problems.append(f"mis-shaped: {name} has importance {got} but the model's weight is {want}")
             if references and name in self.references:
                 a_ref, b_ref = self.references[name]
-                a, b = adapted[name].a, adapted[name].b
-                if a_ref.shape != a.shape or b_ref.shape != b.shape:
+                (out, inn), rank = want, a_ref.shape[0]
+                if a_ref.shape != (rank, inn) or b_ref.shape != (out, rank):
                     problems.append(f"mis-shaped: {name} reference factors {tuple(b_ref.shape)}·{tuple(a_ref.shape)} "
-                                    f"do not match the adapter's {tuple(b.shape)}·{tuple(a.shape)} (another rank?)")
+                                    f"do not factor its weight {want} as (out, r)·(r, in)")
         fingerprint = self.meta.get("base_model_fingerprint")
         if fingerprint and fingerprint != model_fingerprint(model):
             problems.append("base model: the importance was recorded on a model of another architecture")

@@ -7,6 +7,7 @@ import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from hlora import _checks as check
 from hlora import ops
@@ -43,6 +44,15 @@ def check_regularizer_options(phi: object, layer_weighting: object, temperature:
     return phi_value, check.positive(temperature, "temperature")
 
 
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in) and B (out, r) with zero rows and columns up to ``rank`` (B·A unchanged;
+    differentiable, so padded adapter factors keep their gradients)."""
+    extra = rank - a.shape[0]
+    if extra <= 0:
+        return a, b
+    return F.pad(a, (0, 0, 0, extra)), F.pad(b, (0, extra))
+
+
 class Regularizer:
     """φ·Σ c_l·P_l for the model's current adapter against an :class:`Importance`.
 
@@ -69,8 +79,7 @@ class Regularizer:
         if not isinstance(importance, Importance):
             raise TypeError(f"importance must be an hlora.Importance (ImportanceRecorder.finalize(), "
                             f"Importance.load(path)), got {type(importance).__name__}")
-        # The reference factors matter only as the anchor: a fresh adapter of another rank on the
-        # merged model (anchor "zero") takes the importance of any rank.
+        # The reference factors matter only as the anchor (anchor "zero" reads none of them).
         importance.check(model, adapter, references=False)
         self.matrices = find_adapted(model, adapter)
         self.phi = phi
@@ -80,8 +89,14 @@ class Regularizer:
         self.anchor = self._resolve_anchor(anchor, importance)
         if self.anchor == "reference":
             importance.check(model, adapter)
-            self.a_ref = [importance.references[m.name][0].to(device, m.a.dtype) for m in self.matrices]
-            self.b_ref = [importance.references[m.name][1].to(device, m.b.dtype) for m in self.matrices]
+            # The kernels take one rank: an adapter of another rank than the recorded one meets its
+            # reference factors zero-padded to the larger (the products, and so D, are unchanged).
+            refs = [importance.references[m.name] for m in self.matrices]
+            self._rank_padding = [max(0, a_ref.shape[0] - m.a.shape[0]) for m, (a_ref, _) in zip(self.matrices, refs)]
+            padded = [_pad_rank(a_ref.to(device, m.a.dtype), b_ref.to(device, m.b.dtype), m.a.shape[0])
+                      for m, (a_ref, b_ref) in zip(self.matrices, refs)]
+            self.a_ref = [a for a, _ in padded]
+            self.b_ref = [b for _, b in padded]
             self.scaling_ref = [float(importance.scalings.get(m.name, m.scaling)) for m in self.matrices]
         norms = torch.tensor([float(torch.linalg.vector_norm(om.float())) for om in self.omegas], dtype=torch.float64)
         if omega_dtype is not None:
@@ -136,11 +151,16 @@ class Regularizer:
     def penalty(self) -> torch.Tensor:
         """φ·Σ_l c_l·P_l as a 0-d tensor, differentiable w.r.t. every LoRA factor."""
         self._follow_model()
-        refs = {"a_ref": self.a_ref, "b_ref": self.b_ref, "scaling_ref": self.scaling_ref} \
-            if self.anchor == "reference" else {}
-        value = ops.importance_penalty_many(self.omegas, [m.a for m in self.matrices], [m.b for m in self.matrices],
-                                            scaling=[m.scaling for m in self.matrices], weights=self._weights,
-                                            **refs)
+        a = [m.a for m in self.matrices]
+        b = [m.b for m in self.matrices]
+        refs = {}
+        if self.anchor == "reference":
+            refs = {"a_ref": self.a_ref, "b_ref": self.b_ref, "scaling_ref": self.scaling_ref}
+            if any(self._rank_padding):  # an adapter of lower rank than the recorded one
+                padded = [_pad_rank(ai, bi, ai.shape[0] + extra) for ai, bi, extra in zip(a, b, self._rank_padding)]
+                a, b = [ai for ai, _ in padded], [bi for _, bi in padded]
+        value = ops.importance_penalty_many(self.omegas, a, b, scaling=[m.scaling for m in self.matrices],
+                                            weights=self._weights, **refs)
         self._last = value.detach()
         return value
 
