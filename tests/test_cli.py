@@ -240,12 +240,17 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
     selection = tmp_path / "selection.json"
     selection.write_text('{"phi": 100.0}')
     unwritable = str(a_file / "out")  # a folder inside a file: --out can never be made
+    latin1 = tmp_path / "general.txt"
+    latin1.write_bytes("A general text,\nin Latin-1: déjà vu.\n".encode("latin-1"))
     for argv, message in ((["evaluate", "--mcq", str(not_json)], "items.jsonl:2: not valid JSON"),
                           (["finetune", "--out", str(tmp_path / "ft"), "--mcq", str(not_json)], "not valid JSON"),
                           (["finetune", "--out", str(tmp_path / "ft"), "--importance", str(corrupt)],
                            "is not a readable safetensors file"),
                           (["finetune", "--out", unwritable], "Not a directory"),
                           (["record", "--out", unwritable], "Not a directory"),
+                          (["record", "--out", str(tmp_path / "rec"), "--text", str(latin1)],
+                           "general.txt: not UTF-8 text (byte 0xe9 on line 2)"),
+                          (["evaluate", "--text", str(latin1)], "not UTF-8 text"),
                           (["experiment", "--out", str(tmp_path / "grid"), "--selection", str(selection)],
                            'has no numbers "phi" and "lam"')):
         with pytest.raises(SystemExit) as exit_:

@@ -123,6 +123,13 @@ def test_mcq_file_errors(tmp_path):
         data.load_mcq_file(str(bad))
     with pytest.raises(ValueError, match="domain must be one of"):
         data.mcq("law")
+    bad.write_bytes('{"question": "caf\u00e9?", "options": ["a", "b"], "answer": 0}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bad.jsonl: not UTF-8 text \(byte 0xe9 on line 1\)"):
+        data.load_mcq_file(str(bad))
+    # One item per "\n"-line, whatever the line ending, and a U+2028 inside a string is no line break.
+    bad.write_bytes('{"question": "two\u2028lines", "options": ["a", "b"], "answer": 1}\r\n\r\n'.encode())
+    (item,) = data.load_mcq_file(str(bad))
+    assert item["question"] == "two\u2028lines" and item["answer"] == 1
 
 
 class CharTokenizer:

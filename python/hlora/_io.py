@@ -59,6 +59,19 @@ def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str,
         save_file(cpu, tmp, metadata=meta)
 
 
+def read_text(path: str) -> str:
+    """A UTF-8 text file whole (whatever the locale); a file in another encoding (or a binary
+    one) is a ValueError naming it, not a bare codec message."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """``text`` as the whole of ``path`` (UTF-8), or ``path`` as it was if anything fails."""
     with atomic_path(path) as tmp:

@@ -20,6 +20,7 @@ import torch
 
 import hlora
 from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int, saved_adapter
+from hlora._io import read_text
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -170,7 +171,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     # Inputs read and the output folder made before the model loads: a bad file or an unwritable
     # --out fails in seconds, not after the run it would have lost.
     os.makedirs(args.out, exist_ok=True)
-    text = open(args.text).read() if args.text else data.general_text("train")
+    text = read_text(args.text) if args.text else data.general_text("train")
     model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora)
     blocks = metrics.token_blocks(tokenizer, text, args.seq_len)
     recorder = hlora.ImportanceRecorder(model, xi=args.xi, clamp=args.clamp)
@@ -214,7 +215,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     # Both inputs read before the model loads and perplexity runs (minutes): a bad MCQ file
     # fails at once.
-    text = open(args.text).read() if args.text else data.general_text("test")
+    text = read_text(args.text) if args.text else data.general_text("test")
     items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "test")
     if args.adapter:
         model, tokenizer = _peft_model(args.model, 8, 32, False, adapter=args.adapter)
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("record", help="LoRA on general text, recording importance")
     common(rec, 30)
     rec.add_argument("--text", type=existing_file, default=None,
-                     help="a plain-text file (default: the shipped general corpus)")
+                     help="a UTF-8 plain-text file (default: the shipped general corpus)")
     rec.add_argument("--batch", type=positive_int, default=4,
                      help="blocks of --seq-len tokens per step (default: %(default)s)")
     rec.add_argument("--seq-len", type=block_length, default=128, help="tokens per block (default: %(default)s)")
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", type=saved_adapter, default=None,
                     help="a saved adapter on --model (default: the model alone)")
     ev.add_argument("--text", type=existing_file, default=None,
-                    help="general text file (default: the shipped held-out text)")
+                    help="general UTF-8 text file (default: the shipped held-out text)")
     ev.add_argument("--mcq", type=existing_file, default=None, help="MCQ JSONL file (default: --domain's test split)")
     ev.add_argument("--domain", default="medical", choices=DOMAINS,
                     help="the shipped test split used without --mcq (default: %(default)s)")

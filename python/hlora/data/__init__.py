@@ -14,6 +14,8 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional
 
+from hlora._io import read_text
+
 FILES = os.path.join(os.path.dirname(__file__), "files")
 DOMAINS = ("medical", "science", "physical")
 SPLITS = ("train", "val", "test")
@@ -53,14 +55,14 @@ def validate_item(item: MCQItem, where: str = "item") -> MCQItem:
 def load_mcq_file(path: str) -> List[MCQItem]:
     """Items from a JSONL file of ``{"question", "options", "answer"}`` objects."""
     items = []
-    with open(path, encoding="utf8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-                items.append(validate_item(row, f"{path}:{n}"))
+    # Split on "\n" only: str.splitlines() would also break at a U+2028 inside a JSON string.
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+            items.append(validate_item(row, f"{path}:{n}"))
     if not items:
         raise ValueError(f"{path}: no items")
     return items
@@ -131,8 +133,7 @@ def medmcqa_cop_base(rows: List[Dict], where: str) -> int:
 def _rows(path: str) -> List[Dict]:
     """A JSON array (or ``{"data": [...]}``) or JSON lines — whatever the extension says: the
     original MedMCQA release ships JSON lines as ``.json``."""
-    with open(path, encoding="utf8") as f:
-        text = f.read()
+    text = read_text(path)
     if not path.endswith(".jsonl"):
         try:
             data = json.loads(text)
@@ -141,7 +142,7 @@ def _rows(path: str) -> List[Dict]:
         else:
             return data if isinstance(data, list) else data["data"]
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # (not splitlines(): see load_mcq_file)
         if line.strip():
             try:
                 rows.append(json.loads(line))
