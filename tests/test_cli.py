@@ -240,6 +240,8 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
     selection = tmp_path / "selection.json"
     selection.write_text('{"phi": 100.0}')
     unwritable = str(a_file / "out")  # a folder inside a file: --out can never be made
+    (tmp_path / "grid2" / "medical").mkdir(parents=True)
+    (tmp_path / "grid2" / "medical" / "seed0.json").write_text('{"domain": "medical", ')  # edited by hand
     latin1 = tmp_path / "general.txt"
     latin1.write_bytes("A general text,\nin Latin-1: déjà vu.\n".encode("latin-1"))
     for argv, message in ((["evaluate", "--mcq", str(not_json)], "items.jsonl:2: not valid JSON"),
@@ -252,7 +254,11 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
                            "general.txt: not UTF-8 text (byte 0xe9 on line 2)"),
                           (["evaluate", "--text", str(latin1)], "not UTF-8 text"),
                           (["experiment", "--out", str(tmp_path / "grid"), "--selection", str(selection)],
-                           'has no numbers "phi" and "lam"')):
+                           'has no numbers "phi" and "lam"'),
+                          (["experiment", "--out", str(tmp_path / "grid"), "--selection", str(not_json)],
+                           "items.jsonl: not valid JSON (Extra data at line 2, column 1)"),
+                          (["experiment", "--out", str(tmp_path / "grid2"), "--summary-only"],
+                           "seed0.json: not valid JSON (Expecting property name")):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2, argv

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from hlora import experiment, grid, models
+from hlora._io import read_json
 
 
 def _cli(*args, timeout=900):
@@ -124,7 +125,7 @@ def test_grid_summary_from_saved_runs(tmp_path):
     assert (tmp_path / "medical_ppl_rise.png").stat().st_size > 1000
     assert (tmp_path / "summary.md").read_text() == text
     # A seed of another experiment copied beside them is refused by name, not averaged in.
-    mixed = experiment.read_json(grid.run_path(str(tmp_path), "medical", 2))
+    mixed = read_json(grid.run_path(str(tmp_path), "medical", 2))
     mixed["budget"]["eval_items"] = 100
     experiment.save_json(grid.run_path(str(tmp_path), "medical", 10), mixed)
     with pytest.raises(ValueError, match=r"seed10.json was run with other settings than .*seed0.json "

@@ -72,6 +72,14 @@ def read_text(path: str) -> str:
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
+def read_json(path: str) -> object:
+    """A JSON file, its errors naming it (and where in it)."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """``text`` as the whole of ``path`` (UTF-8), or ``path`` as it was if anything fails."""
     with atomic_path(path) as tmp:

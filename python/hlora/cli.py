@@ -20,7 +20,7 @@ import torch
 
 import hlora
 from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int, saved_adapter
-from hlora._io import read_text
+from hlora._io import read_json, read_text
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -114,8 +114,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    import json
-
     from hlora import experiment, grid, models
 
     seeds = args.seeds or [DEFAULT_SEEDS[d] for d in args.domains]
@@ -126,8 +124,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                          f"(--domains {' '.join(args.domains)})")
     phi, lam = args.phi, args.lam
     if args.selection:
-        with open(args.selection) as f:
-            chosen = json.load(f)
+        chosen = read_json(args.selection)
         if not (isinstance(chosen, dict) and all(isinstance(chosen.get(k), (int, float)) for k in ("phi", "lam"))):
             raise ValueError(f"{args.selection} has no numbers \"phi\" and \"lam\" "
                              "(it is scripts/select_hyperparameters.py's output)")

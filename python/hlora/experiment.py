@@ -27,7 +27,7 @@ import hlora
 from hlora import _checks as check
 from hlora import _io, data, models
 from hlora import eval as metrics
-from hlora._io import write_json_atomic
+from hlora._io import read_json, write_json_atomic
 from hlora.adapters import find_adapted
 from hlora.baselines.ewc import EWCPenalty, Fisher, empirical_fisher, sequences_for_budget
 
@@ -353,11 +353,6 @@ def versus_recording(ewc_s: float, recording_s: float) -> str:
 def save_json(path: str, payload: Dict) -> None:
     """Atomic JSON write (a crashed run never leaves half a results file)."""
     write_json_atomic(path, payload, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
-
-
-def read_json(path: str) -> Dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _settings(budget: Dict, model_name: Optional[str]) -> Dict:

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from hlora import _checks as check
 from hlora import data, experiment, models, plots, stats
-from hlora._io import write_text_atomic
+from hlora._io import read_json, write_text_atomic
 
 
 def run_path(out: str, domain: str, seed: int) -> str:
@@ -52,7 +52,7 @@ def run_grid(out: str, domains: Sequence[str], seeds: Sequence[int], budget: exp
 def _base(cmp: experiment.Comparison, seed0_path: str, seed: int) -> None:
     """The base model's evaluation: seed 0's when it is done (it does not depend on the seed)."""
     if seed > 0 and os.path.isfile(seed0_path):
-        r = experiment.read_json(seed0_path)["results"]["base"]
+        r = read_json(seed0_path)["results"]["base"]
         cmp.results["base"] = experiment.Result("base", r["ppl"], r["acc"], r["acc_norm"], 0.0)
     else:
         cmp.run_base()
@@ -68,7 +68,7 @@ def load_runs(out: str) -> Dict[str, List[Tuple[str, Dict]]]:
         if os.path.isdir(folder):
             files = sorted((f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json")),
                            key=lambda f: (len(f), f))  # seed2 before seed10
-            runs[domain] = [(path, experiment.read_json(path)) for path in (os.path.join(folder, f) for f in files)]
+            runs[domain] = [(path, read_json(path)) for path in (os.path.join(folder, f) for f in files)]
     return runs
 
 
