@@ -237,3 +237,34 @@ def test_to_keeps_omega_a_floating_tensor_within_range():
     half = imp.to("cpu", torch.bfloat16)
     assert half.matrices["m"].dtype == torch.bfloat16 and half.references["m"][0].dtype == torch.float32
     assert imp.matrices["m"].dtype == torch.float32  # a new Importance; this one is untouched
+
+
+def test_an_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    # `hlora record` and `hlora finetune` save their adapter through this: a crash while saving a
+    # rerun's adapter must not cost the last one.
+    import hlora._io as io_module
+
+    def contents(folder):
+        return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+    target = tmp_path / "adapter"
+    first = tiny_lora_model(seed=22)
+    with io_module.atomic_folder(str(target)) as folder:
+        first.save_pretrained(folder)
+    saved = contents(target)
+    assert "adapter_config.json" in saved and "adapter_model.safetensors" in saved
+    second = tiny_lora_model(seed=23)
+    with pytest.raises(OSError, match="disk full"):
+        with io_module.atomic_folder(str(target)) as folder:
+            second.save_pretrained(folder)  # written whole, then the disk fills before the swap
+            raise OSError("disk full")
+    assert contents(target) == saved
+    assert os.listdir(tmp_path) == ["adapter"], "no temporary folder left behind"
+    with io_module.atomic_folder(str(target)) as folder:
+        second.save_pretrained(folder)
+    assert contents(target)["adapter_model.safetensors"] != saved["adapter_model.safetensors"]
+    assert os.listdir(tmp_path) == ["adapter"], "the old folder removed once the new one is in place"
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError, match="a-file is a file"):
+        with io_module.atomic_folder(str(tmp_path / "a-file")):
+            pass

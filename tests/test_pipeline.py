@@ -75,7 +75,10 @@ def test_record_finetune_evaluate_commands(tmp_path):
     out = _cli("finetune", "--out", str(tmp_path / "mu"), "--adapter", str(tmp_path / "nu" / "adapter"),
                "--importance", str(tmp_path / "nu" / "importance.safetensors"), "--mcq", str(items),
                "--steps", "2", "--batch", "2", "--phi", "100")
-    assert "penalty" in out and (tmp_path / "mu" / "adapter").is_dir()
+    assert "penalty" in out and (tmp_path / "mu" / "adapter" / "adapter_config.json").is_file()
+    # The adapters are saved through a temporary folder that takes their place: none is left.
+    assert sorted(os.listdir(tmp_path / "nu")) == ["adapter", "importance.safetensors"]
+    assert sorted(os.listdir(tmp_path / "mu")) == ["adapter", "history.json"]
     text = tmp_path / "general.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out = _cli("evaluate", "--adapter", str(tmp_path / "mu" / "adapter"), "--text", str(text), "--mcq", str(items),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Tuple
@@ -46,6 +47,40 @@ def atomic_path(path: str) -> Iterator[str]:
         if os.path.exists(tmp):
             os.unlink(tmp)
     dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yields a temporary folder beside ``path`` to fill; on success it takes ``path``'s place
+    (an older folder there is moved aside first and removed after), on failure it is removed and
+    ``path`` is untouched. Between the two renames a crash leaves the old folder as
+    ``.hlora-old-*`` beside it: the previous work is never deleted before the new is in place."""
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path} is a file; give the folder to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hlora-new-", dir=parent)
+    old = None
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=".hlora-old-", dir=parent)
+            os.replace(path, old)  # onto the empty folder just made
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    if old is not None:
+        shutil.rmtree(old)
+    dir_fd = os.open(parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

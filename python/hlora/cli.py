@@ -20,7 +20,7 @@ import torch
 
 import hlora
 from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int, saved_adapter
-from hlora._io import read_json, read_text
+from hlora._io import atomic_folder, read_json, read_text
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -174,7 +174,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     recorder = hlora.ImportanceRecorder(model, xi=args.xi, clamp=args.clamp)
     experiment.train(model, experiment.general_batches(blocks, args.batch, args.steps, args.seed), args.steps,
                      args.lr, recorder=recorder, desc="recording")
-    model.save_pretrained(os.path.join(args.out, "adapter"))
+    with atomic_folder(os.path.join(args.out, "adapter")) as folder:
+        model.save_pretrained(folder)
     imp = recorder.finalize()
     imp.save(os.path.join(args.out, "importance.safetensors"))
     print(f"recorded {imp.meta['steps']} steps ({imp.meta['skipped_steps']} skipped) over {len(imp.names)} "
@@ -198,7 +199,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         penalty = hlora.Regularizer(model, importance, phi=args.phi, layer_weighting=args.layer_weighting).penalty
     hist = experiment.train(model, experiment.domain_batches(tokenizer, items, args.batch, args.steps, args.seed),
                             args.steps, args.lr, penalty=penalty, desc="fine-tuning")
-    model.save_pretrained(os.path.join(args.out, "adapter"))
+    with atomic_folder(os.path.join(args.out, "adapter")) as folder:  # a rerun's crash keeps the last adapter
+        model.save_pretrained(folder)
     experiment.save_json(os.path.join(args.out, "history.json"), {"history": hist})
     print(f"final task loss {hist[-1]['task_loss']:.4f}, penalty {hist[-1]['penalty']:.4g} → {args.out}/adapter")
     return 0
