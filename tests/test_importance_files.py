@@ -264,6 +264,14 @@ def test_an_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path):
         second.save_pretrained(folder)
     assert contents(target)["adapter_model.safetensors"] != saved["adapter_model.safetensors"]
     assert os.listdir(tmp_path) == ["adapter"], "the old folder removed once the new one is in place"
+    # A link to a folder is replaced, the folder it names kept.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").symlink_to(elsewhere)
+    with io_module.atomic_folder(str(tmp_path / "linked")) as folder:
+        second.save_pretrained(folder)
+    assert not (tmp_path / "linked").is_symlink() and (tmp_path / "linked" / "adapter_config.json").is_file()
+    assert elsewhere.is_dir() and sorted(os.listdir(tmp_path)) == ["adapter", "elsewhere", "linked"]
     (tmp_path / "a-file").write_text("")
     with pytest.raises(NotADirectoryError, match="a-file is a file"):
         with io_module.atomic_folder(str(tmp_path / "a-file")):

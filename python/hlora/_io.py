@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Tuple
 
@@ -71,14 +72,16 @@ def atomic_folder(path: str) -> Iterator[str]:
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=".hlora-old-", dir=parent)
-            os.replace(path, old)  # onto the empty folder just made
+        if os.path.lexists(path):
+            old = os.path.join(parent, f".hlora-old-{uuid.uuid4().hex}")
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    if old is not None:
+    if old is not None and os.path.islink(old):
+        os.unlink(old)  # a symbolic link there was replaced, not followed: the folder it names is kept
+    elif old is not None:
         shutil.rmtree(old)
     dir_fd = os.open(parent, os.O_RDONLY)
     try:
