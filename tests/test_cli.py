@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hlora
-from hlora import bench, bench_training, cli, grid, ops
+from hlora import bench, bench_training, checkpoint, cli, grid, ops
 
 
 def test_bench_rows_cover_every_op_and_shape():
@@ -242,6 +242,9 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
     unwritable = str(a_file / "out")  # a folder inside a file: --out can never be made
     (tmp_path / "grid2" / "medical").mkdir(parents=True)
     (tmp_path / "grid2" / "medical" / "seed0.json").write_text('{"domain": "medical", ')  # edited by hand
+    (tmp_path / "rec2").mkdir()  # a record run killed at step 50 of 100, rerun with other steps
+    torch.save({"format": checkpoint.FORMAT, "settings": {"command": "record", "steps": 100}, "step": 50},
+               tmp_path / "rec2" / "resume.pt")
     latin1 = tmp_path / "general.txt"
     latin1.write_bytes("A general text,\nin Latin-1: déjà vu.\n".encode("latin-1"))
     for argv, message in ((["evaluate", "--mcq", str(not_json)], "items.jsonl:2: not valid JSON"),
@@ -253,6 +256,8 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
                           (["record", "--out", str(tmp_path / "rec"), "--text", str(latin1)],
                            "general.txt: not UTF-8 text (byte 0xe9 on line 2)"),
                           (["evaluate", "--text", str(latin1)], "not UTF-8 text"),
+                          (["record", "--out", str(tmp_path / "rec2")],
+                           "resume.pt holds a run interrupted with other settings"),
                           (["experiment", "--out", str(tmp_path / "grid"), "--selection", str(selection)],
                            'has no numbers "phi" and "lam"'),
                           (["experiment", "--out", str(tmp_path / "grid"), "--selection", str(not_json)],

@@ -19,8 +19,17 @@ from typing import List, Optional
 import torch
 
 import hlora
-from hlora._args import block_length, existing_file, non_negative_float, positive_float, positive_int, saved_adapter
+from hlora._args import (
+    block_length,
+    existing_file,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    saved_adapter,
+)
 from hlora._io import atomic_folder, read_json, read_text
+from hlora.checkpoint import StepCheckpoint
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -145,7 +154,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peft_model(model_name, r: int, alpha: int, rslora: bool, adapter: str = None):
+def _peft_model(model_name, r: int, alpha: int, rslora: bool, seed: int, adapter: str = None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from hlora import models
@@ -154,7 +163,34 @@ def _peft_model(model_name, r: int, alpha: int, rslora: bool, adapter: str = Non
     if adapter:
         return PeftModel.from_pretrained(base, adapter, is_trainable=True), tokenizer
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_rslora=rslora)
+    torch.manual_seed(seed)  # A's random initialization: --seed's promise
     return get_peft_model(base, cfg), tokenizer
+
+
+#: Options that change how a run goes, not what it computes: a run resumes across them.
+_NOT_SETTINGS = ("func", "command", "out", "threads", "checkpoint_every")
+
+
+def _step_checkpoint(args: argparse.Namespace) -> StepCheckpoint:
+    """``<out>/resume.pt`` for this command's run, checked against its arguments now (before the
+    model loads). Input files count by content, the model by identity."""
+    from hlora import models
+    from hlora.checkpoint import file_digest
+
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    settings["command"], settings["model"] = args.command, models.identity(args.model)
+    for key in ("text", "mcq", "importance"):
+        if settings.get(key) is not None:
+            settings[key] = file_digest(settings[key])
+    if settings.get("adapter") is not None:
+        weights = [f for f in sorted(os.listdir(args.adapter)) if f.startswith("adapter_model.")]
+        settings["adapter"] = [file_digest(os.path.join(args.adapter, f)) for f in weights]
+    return StepCheckpoint(os.path.join(args.out, "resume.pt"), settings, args.checkpoint_every)
+
+
+def _say_resumed(checkpoint: StepCheckpoint, steps: int) -> None:
+    if checkpoint.step:
+        print(f"resuming from {checkpoint.path}: {checkpoint.step} of {steps} steps done earlier")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -169,15 +205,18 @@ def cmd_record(args: argparse.Namespace) -> int:
     # --out fails in seconds, not after the run it would have lost.
     os.makedirs(args.out, exist_ok=True)
     text = read_text(args.text) if args.text else data.general_text("train")
-    model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora)
+    checkpoint = _step_checkpoint(args)
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora, args.seed)
     blocks = metrics.token_blocks(tokenizer, text, args.seq_len)
     recorder = hlora.ImportanceRecorder(model, xi=args.xi, clamp=args.clamp)
+    _say_resumed(checkpoint, args.steps)
     experiment.train(model, experiment.general_batches(blocks, args.batch, args.steps, args.seed), args.steps,
-                     args.lr, recorder=recorder, desc="recording")
+                     args.lr, recorder=recorder, desc="recording", checkpoint=checkpoint)
     with atomic_folder(os.path.join(args.out, "adapter")) as folder:
         model.save_pretrained(folder)
     imp = recorder.finalize()
     imp.save(os.path.join(args.out, "importance.safetensors"))
+    checkpoint.remove()
     print(f"recorded {imp.meta['steps']} steps ({imp.meta['skipped_steps']} skipped) over {len(imp.names)} "
           f"matrices → {args.out}/importance.safetensors, adapter in {args.out}/adapter")
     return 0
@@ -193,15 +232,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)  # inputs and --out first, as in cmd_record
     items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "train")
     importance = hlora.Importance.load(args.importance) if args.importance else None
-    model, tokenizer = _peft_model(args.model, args.r, args.alpha, False, adapter=args.adapter)
+    checkpoint = _step_checkpoint(args)
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, False, args.seed, adapter=args.adapter)
     penalty = None
     if importance is not None:
         penalty = hlora.Regularizer(model, importance, phi=args.phi, layer_weighting=args.layer_weighting).penalty
+    _say_resumed(checkpoint, args.steps)
     hist = experiment.train(model, experiment.domain_batches(tokenizer, items, args.batch, args.steps, args.seed),
-                            args.steps, args.lr, penalty=penalty, desc="fine-tuning")
+                            args.steps, args.lr, penalty=penalty, desc="fine-tuning", checkpoint=checkpoint)
     with atomic_folder(os.path.join(args.out, "adapter")) as folder:  # a rerun's crash keeps the last adapter
         model.save_pretrained(folder)
     experiment.save_json(os.path.join(args.out, "history.json"), {"history": hist})
+    checkpoint.remove()
     print(f"final task loss {hist[-1]['task_loss']:.4f}, penalty {hist[-1]['penalty']:.4g} → {args.out}/adapter")
     return 0
 
@@ -284,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--r", type=positive_int, default=8, help="LoRA rank of a new adapter (default: %(default)s)")
         p.add_argument("--alpha", type=positive_int, default=32,
                        help="LoRA alpha of a new adapter; scaling s = alpha / r (default: %(default)s)")
+        p.add_argument("--checkpoint-every", type=non_negative_int, default=50,
+                       help="keep the run's state in OUT/resume.pt every N steps; rerun the same command to "
+                            "resume after a crash (0: never; default: %(default)s)")
 
     rec = sub.add_parser("record", help="LoRA on general text, recording importance")
     common(rec, 30)

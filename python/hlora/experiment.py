@@ -11,6 +11,7 @@ HLoRA — the ν adapter continued with φ·Σ c_l·P_l; HLoRA − layer — uni
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from hlora import eval as metrics
 from hlora._io import read_json, write_json_atomic
 from hlora.adapters import find_adapted
 from hlora.baselines.ewc import EWCPenalty, Fisher, empirical_fisher, sequences_for_budget
+from hlora.checkpoint import StepCheckpoint
 
 #: The result of the shared general phase (task ν), every ν+μ method's starting point.
 NU = "after ν"
@@ -139,16 +141,26 @@ def load_lora_state(model, state: Dict[str, tuple]) -> None:
 
 
 def train(model, batches, steps: int, lr: float, *, recorder=None, penalty: Optional[Callable] = None,
-          desc: str = "train", progress: bool = True) -> List[Dict[str, float]]:
-    """Plain AdamW LoRA training; optional ω recording and a penalty added once per step."""
-    params = [p for p in model.parameters() if p.requires_grad]
+          desc: str = "train", progress: bool = True, checkpoint: Optional[StepCheckpoint] = None
+          ) -> List[Dict[str, float]]:
+    """Plain AdamW LoRA training; optional ω recording and a penalty added once per step. With a
+    ``checkpoint``, the run resumes from the one kept there (skipping the batches it did) and
+    keeps one every ``checkpoint.every`` steps."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=lr)
     if recorder is not None:
         recorder.optimizer = opt
     device = params[0].device
-    history = []
+    history: List[Dict[str, float]] = []
+    start = 0
+    if checkpoint is not None and checkpoint.step:
+        start = checkpoint.step
+        history = checkpoint.restore(named, opt, recorder)
+        batches = itertools.islice(batches, start, None)
     model.train()
-    for step, batch in enumerate(tqdm(batches, total=steps, desc=desc, disable=not progress, leave=False)):
+    bar = tqdm(batches, total=steps, initial=start, desc=desc, disable=not progress, leave=False)
+    for step, batch in enumerate(bar, start):
         batch = {k: v.to(device) for k, v in batch.items()}
         task = model(**batch).loss
         pen = penalty() if penalty is not None else None
@@ -162,6 +174,8 @@ def train(model, batches, steps: int, lr: float, *, recorder=None, penalty: Opti
             recorder.after_step()
         history.append({"step": step + 1, "task_loss": float(task.detach()),
                         "penalty": float(pen.detach()) if pen is not None else 0.0})
+        if checkpoint is not None:
+            checkpoint.maybe_save(step + 1, steps, named, opt, recorder, history)
     model.eval()
     return history
 
