@@ -72,9 +72,12 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(kind, tmp_path
         assert torch.equal(omega[name], om), name
     if kind == "finetune":
         assert all(h["penalty"] > 0 for h in history[1:])
-    # The last checkpoint is the one of step 6 (none after the last step); the command removes it.
-    assert StepCheckpoint(path, SETTINGS, EVERY).step == 6
-    resumed.remove()
+    # The last checkpoint is the one after the last step: rerun from there (a crash while the
+    # outputs were written), the training is not done again.
+    assert StepCheckpoint(path, SETTINGS, EVERY).step == STEPS
+    again = _run(kind, StepCheckpoint(path, SETTINGS, EVERY), importance=importance)
+    assert again[0] == want_history and all(torch.equal(again[2][n], om) for n, om in want_omega.items())
+    resumed.remove()  # what the command does once its outputs are written
     assert not os.path.exists(path)
 
 

@@ -90,9 +90,9 @@ class StepCheckpoint:
 
     def maybe_save(self, step: int, steps: int, params: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                    recorder, history: List[Dict[str, float]]) -> None:
-        """A checkpoint after ``step`` optimizer steps when one is due (never after the last: the
-        run's own outputs are written then)."""
-        if self.every == 0 or step % self.every or step >= steps:
+        """A checkpoint after ``step`` optimizer steps when one is due, and after the last (a crash
+        while the outputs are written then costs no training)."""
+        if self.every == 0 or (step % self.every and step < steps):
             return
         state = {"format": FORMAT, "settings": self.settings, "step": step,
                  "params": {n: p.detach().cpu().clone() for n, p in params.items()},
