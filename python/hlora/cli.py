@@ -154,7 +154,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peft_model(model_name, r: int, alpha: int, rslora: bool, seed: int, adapter: str = None):
+def _peft_model(model_name, r: int, alpha: int, rslora: bool, seed: int = 0, adapter: str = None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from hlora import models
