@@ -29,7 +29,7 @@ from hlora._args import (
     saved_adapter,
 )
 from hlora._io import atomic_folder, read_json, read_text
-from hlora.checkpoint import StepCheckpoint
+from hlora.checkpoint import StepCheckpoint, file_digest
 from hlora.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
@@ -168,17 +168,16 @@ def _peft_model(model_name, r: int, alpha: int, rslora: bool, seed: int = 0, ada
 
 
 #: Options that change how a run goes, not what it computes: a run resumes across them.
-_NOT_SETTINGS = ("func", "command", "out", "threads", "checkpoint_every")
+_NOT_SETTINGS = ("func", "out", "threads", "checkpoint_every")
 
 
 def _step_checkpoint(args: argparse.Namespace) -> StepCheckpoint:
     """``<out>/resume.pt`` for this command's run, checked against its arguments now (before the
     model loads). Input files count by content, the model by identity."""
     from hlora import models
-    from hlora.checkpoint import file_digest
 
     settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
-    settings["command"], settings["model"] = args.command, models.identity(args.model)
+    settings["model"] = models.identity(args.model)
     for key in ("text", "mcq", "importance"):
         if settings.get(key) is not None:
             settings[key] = file_digest(settings[key])
