@@ -29,6 +29,15 @@ def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in ``folder`` durable (the entry itself, not only the file's bytes)."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary path beside ``path`` to write; on success the file there is fsynced and
@@ -47,11 +56,7 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(folder)
 
 
 @contextmanager
@@ -83,11 +88,7 @@ def atomic_folder(path: str) -> Iterator[str]:
         os.unlink(old)  # a symbolic link there was replaced, not followed: the folder it names is kept
     elif old is not None:
         shutil.rmtree(old)
-    dir_fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(parent)
 
 
 def save_atomic(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
