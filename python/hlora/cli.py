@@ -271,7 +271,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_HELP = "HF causal LM name or path (default: SmolLM2-135M, offline)"
+MODEL_HELP = "HF causal LM name or path (default: SmolLM2-135M-Instruct, offline)"
 THREADS_HELP = "torch CPU threads, the kernels' too (default: %(default)s)"
 SEED_HELP = "data order and adapter initialization (default: %(default)s)"
 
