@@ -298,15 +298,25 @@ pub fn same_device(args: &[&Arg]) -> Result<Device> {
     for a in args {
         if a.device() != device {
             return Err(Error::value(format!(
-                "{} is on {:?} but {} is on {:?}; all tensors must be on one device",
+                "{} is on {} but {} is on {}; all tensors must be on one device",
                 a.name,
-                a.device(),
+                device_name(a.device()),
                 first.name,
-                device
+                device_name(device)
             )));
         }
     }
     Ok(device)
+}
+
+/// A device as torch prints it. tch reports every device but the CPU and CUDA as `Mps` (its
+/// `at_device` maps them all to one code), a meta tensor's included.
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(index) => format!("cuda:{index}"),
+        _ => "a device other than cpu and cuda (meta?)".into(),
+    }
 }
 
 /// A tensor with its argument name, for [`disjoint`].
