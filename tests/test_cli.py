@@ -269,3 +269,25 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
         assert exit_.value.code == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.startswith(f"hlora {argv[0]}: error: "), err
+
+
+def test_a_finetune_checkpoint_belongs_to_its_inputs_by_content(tmp_path):
+    """What `hlora finetune` resumes across: the same adapter, importance and MCQ bytes, the same
+    options but --threads and --checkpoint-every; an input edited in between is another run."""
+    from tiny import tiny_lora_model
+
+    tiny_lora_model(seed=60).save_pretrained(str(tmp_path / "adapter"))
+    importance, items = tmp_path / "importance.safetensors", tmp_path / "items.jsonl"
+    importance.write_bytes(b"recorded importance")  # read by content here, not parsed
+    items.write_text('{"question": "q", "options": ["a", "b"], "answer": 0}\n')
+    argv = ["finetune", "--out", str(tmp_path / "ft"), "--adapter", str(tmp_path / "adapter"),
+            "--importance", str(importance), "--mcq", str(items), "--steps", "4"]
+    (tmp_path / "ft").mkdir()
+    first = cli._step_checkpoint(cli.build_parser().parse_args(argv))
+    assert first.settings["command"] == "finetune" and len(first.settings["adapter"]) == 1
+    torch.save({"format": checkpoint.FORMAT, "settings": first.settings, "step": 2}, first.path)
+    again = cli._step_checkpoint(cli.build_parser().parse_args(argv + ["--threads", "1", "--checkpoint-every", "7"]))
+    assert again.step == 2, "the thread count and checkpoint interval do not make another run"
+    items.write_text('{"question": "q?", "options": ["a", "b"], "answer": 0}\n')
+    with pytest.raises(ValueError, match=r"resume.pt holds a run interrupted with other settings \(mcq '"):
+        cli._step_checkpoint(cli.build_parser().parse_args(argv))
