@@ -156,6 +156,35 @@ def test_penalty_forward_and_gradients(shape, dtype, ref_kind, cpu_path):
     assert rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]
 
 
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each |x| (float64), subnormals included."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(info.tiny)))
+    return torch.maximum(torch.exp2(exponent) * info.eps, torch.tensor(info.tiny * info.eps, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 1, 3), (96, 1, 1), (7, 5, 2)], ids=str)
+def test_low_precision_gradients_are_the_exact_ones_rounded(shape, dtype, cpu_path):
+    """Gradients of float16/bfloat16 factors come back in that dtype (autograd casts them), so
+    their relative error can only be held to DESIGN's 1e-2 where they are normal numbers; below
+    float16's normal range (6e-5) it is the format's own rounding. Every entry is checked to one
+    unit in the last place of the exact (float64) gradient, whatever its magnitude."""
+    out, inn, r = shape
+    g = torch.Generator().manual_seed(out * 31 + r)
+    a0 = (torch.randn(r, inn, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+    b0 = (torch.randn(out, r, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+    omega = torch.rand(out, inn, generator=g, dtype=torch.float64).float()
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    ops.importance_penalty(omega, a, b, scaling=0.5).backward()
+    a64, b64 = a0.double().requires_grad_(), b0.double().requires_grad_()
+    reference.importance_penalty(omega.double(), a64, b64, scaling=0.5).backward()
+    assert bool((b64.grad.abs() < 6e-5).any()), "the case reaches below float16's normal range"
+    for got, want in ((a.grad, a64.grad), (b.grad, b64.grad)):
+        assert got.dtype == dtype
+        assert bool(((got.double() - want).abs() <= _ulp(want, dtype)).all()), (got, want)
+
+
 @pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=str)
 @pytest.mark.parametrize("ratio", [1 + 1e-6, 1 + 1e-3], ids=["s_ref=s(1+1e-6)", "s_ref=s(1+1e-3)"])
 def test_penalty_has_no_cancellation_when_scalings_nearly_agree(dtype, ratio, cpu_path):
