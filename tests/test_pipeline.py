@@ -81,6 +81,10 @@ def test_record_finetune_evaluate_commands(tmp_path):
     # The adapters are saved through a temporary folder that takes their place: none is left.
     assert sorted(os.listdir(tmp_path / "nu")) == ["adapter", "importance.safetensors"]
     assert sorted(os.listdir(tmp_path / "mu")) == ["adapter", "history.json"]
+    _cli("finetune", "--out", str(tmp_path / "rs"), "--mcq", str(items), "--steps", "1", "--batch", "2",
+         "--r", "4", "--alpha", "8", "--rslora")  # a fresh adapter, rank-stabilized
+    config = json.loads((tmp_path / "rs" / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 8, True)
     text = tmp_path / "general.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out = _cli("evaluate", "--adapter", str(tmp_path / "mu" / "adapter"), "--text", str(text), "--mcq", str(items),

@@ -232,7 +232,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "train")
     importance = hlora.Importance.load(args.importance) if args.importance else None
     checkpoint = _step_checkpoint(args)
-    model, tokenizer = _peft_model(args.model, args.r, args.alpha, False, args.seed, adapter=args.adapter)
+    model, tokenizer = _peft_model(args.model, args.r, args.alpha, args.rslora, args.seed, adapter=args.adapter)
     penalty = None
     if importance is not None:
         penalty = hlora.Regularizer(model, importance, phi=args.phi, layer_weighting=args.layer_weighting).penalty
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--r", type=positive_int, default=8, help="LoRA rank of a new adapter (default: %(default)s)")
         p.add_argument("--alpha", type=positive_int, default=32,
                        help="LoRA alpha of a new adapter; scaling s = alpha / r (default: %(default)s)")
+        p.add_argument("--rslora", action="store_true", help="a new adapter's rank-stabilized scaling s = alpha / √r")
         p.add_argument("--checkpoint-every", type=non_negative_int, default=50,
                        help="keep the run's state in OUT/resume.pt every N steps; rerun the same command to "
                             "resume after a crash (0: never; default: %(default)s)")
@@ -341,7 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--clamp", default="final", choices=CLAMP_POLICIES,
                      help="clamp negative Ω to 0 at the end (final), the running ω every step (step), "
                           "or never (none) (default: %(default)s)")
-    rec.add_argument("--rslora", action="store_true", help="rank-stabilized scaling s = alpha / √r")
     rec.set_defaults(func=cmd_record)
     fin = sub.add_parser("finetune", help="fine-tune an adapter on domain MCQ data, optionally regularized")
     common(fin, 40)
