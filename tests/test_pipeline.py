@@ -44,26 +44,41 @@ def test_demo_quick_writes_results_and_plots(tmp_path):
 def test_an_interrupted_demo_resumes_with_its_loss_histories(tmp_path, monkeypatch, capsys):
     from hlora import cli
 
-    argv = ["demo", "--quick", "--out", str(tmp_path)]
+    argv = ["demo", "--quick", "--out", str(tmp_path), "--sweep", "100", "1000"]
     real_run_method = experiment.Comparison.run_method
+    ran = []
 
-    def crash_at_hlora(self, method, phi=None):
-        if method == "HLoRA":
-            raise KeyboardInterrupt
-        return real_run_method(self, method, phi)
+    def crash_at(crash_phi):
+        def run_method(self, method, phi=None):
+            if method == "HLoRA" and phi == crash_phi:
+                raise KeyboardInterrupt
+            ran.append((method, phi))
+            return real_run_method(self, method, phi)
+        return run_method
 
-    monkeypatch.setattr(experiment.Comparison, "run_method", crash_at_hlora)
+    # Killed at HLoRA, after the methods before it; then killed again in the φ sweep, at its second φ.
+    monkeypatch.setattr(experiment.Comparison, "run_method", crash_at(None))
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv)
     assert not (tmp_path / "results.json").exists() and (tmp_path / "results.json.partial").is_dir()
-    monkeypatch.setattr(experiment.Comparison, "run_method", real_run_method)
     monkeypatch.setattr(experiment.Comparison, "run_nu", lambda self: pytest.fail("the ν phase ran again"))
+    monkeypatch.setattr(experiment.Comparison, "run_method", crash_at(1000.0))
+    ran.clear()
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert ("HLoRA", 100.0) in ran and ("LoRA(nu+mu)", None) not in ran, "the methods done were kept"
+    monkeypatch.setattr(experiment.Comparison, "run_method", crash_at("never"))
+    ran.clear()
     assert cli.main(argv) == 0
     assert "resumed from" in capsys.readouterr().out
-    results = json.load(open(tmp_path / "results.json"))["results"]
-    assert set(results) == {"base", "after ν", *experiment.METHODS}
+    assert ran == [("HLoRA", 1000.0)], "only the φ in progress ran again"
+    saved = json.load(open(tmp_path / "results.json"))
+    results = saved["results"]
+    assert set(results) == {"base", "after ν", *experiment.METHODS}, "the sweep's runs are not the methods'"
+    assert [row["phi"] for row in saved["phi_sweep_validation"]] == [100.0, 1000.0]
     # The loss curves of the methods finished before the crash came back with them.
     assert all(len(results[m]["history"]) == 2 for m in experiment.METHODS)
+    assert (tmp_path / "phi_sweep.png").stat().st_size > 1000
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and not (tmp_path / "results.json.partial").exists()
 
 

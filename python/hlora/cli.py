@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     progress = experiment.Progress(results_path, budget, args.model, args.domain, args.seed)
     cmp = experiment.Comparison(args.domain, budget, seed=args.seed, model_name=args.model)
     progress.run(cmp, cmp.run_base, overhead_steps=1 if args.quick else 3)
-    sweep = cmp.phi_sweep(args.sweep) if args.sweep else []
+    sweep = progress.phi_sweep(cmp, args.sweep) if args.sweep else []
     table = experiment.results_table(cmp.results)
     print()
     print(f"## Demo-budget run: SmolLM2-135M, {args.domain}, seed {args.seed}")

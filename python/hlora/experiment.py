@@ -331,15 +331,24 @@ class Comparison:
                                                       anchor="reference"))
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
-    def phi_sweep(self, phis: List[float], items: Optional[List[data.MCQItem]] = None) -> List[Dict[str, float]]:
-        """HLoRA at several φ (Fig. 6); PPL and accuracy on ``items`` (the validation split by default)."""
+    def phi_sweep(self, phis: List[float], items: Optional[List[data.MCQItem]] = None,
+                  done: Optional[Dict[float, Dict[str, float]]] = None,
+                  keep: Optional[Callable[[Dict[str, float]], None]] = None) -> List[Dict[str, float]]:
+        """HLoRA at several φ (Fig. 6); PPL and accuracy on ``items`` (the validation split by default).
+        ``done``: the rows of the φ an interrupted sweep finished (not run again); ``keep`` is handed
+        each new row as it ends (``Progress.phi_sweep``)."""
         saved_items, self.test_items = self.test_items, items or self.val_items[: self.budget.eval_items]
         saved_results = dict(self.results)
         rows = []
         try:
             for phi in phis:
-                res = self.run_method("HLoRA", phi=phi)
-                rows.append({"phi": phi, "ppl": res.ppl, "acc": res.acc, "acc_norm": res.acc_norm})
+                row = (done or {}).get(phi)
+                if row is None:
+                    res = self.run_method("HLoRA", phi=phi)
+                    row = {"phi": phi, "ppl": res.ppl, "acc": res.acc, "acc_norm": res.acc_norm}
+                    if keep is not None:
+                        keep(row)
+                rows.append(row)
         finally:
             self.test_items, self.results = saved_items, saved_results
         return rows
@@ -412,8 +421,8 @@ def results_payload(results: Dict[str, Result], history: bool = False) -> Dict[s
 class Progress:
     """A comparison in progress, kept beside its result file (``<result>.partial/``) so a crash
     loses only the phase it was in: the results so far and, once the ν phase is done, the ν adapter
-    and its importance, which every method starts from (and EWC's Fisher once computed). Removed
-    when the result file is written."""
+    and its importance, which every method starts from (and EWC's Fisher once computed, and the
+    φ sweep's rows). Removed when the result file is written."""
 
     NU_FORMAT = "hlora-nu-adapter"
     FISHER_FORMAT = "hlora-ewc-fisher"
@@ -421,6 +430,8 @@ class Progress:
     def __init__(self, result_path: str, budget: Budget, model_name: Optional[str], domain: str, seed: int) -> None:
         self.folder = result_path + ".partial"
         self.budget, self.model_name, self.run_id = budget, model_name, {"domain": domain, "seed": seed}
+        #: The φ sweep's rows so far (the demo's ``--sweep``).
+        self.sweep: List[Dict[str, float]] = []
         if os.path.isfile(self._file("progress.json")):
             check_settings(self._file("progress.json"), budget, model_name, **self.run_id)
 
@@ -472,6 +483,17 @@ class Progress:
             self._save_nu(cmp)
         self._save(cmp)
 
+    def phi_sweep(self, cmp: Comparison, phis: List[float]) -> List[Dict[str, float]]:
+        """``cmp.phi_sweep`` on the validation split, each φ kept as it ends (a crash loses only
+        the φ in progress; the φ done are not run again)."""
+        results = dict(cmp.results)  # the methods' results: the sweep's own runs are not among them
+
+        def keep(row: Dict[str, float]) -> None:
+            self.sweep.append(row)
+            self._save(cmp, results)
+
+        return cmp.phi_sweep(phis, done={row["phi"]: row for row in self.sweep}, keep=keep)
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -484,6 +506,7 @@ class Progress:
             cmp.results[name] = Result(name, r["ppl"], r["acc"], r["acc_norm"], r["seconds"], r.get("history", []),
                                        r.get("extra", {}))
         cmp.costs.update(saved["costs"])
+        self.sweep = saved.get("phi_sweep", [])
         if NU in cmp.results:
             tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
             cmp.nu_state = {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in json.loads(meta["names"])}
@@ -498,11 +521,12 @@ class Progress:
                         {"format": self.NU_FORMAT, "names": json.dumps(list(cmp.nu_state))})
         cmp.importance.save(self._file("importance.safetensors"))
 
-    def _save(self, cmp: Comparison) -> None:
+    def _save(self, cmp: Comparison, results: Optional[Dict[str, Result]] = None) -> None:
         os.makedirs(self.folder, exist_ok=True)
         save_json(self._file("progress.json"), {**self.run_id, "budget": self.budget, "model": self.model_name,
-                                                "results": results_payload(cmp.results, history=True),
-                                                "costs": cmp.costs})
+                                                "results": results_payload(cmp.results if results is None else results,
+                                                                           history=True),
+                                                "costs": cmp.costs, "phi_sweep": self.sweep})
 
 
 def finite(x: float) -> bool:
