@@ -276,3 +276,25 @@ def test_an_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(NotADirectoryError, match="a-file is a file"):
         with io_module.atomic_folder(str(tmp_path / "a-file")):
             pass
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_and_folders_get_the_permissions_the_umask_gives(recorded, tmp_path, umask):
+    # The temporary files and folders they are written through are private (0600/0700); what takes
+    # the target's place must be as readable as a plain open() or mkdir() would have made it.
+    import stat
+
+    import hlora._io as io_module
+
+    _, imp = recorded
+    old = os.umask(umask)
+    try:
+        imp.save(str(tmp_path / "imp.safetensors"))
+        io_module.write_text_atomic(str(tmp_path / "summary.md"), "text")
+        with io_module.atomic_folder(str(tmp_path / "adapter")) as folder:
+            tiny_lora_model(seed=24).save_pretrained(folder)
+    finally:
+        os.umask(old)
+    for name in ("imp.safetensors", "summary.md"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o777 & ~umask

@@ -29,6 +29,27 @@ def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else the usual
+    set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: str, folder: bool = False) -> None:
+    """The permissions ``open``/``mkdir`` would have given ``path`` (tempfile makes its files and
+    folders private, 0600/0700: a result file, plot or adapter would be unreadable to the group)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def _fsync_folder(folder: str) -> None:
     """Makes a rename in ``folder`` durable (the entry itself, not only the file's bytes)."""
     dir_fd = os.open(folder, os.O_RDONLY)
@@ -52,6 +73,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _as_if_created(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -77,6 +99,7 @@ def atomic_folder(path: str) -> Iterator[str]:
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
+        _as_if_created(tmp, folder=True)
         if os.path.lexists(path):
             old = os.path.join(parent, f".hlora-old-{uuid.uuid4().hex}")
             os.replace(path, old)
