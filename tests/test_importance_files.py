@@ -298,3 +298,7 @@ def test_files_and_folders_get_the_permissions_the_umask_gives(recorded, tmp_pat
     for name in ("imp.safetensors", "summary.md"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
     assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o777 & ~umask
+    # A file replaced keeps the permissions its owner gave it, as one rewritten in place does.
+    os.chmod(tmp_path / "summary.md", 0o640)
+    io_module.write_text_atomic(str(tmp_path / "summary.md"), "new text")
+    assert stat.S_IMODE(os.stat(tmp_path / "summary.md").st_mode) == 0o640

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -44,10 +45,15 @@ def _umask() -> int:
     return mask
 
 
-def _as_if_created(path: str, folder: bool = False) -> None:
-    """The permissions ``open``/``mkdir`` would have given ``path`` (tempfile makes its files and
+def _as_if_written(tmp: str, target: str, folder: bool = False) -> None:
+    """Gives ``tmp`` the permissions ``target`` would have had if written in place: its own when
+    it exists, else what ``open``/``mkdir`` give under the umask (tempfile makes its files and
     folders private, 0600/0700: a result file, plot or adapter would be unreadable to the group)."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = (0o777 if folder else 0o666) & ~_umask()
+    os.chmod(tmp, mode)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -73,7 +79,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _as_if_created(tmp)
+        _as_if_written(tmp, path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -99,7 +105,7 @@ def atomic_folder(path: str) -> Iterator[str]:
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
-        _as_if_created(tmp, folder=True)
+        _as_if_written(tmp, path, folder=True)
         if os.path.lexists(path):
             old = os.path.join(parent, f".hlora-old-{uuid.uuid4().hex}")
             os.replace(path, old)
