@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -212,3 +212,8 @@ def pair_given(a: Optional[torch.Tensor], b: Optional[torch.Tensor], names: str)
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """float64 when any input is float64, else float32 (DESIGN §1)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def differences(was: Dict, now: Dict) -> List[str]:
+    """``"key old → new"`` for every setting that differs (runs and checkpoints resumed)."""
+    return [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]

@@ -55,9 +55,7 @@ class StepCheckpoint:
                              "remove it to start the run again") from None
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ValueError(f"{self.path} is not an hlora step checkpoint; remove it to start the run again")
-        was = saved["settings"]
-        differ = [f"{k} {was.get(k)!r} → {self.settings.get(k)!r}"
-                  for k in sorted(set(was) | set(self.settings)) if was.get(k) != self.settings.get(k)]
+        differ = check.differences(saved["settings"], self.settings)
         if differ:
             raise ValueError(f"{self.path} holds a run interrupted with other settings ({'; '.join(differ)}): "
                              "rerun it with those, give another --out, or remove the file to start again")

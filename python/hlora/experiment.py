@@ -393,7 +393,7 @@ def check_settings(path: str, budget: Budget, model_name: Optional[str], **run: 
     recorded = recorded_settings(saved)
     if recorded is None:
         return
-    differ = differences({**recorded, **{k: saved.get(k) for k in run}},
+    differ = check.differences({**recorded, **{k: saved.get(k) for k in run}},
                          {**_settings(asdict(budget), model_name), **run})
     if differ:
         raise ValueError(f"{path} was run with other settings ({'; '.join(differ)}): give another --out, or "
@@ -404,11 +404,6 @@ def recorded_settings(saved: Dict) -> Optional[Dict]:
     """The settings a saved run was made with (as ``check_settings`` compares them); ``None`` for
     a file written by hand or by an hlora before runs recorded theirs."""
     return _settings(saved["budget"], saved.get("model")) if "budget" in saved else None
-
-
-def differences(was: Dict, now: Dict) -> List[str]:
-    """``"key old → new"`` for every setting that differs."""
-    return [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
 
 
 def results_payload(results: Dict[str, Result], history: bool = False) -> Dict[str, Dict]:

@@ -82,7 +82,7 @@ def _settings_of(domain: str, runs: List[Tuple[str, Dict]]) -> str:
         return ""
     first_path, first, run = made[0]
     for path, settings, _ in made[1:]:
-        differ = experiment.differences(first, settings)
+        differ = check.differences(first, settings)
         if differ:
             raise ValueError(f"{path} was run with other settings than {first_path} ({'; '.join(differ)}): "
                              f"the {domain} summary would mix two experiments; move one of them to another --out")
