@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -218,6 +219,7 @@ def time_ops(device: str, models: List[str], repeats: int, out: Lines) -> None:
                  for k, (o, i) in enumerate(shapes * layers)]
         cases = op_cases(steps, r)
         for op, fused, ref, nbytes, nflops in cases:
+            print(f"timing {name}: {op}", file=sys.stderr, flush=True)
             t_fused = timed(fused, device, repeats)
             t_ref = timed(ref, device, max(3, repeats // 3))
             path = _native.cuda_path() if device == "cuda" else _native.cpu_path()
@@ -244,7 +246,12 @@ def overhead(device: str, models: List[str], out: Lines) -> None:
             "| model | LoRA step | recording | penalty fwd+bwd | matrices | ω entries |",
             "|---|---:|---:|---:|---:|---:|"]
     for name, batch, seq, dtype in models:
-        res = bench_training.run(name, steps=6, batch=batch, seq=seq, device=device, dtype=dtype, r=8)
+        print(f"overhead: {name}", file=sys.stderr, flush=True)
+        try:
+            res = bench_training.run(name, steps=6, batch=batch, seq=seq, device=device, dtype=dtype, r=8)
+        except Exception as exc:  # one model failing (memory, a transformers change) keeps the others' rows
+            out.append(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} | | | | |")
+            continue
         out.append(f"| {name} | {res['step_s'] * 1e3:.1f} ms | {res['record_s'] * 1e3:.2f} ms "
                    f"({res['record_pct']:.2f} %) | {res['penalty_s'] * 1e3:.2f} ms ({res['penalty_pct']:.2f} %) | "
                    f"{res['matrices']} | {res['omega_entries'] / 1e6:.1f} M |")
@@ -294,16 +301,31 @@ def main(argv: List[str] | None = None) -> int:
             f"{where}; torch {torch.__version__}; hlora {hlora.__version__} (backend {hlora.backend()}); "
             f"command: `{command}`", ""]
     t0 = time.perf_counter()
+    shown = 0
+
+    def report() -> None:
+        # Each part is printed and saved as it ends: device minutes are scarce, and a part that
+        # fails or runs out of time must not take the parts before it with it.
+        nonlocal shown
+        print("\n".join(out[shown:]), flush=True)
+        shown = len(out)
+        if args.out:
+            write_text_atomic(args.out, "\n".join(out) + "\n")
+
     ok = check_ops(device, shapes, out)
-    print("\n".join(out), flush=True)
-    mark = len(out)
-    time_ops(device, models, repeats, out)
+    report()
+    try:
+        time_ops(device, models, repeats, out)
+    except Exception as exc:  # keep the correctness table and go on to the overhead
+        traceback.print_exc()
+        out += [f"Timings stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", ""]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    report()
     if not args.skip_overhead:
         overhead(device, training, out)
     out.append(f"Total {time.perf_counter() - t0:.0f} s. Correctness: {'all within tolerance' if ok else 'FAILURES'}.")
-    print("\n".join(out[mark:]), flush=True)
-    if args.out:
-        write_text_atomic(args.out, "\n".join(out) + "\n")
+    report()
     return 0 if ok else 1
 
 
