@@ -215,12 +215,15 @@ def test_gpu_kernels_match_reference(shape, dtype):
     ref = reference.finalize_importance(step.omega.double(), step.a1.double(), step.b1.double(), scaling=2.0,
                                         xi=1e-3, a_start=step.a0.double(), b_start=step.b0.double())
     assert rel_err(got, ref) <= FORWARD_TOL[dtype]
+    # Ω of order 1 for the penalty: a finalized Ω can be so small that float16 gradients are
+    # subnormal, where rounding to float16 alone is ~10 % (measured on the H200 at (1, 1, 1)).
+    weights = torch.rand(got.shape, generator=torch.Generator().manual_seed(out + inn)).to("cuda")
     a, b = step.a1.clone().requires_grad_(), step.b1.clone().requires_grad_()
     a64, b64 = step.a1.double().requires_grad_(), step.b1.double().requires_grad_()
     _poison("cuda")
-    p = ops.importance_penalty(got, a, b, step.a0, step.b0, scaling=2.0)
+    p = ops.importance_penalty(weights, a, b, step.a0, step.b0, scaling=2.0)
     p.backward()
-    p64 = reference.importance_penalty(got.double(), a64, b64, step.a0.double(), step.b0.double(), scaling=2.0)
+    p64 = reference.importance_penalty(weights.double(), a64, b64, step.a0.double(), step.b0.double(), scaling=2.0)
     p64.backward()
     assert rel_err(p, p64) <= FORWARD_TOL[dtype]
     assert rel_err(a.grad, a64.grad) <= GRAD_TOL[dtype] and rel_err(b.grad, b64.grad) <= GRAD_TOL[dtype]

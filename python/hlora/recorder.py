@@ -41,6 +41,23 @@ def check_recorder_options(xi: object, clamp: object) -> float:
     return check.positive(xi, "xi")
 
 
+def _copies(tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Copies of `tensors` (contiguous, same shapes) made with one concatenation per device
+    and dtype: a model's LoRA factors are ~100 small tensors, and a copy each costs a launch
+    each on a GPU. Returns the copies and the flat buffers that hold them."""
+    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    copies: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    flats = []
+    for idx in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        flats.append(flat)
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            copies[i] = part.view(tensors[i].shape)
+    return copies, flats  # type: ignore[return-value]
+
+
 class ImportanceRecorder:
     """Accumulates ω (Eq. 12) over the optimizer steps of a general task and turns it into
     :class:`~hlora.Importance` (Eq. 13).
@@ -118,18 +135,17 @@ class ImportanceRecorder:
         backward and any clipping/unscaling, right before ``optimizer.step()``)."""
         lrs = [float(lr)] * len(self.matrices) if lr is not None else self._learning_rates()
         self._follow_model()
-        snapshot = []
-        for m in self.matrices:
-            ga = m.a.grad.detach().clone() if m.a.grad is not None else torch.zeros_like(m.a)
-            gb = m.b.grad.detach().clone() if m.b.grad is not None else torch.zeros_like(m.b)
-            snapshot.append((m.a.detach().clone(), m.b.detach().clone(), ga, gb))
-        # One check (one wait for a GPU) per device for all gradients, not one per matrix.
-        by_device: Dict[torch.device, List[torch.Tensor]] = {}
-        for _, _, ga, gb in snapshot:
-            for g in (ga, gb):
-                by_device.setdefault(g.device, []).append(g.reshape(-1))
-        finite = all(bool(torch.isfinite(torch.cat(grads)).all()) for grads in by_device.values())
-        self._pending = (snapshot, lrs, finite)
+        factors, factor_copies = _copies([t for m in self.matrices for t in (m.a.detach(), m.b.detach())])
+        grads, grad_copies = _copies([g.detach() for m in self.matrices
+                                      for g in (m.a.grad if m.a.grad is not None else torch.zeros_like(m.a),
+                                                m.b.grad if m.b.grad is not None else torch.zeros_like(m.b))])
+        snapshot = [(factors[2 * i], factors[2 * i + 1], grads[2 * i], grads[2 * i + 1])
+                    for i in range(len(self.matrices))]
+        # One check (one wait for a GPU) for all gradients, not one per matrix.
+        checks = [torch.isfinite(flat).all() for flat in grad_copies]
+        finite = all(bool(c) for c in checks) if len({c.device for c in checks}) != 1 \
+            else bool(torch.stack(checks).all())
+        self._pending = (snapshot, factor_copies, lrs, finite)
 
     def after_step(self, skipped: bool = False) -> bool:
         """Accumulates ω for the step just taken. Returns False (and counts the step as skipped)
@@ -137,10 +153,10 @@ class ImportanceRecorder:
         parameter changed), so ω never sees a NaN."""
         if self._pending is None:
             raise RuntimeError("after_step() called without before_step() for this step")
-        snapshot, lrs, finite = self._pending
+        snapshot, factor_copies, lrs, finite = self._pending
         self._pending = None
-        unchanged = all(torch.equal(a0, m.a.detach()) and torch.equal(b0, m.b.detach())
-                        for (a0, b0, _, _), m in zip(snapshot, self.matrices))
+        _, now = _copies([t for m in self.matrices for t in (m.a.detach(), m.b.detach())])
+        unchanged = all(torch.equal(before, after) for before, after in zip(factor_copies, now))
         if skipped or not finite or unchanged:
             self.skipped += 1
             return False

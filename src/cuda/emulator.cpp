@@ -43,6 +43,16 @@ static T __shfl_down_sync(unsigned, T v, int offset) {
     return r;
 }
 
+template <typename T>
+static T __shfl_xor_sync(unsigned, T v, int mask) {
+    static T slots[256];
+    slots[threadIdx.x] = v;
+    __syncthreads();
+    const T r = slots[(threadIdx.x & ~31u) | ((threadIdx.x & 31u) ^ (unsigned)mask)];
+    __syncthreads();
+    return r;
+}
+
 static inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);

@@ -44,12 +44,21 @@ __device__ __forceinline__ void st(double* p, long long i, double v) { p[i] = v;
 __device__ __forceinline__ void st(double* p, long long i, float v) { p[i] = (double)v; }
 
 // The block's matrix: the last entry whose first block is <= blockIdx.x (entries are sorted).
+// A binary search: every block does this before its first load, and a model has ~60 matrices.
 template <typename Table>
 __device__ __forceinline__ int find_matrix(const Table& t) {
-    int m = 0;
-    while (m + 1 < t.count && (int)blockIdx.x >= t.m[m + 1].first_block) ++m;
-    return m;
+    int lo = 0, hi = t.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if ((int)blockIdx.x >= t.m[mid].first_block) lo = mid; else hi = mid - 1;
+    }
+    return lo;
 }
+
+// Left-factor values of one (row, k), read together: one 16-byte shared load in float, which
+// the whole warp shares (broadcast), instead of one load per value.
+template <typename M> struct alignas(4 * sizeof(M)) Quad { M x, y, z, w; };
+template <typename M> struct alignas(2 * sizeof(M)) Pair { M x, y; };
 
 // Tile `tile` of a matrix (its index, tile row and column, first row and column) and this
 // thread's place in it: column tx (global column j) and the row group ty.
@@ -96,12 +105,22 @@ struct OmegaTable { OmegaEntry m[HL_MAX_MATS]; int count; int clamp_negative; };
 
 template <typename F, typename W, typename M>
 __device__ void omega_update(const OmegaTable& t) {
-    constexpr int TM = 32, RPT = TM / (HL_THREADS / HL_TN);
-    __shared__ M left[TM][HL_KC][3];  // gB, B0, B1 − B0
+    constexpr int TM = 16, RPT = TM / (HL_THREADS / HL_TN);
+    __shared__ Quad<M> left[TM][HL_KC];  // gB, B0, B1 − B0 (w unused)
     const OmegaEntry e = t.m[find_matrix(t)];
     const Tile tl = tile_of<TM>(e);
     const int row0 = tl.row0, ty = tl.ty, j = tl.j;
     const bool col_ok = j < e.in;
+    W* omega = (W*)e.omega;
+    // ω first: its loads, the kernel's only large traffic, are all in flight while the
+    // products are formed (issued one row at a time, after the products, a thread waited
+    // for each in turn and the kernel ran at a tenth of the memory's speed).
+    M w[RPT];
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) {
+        const int row = row0 + ty * RPT + q;
+        w[q] = col_ok && row < e.out ? (M)omega[(long long)row * e.in + j] : (M)0;
+    }
     const F *a0 = (const F*)e.a0, *b0 = (const F*)e.b0, *ga = (const F*)e.ga;
     const F *gb = (const F*)e.gb, *a1 = (const F*)e.a1, *b1 = (const F*)e.b1;
     const M eta = (M)e.lr;
@@ -117,10 +136,10 @@ __device__ void omega_update(const OmegaTable& t) {
                 const long long o = (long long)row * e.r + k;
                 vg = ld<M>(gb, o); v0 = ld<M>(b0, o); v1 = ld<M>(b1, o);
             }
-            left[i][kk][0] = vg; left[i][kk][1] = v0; left[i][kk][2] = v1 - v0;
+            left[i][kk] = Quad<M>{vg, v0, v1 - v0, (M)0};
         }
         __syncthreads();
-        M rg1[HL_KC], rg2[HL_KC], rd1[HL_KC], rd2[HL_KC];
+        // k outer, rows inner: four right-factor values live at a time, not 4·KC.
 #pragma unroll
         for (int kk = 0; kk < HL_KC; ++kk) {
             const int k = k0 + kk;
@@ -129,30 +148,24 @@ __device__ void omega_update(const OmegaTable& t) {
                 const long long o = (long long)k * e.in + j;
                 va0 = ld<M>(a0, o); vga = ld<M>(ga, o); va1 = ld<M>(a1, o);
             }
-            rg1[kk] = va0 - eta * vga; rg2[kk] = vga; rd1[kk] = va1; rd2[kk] = va1 - va0;
-        }
+            const M rg1 = va0 - eta * vga, rd2 = va1 - va0;
 #pragma unroll
-        for (int q = 0; q < RPT; ++q) {
-            const int i = ty * RPT + q;
-#pragma unroll
-            for (int kk = 0; kk < HL_KC; ++kk) {
-                const M lg = left[i][kk][0], lb = left[i][kk][1], ld1 = left[i][kk][2];
-                g[q] += lg * rg1[kk] + lb * rg2[kk];
-                d[q] += ld1 * rd1[kk] + lb * rd2[kk];
+            for (int q = 0; q < RPT; ++q) {
+                const Quad<M> l = left[ty * RPT + q][kk];  // gB, B0, B1 − B0
+                g[q] += l.x * rg1 + l.y * vga;
+                d[q] += l.z * va1 + l.y * rd2;
             }
         }
     }
     if (!col_ok) return;
-    W* omega = (W*)e.omega;
     const M s2 = (M)e.scaling * (M)e.scaling;
 #pragma unroll
     for (int q = 0; q < RPT; ++q) {
         const int row = row0 + ty * RPT + q;
         if (row >= e.out) break;
-        const long long o = (long long)row * e.in + j;
-        M w = (M)omega[o] - s2 * g[q] * d[q];
-        if (t.clamp_negative && w < (M)0) w = 0;  // NaN stays NaN, as in torch.clamp
-        st(omega, o, w);
+        M v = w[q] - s2 * g[q] * d[q];
+        if (t.clamp_negative && v < (M)0) v = 0;  // NaN stays NaN, as in torch.clamp
+        st(omega, (long long)row * e.in + j, v);
     }
 }
 
@@ -172,12 +185,19 @@ struct FinalizeTable { FinalizeEntry m[HL_MAX_MATS]; int count; int clamp_negati
 
 template <typename F, typename W, typename M>
 __device__ void finalize(const FinalizeTable& t) {
-    constexpr int TM = 32, RPT = TM / (HL_THREADS / HL_TN);
-    __shared__ M left[TM][HL_KC][2];  // B − Bs, Bs
+    constexpr int TM = 16, RPT = TM / (HL_THREADS / HL_TN);
+    __shared__ Pair<M> left[TM][HL_KC];  // B − Bs, Bs
     const FinalizeEntry e = t.m[find_matrix(t)];
     const Tile tl = tile_of<TM>(e);
     const int row0 = tl.row0, ty = tl.ty, j = tl.j;
     const bool col_ok = j < e.in, fresh = e.a_start == nullptr;
+    const W* omega = (const W*)e.omega;
+    M w[RPT];  // ω first, all loads in flight at once (see omega_update)
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) {
+        const int row = row0 + ty * RPT + q;
+        w[q] = col_ok && row < e.out ? (M)omega[(long long)row * e.in + j] : (M)0;
+    }
     const F *a = (const F*)e.a, *b = (const F*)e.b;
     const F *as = (const F*)e.a_start, *bs = (const F*)e.b_start;
     M delta[RPT];
@@ -193,12 +213,11 @@ __device__ void finalize(const FinalizeTable& t) {
                 vb = ld<M>(b, o);
                 if (!fresh) vs = ld<M>(bs, o);
             }
-            left[i][kk][0] = vb - vs; left[i][kk][1] = vs;
+            left[i][kk] = Pair<M>{vb - vs, vs};
         }
         __syncthreads();
-        M r1[HL_KC], r2[HL_KC];
 #pragma unroll
-        for (int kk = 0; kk < HL_KC; ++kk) {
+        for (int kk = 0; kk < HL_KC; ++kk) {  // k outer, rows inner (see omega_update)
             const int k = k0 + kk;
             M va = 0, vs = 0;
             if (col_ok && k < e.r) {
@@ -206,18 +225,16 @@ __device__ void finalize(const FinalizeTable& t) {
                 va = ld<M>(a, o);
                 if (!fresh) vs = ld<M>(as, o);
             }
-            r1[kk] = va; r2[kk] = va - vs;
-        }
+            const M r2 = va - vs;
 #pragma unroll
-        for (int q = 0; q < RPT; ++q) {
-            const int i = ty * RPT + q;
-#pragma unroll
-            for (int kk = 0; kk < HL_KC; ++kk) delta[q] += left[i][kk][0] * r1[kk] + left[i][kk][1] * r2[kk];
+            for (int q = 0; q < RPT; ++q) {
+                const Pair<M> l = left[ty * RPT + q][kk];
+                delta[q] += l.x * va + l.y * r2;
+            }
         }
     }
     double sq = 0.0;
     if (col_ok) {
-        const W* omega = (const W*)e.omega;
         W* result = (W*)e.result;
         const M s = (M)e.scaling, xi = (M)e.xi;
 #pragma unroll
@@ -225,10 +242,10 @@ __device__ void finalize(const FinalizeTable& t) {
             const int row = row0 + ty * RPT + q;
             if (row >= e.out) break;
             const long long o = (long long)row * e.in + j;
-            M w = (M)omega[o];
-            if (t.clamp_negative && w < (M)0) w = 0;
+            M wq = w[q];
+            if (t.clamp_negative && wq < (M)0) wq = 0;
             const M dl = s * delta[q];
-            const M v = w / (dl * dl + xi);
+            const M v = wq / (dl * dl + xi);
             st(result, o, v);
             sq += (double)v * (double)v;
         }
@@ -294,10 +311,17 @@ __device__ double exact_partial(const PenaltyEntry& e, int row_first, int j) {
 template <typename F, typename O, typename M>
 __device__ void penalty(const PenaltyTable& t) {
     constexpr int TM = PenaltyTile<M>::TM, RPT = TM / (HL_THREADS / HL_TN);
-    __shared__ M lf[TM][HL_KC][2];          // L1, L2 of this chunk
-    __shared__ M et[TM][HL_TN + 1];         // E = Ω ⊙ D (padded: no bank conflicts down a column)
-    __shared__ M at[HL_KC][HL_TN + 1];      // A chunk, for E·Aᵀ
-    __shared__ M bt[TM][HL_KC];             // B chunk, for Bᵀ·E
+    // E·Aᵀ below: SEG threads share a row of E, thread c summing columns c, c + SEG, ...
+    constexpr int SEG = HL_THREADS / TM;
+    // E's row pitch: a multiple of 4 (16-byte rows) that is 4 mod 32, so the SEG threads of
+    // the 32 / SEG rows a warp reads at once fall on 32 different banks.
+    constexpr int EP = HL_TN + 4;
+    static_assert(HL_THREADS == 2 * HL_TN, "two row groups: the second's Bᵀ·E is added to the first's");
+    __shared__ Pair<M> lf[TM][HL_KC];            // L1, L2 of this chunk
+    alignas(16) __shared__ M et[TM][EP];         // E = Ω ⊙ D
+    alignas(16) __shared__ M bt[TM][HL_KC];      // B chunk, for Bᵀ·E
+    alignas(16) __shared__ M at[HL_TN * HL_KC];  // A chunk as [column][k], for E·Aᵀ; then the
+                                                 // second row group's Bᵀ·E as [k][column]
     const PenaltyEntry e = t.m[find_matrix(t)];
     const auto [tile, trow, tcol, row0, col0, tx, ty, j] = tile_of<TM>(e);
     const bool col_ok = j < e.in;
@@ -322,7 +346,7 @@ __device__ void penalty(const PenaltyTable& t) {
                     l1 = (M)(e.scaling * (double)vb - e.scaling_ref * vr); l2 = sr * (M)vr;
                 }
             }
-            lf[i][kk][0] = l1; lf[i][kk][1] = l2;
+            lf[i][kk] = Pair<M>{l1, l2};
         }
         __syncthreads();
         M r1[HL_KC], r2[HL_KC];
@@ -341,24 +365,24 @@ __device__ void penalty(const PenaltyTable& t) {
         for (int q = 0; q < RPT; ++q) {
             const int i = ty * RPT + q;
 #pragma unroll
-            for (int kk = 0; kk < HL_KC; ++kk) dv[q] += lf[i][kk][0] * r1[kk] + lf[i][kk][1] * r2[kk];
+            for (int kk = 0; kk < HL_KC; ++kk) {
+                const Pair<M> l = lf[i][kk];
+                dv[q] += l.x * r1[kk] + l.y * r2[kk];
+            }
         }
     }
-    // E = Ω ⊙ D into shared memory (zero outside the matrix), P's partial in double.
+    // E = Ω ⊙ D into shared memory (0 outside the matrix), P's partial in double.
     double p = 0.0;
     int negative = 0;
     const O* omega = (const O*)e.omega;
 #pragma unroll
     for (int q = 0; q < RPT; ++q) {
-        const int i = ty * RPT + q, row = row0 + i;
-        M ev = 0;
-        if (col_ok && row < e.out) {
-            const M w = ld<M>(omega, (long long)row * e.in + j);
-            negative |= w < 0;
-            ev = w * dv[q];
-            p += (double)ev * (double)dv[q];
-        }
-        et[i][tx] = ev;
+        const int row = row0 + ty * RPT + q;
+        const M w = col_ok && row < e.out ? ld<M>(omega, (long long)row * e.in + j) : (M)0;
+        negative |= w < 0;
+        const M ev = w * dv[q];
+        p += (double)ev * (double)dv[q];
+        et[ty * RPT + q][tx] = ev;
     }
     // With a negative Ω in the block (or weights of both signs) the terms can cancel, and P's
     // error would be float32 D's relative to Σ|Ω|·D², not to P: the value is summed again from
@@ -373,34 +397,60 @@ __device__ void penalty(const PenaltyTable& t) {
     if (!t.grads) return;
     M* gb_part = (M*)e.gb_part;
     M* ga_part = (M*)e.ga_part;
+    const int erow = threadIdx.x / SEG, seg = threadIdx.x % SEG;  // E·Aᵀ: row erow, columns seg + SEG·n
     for (int k0 = 0; k0 < e.r; k0 += HL_KC) {
         __syncthreads();  // et complete / previous chunk consumed
         for (int idx = threadIdx.x; idx < HL_KC * HL_TN; idx += HL_THREADS) {
             const int kk = idx / HL_TN, jj = idx % HL_TN, k = k0 + kk, col = col0 + jj;
-            at[kk][jj] = (k < e.r && col < e.in) ? ld<M>(a, (long long)k * e.in + col) : (M)0;
+            at[jj * HL_KC + kk] = (k < e.r && col < e.in) ? ld<M>(a, (long long)k * e.in + col) : (M)0;
         }
         for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
             const int i = idx / HL_KC, kk = idx % HL_KC, k = k0 + kk, row = row0 + i;
             bt[i][kk] = (k < e.r && row < e.out) ? ld<M>(b, (long long)row * e.r + k) : (M)0;
         }
         __syncthreads();
-        // (E·Aᵀ)[i][k] over this tile's columns.
-        for (int idx = threadIdx.x; idx < TM * HL_KC; idx += HL_THREADS) {
-            const int i = idx / HL_KC, kk = idx % HL_KC, k = k0 + kk, row = row0 + i;
-            M acc = 0;
+        // (Bᵀ·E)[k][j] over this row group's rows: this thread's own column of E (the warp reads
+        // 32 consecutive words; B's row is one broadcast).
+        M gak[HL_KC];
+#pragma unroll
+        for (int kk = 0; kk < HL_KC; ++kk) gak[kk] = 0;
 #pragma unroll 8
-            for (int jj = 0; jj < HL_TN; ++jj) acc += et[i][jj] * at[kk][jj];
-            if (k < e.r && row < e.out)
-                gb_part[((long long)tcol * e.out + row) * e.r + k] = acc;
+        for (int q = 0; q < RPT; ++q) {
+            const M eq = et[ty * RPT + q][tx];
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) gak[kk] += bt[ty * RPT + q][kk] * eq;
         }
-        // (Bᵀ·E)[k][j] over this tile's rows.
-        for (int idx = threadIdx.x; idx < HL_KC * HL_TN; idx += HL_THREADS) {
-            const int kk = idx / HL_TN, jj = idx % HL_TN, k = k0 + kk, col = col0 + jj;
-            M acc = 0;
-#pragma unroll 8
-            for (int i = 0; i < TM; ++i) acc += bt[i][kk] * et[i][jj];
-            if (k < e.r && col < e.in)
-                ga_part[((long long)trow * e.r + k) * e.in + col] = acc;
+        // (E·Aᵀ)[i][k] over the tile's columns: SEG partial sums per row, then summed across
+        // the SEG neighbouring lanes (fixed order: deterministic).
+        M gbk[HL_KC];
+#pragma unroll
+        for (int kk = 0; kk < HL_KC; ++kk) gbk[kk] = 0;
+#pragma unroll 4
+        for (int jj = seg; jj < HL_TN; jj += SEG) {
+            const M ej = et[erow][jj];
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) gbk[kk] += ej * at[jj * HL_KC + kk];
+        }
+#pragma unroll
+        for (int o = SEG / 2; o > 0; o >>= 1) {
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) gbk[kk] += __shfl_xor_sync(0xffffffffu, gbk[kk], o);
+        }
+        if (seg == 0 && row0 + erow < e.out) {
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk)
+                if (k0 + kk < e.r) gb_part[((long long)tcol * e.out + row0 + erow) * e.r + k0 + kk] = gbk[kk];
+        }
+        __syncthreads();  // `at` read by all: the second row group's Bᵀ·E goes there
+        if (ty == 1) {
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk) at[kk * HL_TN + tx] = gak[kk];
+        }
+        __syncthreads();
+        if (ty == 0 && col_ok) {
+#pragma unroll
+            for (int kk = 0; kk < HL_KC; ++kk)
+                if (k0 + kk < e.r) ga_part[((long long)trow * e.r + k0 + kk) * e.in + j] = gak[kk] + at[kk * HL_TN + tx];
         }
     }
 }

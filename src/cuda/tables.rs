@@ -8,8 +8,8 @@ pub const MAX_MATS: usize = 64;
 pub const THREADS: u32 = 256;
 /// Tile columns (HL_TN) and rows (TM) per kernel, as in kernels.cu.
 pub const TILE_COLS: usize = 128;
-pub const OMEGA_ROWS: usize = 32;
-pub const FINALIZE_ROWS: usize = 32;
+pub const OMEGA_ROWS: usize = 16;
+pub const FINALIZE_ROWS: usize = 16;
 pub fn penalty_rows(f64_math: bool) -> usize {
     if f64_math {
         32
