@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -294,6 +295,8 @@ def main(argv: List[str] | None = None) -> int:
         training = [("llama-3b-shape", 1, 4096, torch.bfloat16), ("gptj-6b-shape", 1, 4096, torch.bfloat16)]
     if device == "cuda":
         where = f"{torch.cuda.get_device_name()}; CUDA path {_native.cuda_status(torch.cuda.current_device())}"
+        if os.environ.get("HLORA_CUDA_DEFINES"):
+            where += f" with HLORA_CUDA_DEFINES={os.environ['HLORA_CUDA_DEFINES']!r}"
     else:
         where = f"{platform.processor() or 'CPU'}; dry run, CPU path {_native.cpu_path()}"
     command = "python scripts/gpu_check.py" + (" --dry-run" if args.dry_run else "")

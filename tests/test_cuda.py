@@ -57,6 +57,14 @@ def test_compile_rejects_a_malformed_arch():
         native.cuda_compile("hopper")
 
 
+def test_tuning_defines_other_than_d_options_are_refused(monkeypatch):
+    """HLORA_CUDA_DEFINES (kernel tuning knobs for timing variants) reaches NVRTC's options: only
+    -DNAME=VALUE words, else a ValueError naming the variable, before NVRTC runs."""
+    monkeypatch.setenv("HLORA_CUDA_DEFINES", "-DHL_OMEGA_MIN_BLOCKS=4 --use_fast_math")
+    with pytest.raises(ValueError, match=r"HLORA_CUDA_DEFINES holds -DNAME=VALUE options only .*--use_fast_math"):
+        native.cuda_compile("sm_90")
+
+
 def test_cuda_path_switch_is_validated():
     with pytest.raises(ValueError, match="path"):
         native.set_cuda_path("fast")

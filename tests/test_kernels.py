@@ -432,6 +432,25 @@ def test_penalty_many_is_weighted_sum(dtype, with_ref, cpu_path):
         assert rel_err(x.grad, y.grad) <= GRAD_TOL[dtype]
 
 
+def test_gradients_scaled_together_equal_the_per_factor_ones():
+    """The GPU backward of importance_penalty_many scales and casts all factors' gradients as one
+    tensor per group (ops._scaled_together); it must give each factor exactly grad_out * g cast
+    to its dtype, as the per-factor path does. Checked here on CPU tensors (the maths is the
+    same ops on any device), with mixed dtypes, a gradient not asked for, and grad_out != 1."""
+    gen = torch.Generator().manual_seed(31)
+    shapes = [(8, 16), (16, 8), (1, 1), (3, 577), (577, 3)]
+    grads = [torch.randn(s, generator=gen) for s in shapes] + [torch.randn(4, 4, generator=gen).double(), None]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16, torch.float64,
+              torch.float32]
+    grad_out = torch.tensor(0.7310585786)
+    got = ops._scaled_together(grads, grad_out, dtypes)
+    assert got[-1] is None
+    for g, dtype, x in zip(grads[:-1], dtypes, got[:-1]):
+        want = (grad_out * g).to(dtype)
+        assert x.dtype == dtype and x.shape == g.shape and x.is_contiguous()
+        assert torch.equal(x, want)
+
+
 def test_non_contiguous_inputs_give_correct_results(cpu_path):
     step = make_step(30, 40, 4, torch.float32, seed=6)
     want = _ref_update(step, 1e-3, 2.0)

@@ -41,21 +41,44 @@ def check_recorder_options(xi: object, clamp: object) -> float:
     return check.positive(xi, "xi")
 
 
-def _copies(tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Copies of `tensors` (contiguous, same shapes) made with one concatenation per device
-    and dtype: a model's LoRA factors are ~100 small tensors, and a copy each costs a launch
-    each on a GPU. Returns the copies and the flat buffers that hold them."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    copies: List[Optional[torch.Tensor]] = [None] * len(tensors)
-    flats = []
-    for idx in groups.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-        flats.append(flat)
-        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-            copies[i] = part.view(tensors[i].shape)
-    return copies, flats  # type: ignore[return-value]
+class _Copies:
+    """Copies of a model's LoRA factors (or their gradients) in buffers kept from step to step,
+    one flat tensor per device and dtype, refreshed with one multi-tensor copy per group: a
+    model has ~100 small factors, and on a GPU a copy each costs a launch — microseconds of CPU
+    time per factor, per step, while the GPU waits. (Reusing the buffers is safe: the ω update
+    that read the last step's copies was queued on the stream before the next copy.)"""
+
+    def __init__(self) -> None:
+        self._signature: List[Tuple[torch.device, torch.dtype, torch.Size]] = []
+        self.flats: List[torch.Tensor] = []
+        self.views: List[torch.Tensor] = []
+        self._groups: List[Tuple[List[int], List[torch.Tensor]]] = []
+
+    def _allocate(self, tensors: Sequence[torch.Tensor]) -> None:
+        by_kind: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        for i, t in enumerate(tensors):
+            by_kind.setdefault((t.device, t.dtype), []).append(i)
+        views: List[Optional[torch.Tensor]] = [None] * len(tensors)
+        self.flats, self._groups = [], []
+        for (device, dtype), idx in by_kind.items():
+            flat = torch.empty(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
+            for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                views[i] = part.view(tensors[i].shape)
+            self.flats.append(flat)
+            self._groups.append((idx, [views[i] for i in idx]))  # type: ignore[misc]
+        self.views = views  # type: ignore[assignment]
+
+    def take(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Copies `tensors` into the buffers (made anew when shapes, dtypes or devices change)
+        and returns the copies."""
+        signature = [(t.device, t.dtype, t.shape) for t in tensors]
+        if signature != self._signature:
+            self._allocate(tensors)
+            self._signature = signature
+        with torch.no_grad():
+            for idx, dst in self._groups:
+                torch._foreach_copy_(dst, [tensors[i] for i in idx])
+        return self.views
 
 
 class ImportanceRecorder:
@@ -97,6 +120,7 @@ class ImportanceRecorder:
         self.steps = 0
         self.skipped = 0
         self._pending: Optional[Tuple] = None
+        self._before, self._grads, self._after = _Copies(), _Copies(), _Copies()
         self._warned_split_lr = False
 
     # ---- per step ----
@@ -135,17 +159,17 @@ class ImportanceRecorder:
         backward and any clipping/unscaling, right before ``optimizer.step()``)."""
         lrs = [float(lr)] * len(self.matrices) if lr is not None else self._learning_rates()
         self._follow_model()
-        factors, factor_copies = _copies([t for m in self.matrices for t in (m.a.detach(), m.b.detach())])
-        grads, grad_copies = _copies([g.detach() for m in self.matrices
-                                      for g in (m.a.grad if m.a.grad is not None else torch.zeros_like(m.a),
-                                                m.b.grad if m.b.grad is not None else torch.zeros_like(m.b))])
+        factors = self._before.take([t for m in self.matrices for t in (m.a, m.b)])
+        grads = self._grads.take([g for m in self.matrices
+                                  for g in (m.a.grad if m.a.grad is not None else torch.zeros_like(m.a),
+                                            m.b.grad if m.b.grad is not None else torch.zeros_like(m.b))])
         snapshot = [(factors[2 * i], factors[2 * i + 1], grads[2 * i], grads[2 * i + 1])
                     for i in range(len(self.matrices))]
         # One check (one wait for a GPU) for all gradients, not one per matrix.
-        checks = [torch.isfinite(flat).all() for flat in grad_copies]
+        checks = [torch.isfinite(flat).all() for flat in self._grads.flats]
         finite = all(bool(c) for c in checks) if len({c.device for c in checks}) != 1 \
             else bool(torch.stack(checks).all())
-        self._pending = (snapshot, factor_copies, lrs, finite)
+        self._pending = (snapshot, lrs, finite)
 
     def after_step(self, skipped: bool = False) -> bool:
         """Accumulates ω for the step just taken. Returns False (and counts the step as skipped)
@@ -153,10 +177,10 @@ class ImportanceRecorder:
         parameter changed), so ω never sees a NaN."""
         if self._pending is None:
             raise RuntimeError("after_step() called without before_step() for this step")
-        snapshot, factor_copies, lrs, finite = self._pending
+        snapshot, lrs, finite = self._pending
         self._pending = None
-        _, now = _copies([t for m in self.matrices for t in (m.a.detach(), m.b.detach())])
-        unchanged = all(torch.equal(before, after) for before, after in zip(factor_copies, now))
+        now = self._after.take([t for m in self.matrices for t in (m.a, m.b)])
+        unchanged = all(torch.equal(x, y) for x, y in zip(self._before.flats, self._after.flats))
         if skipped or not finite or unchanged:
             self.skipped += 1
             return False
@@ -168,7 +192,7 @@ class ImportanceRecorder:
                 [self.omega[i] for i in idx],
                 [snapshot[i][0] for i in idx], [snapshot[i][1] for i in idx],
                 [snapshot[i][2] for i in idx], [snapshot[i][3] for i in idx],
-                [self.matrices[i].a.detach() for i in idx], [self.matrices[i].b.detach() for i in idx],
+                [now[2 * i] for i in idx], [now[2 * i + 1] for i in idx],
                 lr=lr, scaling=[self.matrices[i].scaling for i in idx], clamp_negative=self.clamp == "step")
         self.steps += 1
         return True

@@ -70,7 +70,7 @@ static inline float hl_half_to_float(unsigned short h) {
 #define __device__
 #define __forceinline__ inline
 #define __noinline__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __grid_constant__
 #define __shared__ static
 #include "kernels.cu"

@@ -18,6 +18,36 @@
 #ifndef HL_MAX_MATS
 #define HL_MAX_MATS 64
 #endif
+// Tuning knobs HL_{OMEGA,FINALIZE,PENALTY}_MIN_BLOCKS: blocks per multiprocessor the compiler
+// must fit (__launch_bounds__' second argument) — fewer registers per thread, more blocks in
+// flight, a few bytes spilled. 4 measured fastest on an H200 for all three (64 registers; ω
+// update 2.04 against 2.21 ms per call at LLaMA-3.2-3B's shapes, Ω 3.22 against 3.55, penalty
+// 1.97 against 2.09: scripts/gpu_variants.py, docs/gpu_check.md). 0 leaves the choice to ptxas.
+// Set at run time through HLORA_CUDA_DEFINES (src/cuda/mod.rs) to time variants.
+#ifndef HL_OMEGA_MIN_BLOCKS
+#define HL_OMEGA_MIN_BLOCKS 4
+#endif
+#ifndef HL_FINALIZE_MIN_BLOCKS
+#define HL_FINALIZE_MIN_BLOCKS 4
+#endif
+#ifndef HL_PENALTY_MIN_BLOCKS
+#define HL_PENALTY_MIN_BLOCKS 4
+#endif
+#if HL_OMEGA_MIN_BLOCKS > 0
+#define HL_OMEGA_BOUNDS __launch_bounds__(HL_THREADS, HL_OMEGA_MIN_BLOCKS)
+#else
+#define HL_OMEGA_BOUNDS __launch_bounds__(HL_THREADS)
+#endif
+#if HL_FINALIZE_MIN_BLOCKS > 0
+#define HL_FINALIZE_BOUNDS __launch_bounds__(HL_THREADS, HL_FINALIZE_MIN_BLOCKS)
+#else
+#define HL_FINALIZE_BOUNDS __launch_bounds__(HL_THREADS)
+#endif
+#if HL_PENALTY_MIN_BLOCKS > 0
+#define HL_PENALTY_BOUNDS __launch_bounds__(HL_THREADS, HL_PENALTY_MIN_BLOCKS)
+#else
+#define HL_PENALTY_BOUNDS __launch_bounds__(HL_THREADS)
+#endif
 
 struct bf16_t { unsigned short bits; };
 struct f16_t { unsigned short bits; };
@@ -574,11 +604,11 @@ static_assert(sizeof(SumTable) == HL_SUM_TABLE_BYTES, "SumTable layout differs f
 //   maths M: f64 when any input is float64, else f32.
 #define HL_GC const __grid_constant__
 #define HL_OMEGA(name, F, W, M) \
-    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC OmegaTable t) { omega_update<F, W, M>(t); }
+    extern "C" __global__ void HL_OMEGA_BOUNDS name(HL_GC OmegaTable t) { omega_update<F, W, M>(t); }
 #define HL_FINALIZE(name, F, W, M) \
-    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC FinalizeTable t) { finalize<F, W, M>(t); }
+    extern "C" __global__ void HL_FINALIZE_BOUNDS name(HL_GC FinalizeTable t) { finalize<F, W, M>(t); }
 #define HL_PENALTY(name, F, O, M) \
-    extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC PenaltyTable t) { penalty<F, O, M>(t); }
+    extern "C" __global__ void HL_PENALTY_BOUNDS name(HL_GC PenaltyTable t) { penalty<F, O, M>(t); }
 #define HL_PENALTY_SUMS(name, F, O, M) \
     extern "C" __global__ void __launch_bounds__(HL_THREADS) name(HL_GC PenaltyTable t, HL_GC SumTable st, \
                                                                   double* partial, double* out) { \

@@ -113,14 +113,36 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     })
 }
 
-fn compile_options(arch: &str) -> Vec<String> {
+fn compile_options(arch: &str) -> Result<Vec<String>> {
     let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
         format!("-DHL_MAX_MATS={}", tables::MAX_MATS),
     ];
     opts.extend(tables::size_defines());
-    opts
+    opts.extend(extra_defines(
+        std::env::var("HLORA_CUDA_DEFINES").ok().as_deref(),
+    )?);
+    Ok(opts)
+}
+
+/// The kernels' tuning knobs from `HLORA_CUDA_DEFINES` (space-separated `-DNAME=VALUE`, e.g.
+/// `-DHL_OMEGA_MIN_BLOCKS=4`), for timing variants on a GPU without a rebuild. They are part of
+/// the options, so of the disk cache's key. Anything but a `-D` option is refused.
+fn extra_defines(value: Option<&str>) -> Result<Vec<String>> {
+    let words = value.unwrap_or("").split_whitespace();
+    words
+        .map(|w| {
+            let name = w.strip_prefix("-D").unwrap_or("");
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_=".contains(c)) {
+                Err(Error::value(format!(
+                    "HLORA_CUDA_DEFINES holds -DNAME=VALUE options only (letters, digits, _), got {w:?}"
+                )))
+            } else {
+                Ok(w.to_string())
+            }
+        })
+        .collect()
 }
 
 fn check_arch(arch: &str) -> Result<()> {
@@ -137,12 +159,12 @@ fn check_arch(arch: &str) -> Result<()> {
 pub fn compile(arch: &str) -> Result<Vec<u8>> {
     check_arch(arch)?;
     nvrtc_version()?;
+    let opts = compile_options(arch)?;
     guarded("NVRTC compilation", || {
         let src = CString::new(SOURCE).map_err(|_| runtime_err("kernel source contains NUL"))?;
         let name = CString::new("hlora_kernels.cu").map_err(|_| runtime_err("bad name"))?;
         let prog = nvrtc::create_program(&src, Some(&name))
             .map_err(|e| runtime_err(format!("nvrtcCreateProgram: {e:?}")))?;
-        let opts = compile_options(arch);
         // SAFETY: `prog` is live until destroyed below; the options are plain strings.
         let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
         let result = match compiled {
@@ -364,7 +386,7 @@ pub fn size_defines() -> Vec<String> {
 /// with where it came from and the cache file (`None` when the cache is off or unwritable).
 pub fn cubin(arch: &str) -> Result<(Vec<u8>, &'static str, Option<std::path::PathBuf>)> {
     check_arch(arch)?;
-    let key = cache::key(SOURCE, &compile_options(arch), nvrtc_version()?);
+    let key = cache::key(SOURCE, &compile_options(arch)?, nvrtc_version()?);
     let (cubin, origin, file) = cache::load_or_compile(arch, key, || compile(arch))?;
     let origin = match origin {
         cache::Origin::Disk => "disk",
@@ -417,6 +439,21 @@ mod tests {
             assert!(
                 SOURCE.contains(&format!("({name},")) || SOURCE.contains(&format!(" {name}(")),
                 "{name} is not defined in kernels.cu"
+            );
+        }
+    }
+
+    #[test]
+    fn tuning_defines_are_d_options_only() {
+        assert!(extra_defines(None).unwrap().is_empty());
+        assert_eq!(
+            extra_defines(Some(" -DHL_OMEGA_MIN_BLOCKS=4  -DX ")).unwrap(),
+            ["-DHL_OMEGA_MIN_BLOCKS=4", "-DX"]
+        );
+        for bad in ["-include /etc/passwd", "-D", "--use_fast_math", "-DA=$(x)"] {
+            assert!(
+                matches!(extra_defines(Some(bad)), Err(Error::Value(_))),
+                "{bad}"
             );
         }
     }

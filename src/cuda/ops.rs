@@ -43,9 +43,18 @@ fn factor_set(factors: &[&Tensor], math: Kind) -> Result<(Vec<Tensor>, Kind)> {
     } else {
         math
     };
+    // Only a conversion needs a new tensor (and detaching first, so it records no graph): a
+    // model's ~100 factors are usually ready, and each dispatched op costs microseconds of CPU
+    // per call, while the GPU waits for the launch.
     let out = factors
         .iter()
-        .map(|f| Ok(f.f_detach()?.f_to_kind(target)?.f_contiguous()?))
+        .map(|f| {
+            if f.f_kind()? == target {
+                contiguous(f)
+            } else {
+                Ok(f.f_detach()?.f_to_kind(target)?.f_contiguous()?)
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((out, target))
 }
@@ -59,6 +68,15 @@ fn launches(names: &[&str]) -> Vec<Vec<usize>> {
         .chunk_by(|&x, &y| names[x] == names[y])
         .flat_map(|group| group.chunks(MAX_MATS).map(<[usize]>::to_vec))
         .collect()
+}
+
+/// `t` itself when contiguous (no dispatched op), else a contiguous copy.
+fn contiguous(t: &Tensor) -> Result<Tensor> {
+    Ok(if t.is_contiguous() {
+        t.shallow_clone()
+    } else {
+        t.f_contiguous()?
+    })
 }
 
 fn ceil_div(a: usize, b: usize) -> usize {
@@ -213,7 +231,7 @@ pub fn finalize_many(
     let mut results = Vec::with_capacity(mats.len());
     let mut prepared = Vec::new(); // (index, name, omega, factors)
     for (i, m) in mats.iter().enumerate() {
-        let omega = m.omega.f_contiguous()?;
+        let omega = contiguous(m.omega)?;
         results.push(Tensor::f_empty(omega.size(), (omega.f_kind()?, device))?);
         if omega.numel() == 0 {
             continue;
@@ -385,7 +403,7 @@ pub fn penalty_many(
             }
         };
         let (factors, fkind) = factor_set(&fs, mkind)?;
-        let omega = m.omega.f_contiguous()?;
+        let omega = contiguous(m.omega)?;
         let name = format!(
             "penalty_{}_{}",
             kind_tag(fkind)?,
