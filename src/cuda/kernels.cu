@@ -85,6 +85,19 @@ __device__ __forceinline__ int find_matrix(const Table& t) {
     return lo;
 }
 
+// Rows row_first .. row_first + RPT − 1 of column j of a (rows, cols) matrix, 0 outside it.
+// Called first, so all the loads of ω — a kernel's only large traffic — are in flight while the
+// low-rank products are formed (issued one row at a time after the products, each thread waited
+// for each in turn and the ω update ran at a tenth of the memory's speed on an H200).
+template <typename M, int RPT, typename T>
+__device__ __forceinline__ void read_column(M (&v)[RPT], const T* p, int row_first, int rows, int cols, int j) {
+#pragma unroll
+    for (int q = 0; q < RPT; ++q) {
+        const int row = row_first + q;
+        v[q] = j < cols && row < rows ? ld<M>(p, (long long)row * cols + j) : (M)0;
+    }
+}
+
 // Left-factor values of one (row, k), read together: one 16-byte shared load in float, which
 // the whole warp shares (broadcast), instead of one load per value.
 template <typename M> struct alignas(4 * sizeof(M)) Quad { M x, y, z, w; };
@@ -142,15 +155,8 @@ __device__ void omega_update(const OmegaTable& t) {
     const int row0 = tl.row0, ty = tl.ty, j = tl.j;
     const bool col_ok = j < e.in;
     W* omega = (W*)e.omega;
-    // ω first: its loads, the kernel's only large traffic, are all in flight while the
-    // products are formed (issued one row at a time, after the products, a thread waited
-    // for each in turn and the kernel ran at a tenth of the memory's speed).
     M w[RPT];
-#pragma unroll
-    for (int q = 0; q < RPT; ++q) {
-        const int row = row0 + ty * RPT + q;
-        w[q] = col_ok && row < e.out ? (M)omega[(long long)row * e.in + j] : (M)0;
-    }
+    read_column(w, (const W*)omega, row0 + ty * RPT, e.out, e.in, j);
     const F *a0 = (const F*)e.a0, *b0 = (const F*)e.b0, *ga = (const F*)e.ga;
     const F *gb = (const F*)e.gb, *a1 = (const F*)e.a1, *b1 = (const F*)e.b1;
     const M eta = (M)e.lr;
@@ -221,13 +227,8 @@ __device__ void finalize(const FinalizeTable& t) {
     const Tile tl = tile_of<TM>(e);
     const int row0 = tl.row0, ty = tl.ty, j = tl.j;
     const bool col_ok = j < e.in, fresh = e.a_start == nullptr;
-    const W* omega = (const W*)e.omega;
-    M w[RPT];  // ω first, all loads in flight at once (see omega_update)
-#pragma unroll
-    for (int q = 0; q < RPT; ++q) {
-        const int row = row0 + ty * RPT + q;
-        w[q] = col_ok && row < e.out ? (M)omega[(long long)row * e.in + j] : (M)0;
-    }
+    M w[RPT];
+    read_column(w, (const W*)e.omega, row0 + ty * RPT, e.out, e.in, j);
     const F *a = (const F*)e.a, *b = (const F*)e.b;
     const F *as = (const F*)e.a_start, *bs = (const F*)e.b_start;
     M delta[RPT];
