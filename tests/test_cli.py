@@ -245,6 +245,9 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
     (tmp_path / "rec2").mkdir()  # a record run killed at step 50 of 100, rerun with other steps
     torch.save({"format": checkpoint.FORMAT, "settings": {"command": "record", "steps": 100}, "step": 50},
                tmp_path / "rec2" / "resume.pt")
+    (tmp_path / "nu" / "adapter").mkdir(parents=True)  # what `hlora record --out nu` leaves
+    (tmp_path / "nu" / "adapter" / "adapter_config.json").write_text("{}")
+    nu_adapter = str(tmp_path / "nu" / "adapter")
     latin1 = tmp_path / "general.txt"
     latin1.write_bytes("A general text,\nin Latin-1: déjà vu.\n".encode("latin-1"))
     for argv, message in ((["evaluate", "--mcq", str(not_json)], "items.jsonl:2: not valid JSON"),
@@ -252,6 +255,8 @@ def test_bad_inputs_and_outputs_fail_before_the_model_loads(no_model, capsys, tm
                           (["finetune", "--out", str(tmp_path / "ft"), "--importance", str(corrupt)],
                            "is not a readable safetensors file"),
                           (["finetune", "--out", unwritable], "Not a directory"),
+                          (["finetune", "--out", str(tmp_path / "nu" / "."), "--adapter", nu_adapter],
+                           f"would save over the adapter it continues ({nu_adapter}); give another --out"),
                           (["record", "--out", unwritable], "Not a directory"),
                           (["record", "--out", str(tmp_path / "rec"), "--text", str(latin1)],
                            "general.txt: not UTF-8 text (byte 0xe9 on line 2)"),

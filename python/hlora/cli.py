@@ -228,6 +228,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from hlora import data, experiment
 
     torch.set_num_threads(args.threads)
+    if args.adapter and os.path.realpath(os.path.join(args.out, "adapter")) == os.path.realpath(args.adapter):
+        # `record --out DIR` then `finetune --adapter DIR/adapter --out DIR` would save the domain
+        # adapter over the general one it started from: the ν run lost without a word.
+        raise ValueError(f"--out {args.out} would save over the adapter it continues ({args.adapter}); "
+                         "give another --out")
     os.makedirs(args.out, exist_ok=True)  # inputs and --out first, as in cmd_record
     items = data.load_mcq_file(args.mcq) if args.mcq else data.mcq(args.domain, "train")
     importance = hlora.Importance.load(args.importance) if args.importance else None
