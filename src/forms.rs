@@ -9,14 +9,17 @@
 use crate::error::Result;
 use crate::lowrank::Dense;
 use crate::scalar::Real;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 pub trait Factor: Sized {
     fn hcat(&self, other: &Self) -> Result<Self>;
     fn vcat(&self, other: &Self) -> Result<Self>;
     /// `self − c·other`
     fn sub_scaled(&self, other: &Self, c: f64) -> Result<Self>;
-    /// `c·self − d·other`, formed in float64 and rounded once to the factor's precision.
+    /// `c·self − d·other`, formed in float64 as `c·(self − other) + (c − d)·other` and rounded
+    /// once to the factor's precision: when c ≈ d and self ≈ other both differences are exact
+    /// (Sterbenz), so nothing cancels — `c·self − d·other` as written would lose the two products'
+    /// roundings relative to their small difference (float64 factors: ~1e-10 at 1e-6 apart).
     fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self>;
     fn scale(&self, c: f64) -> Result<Self>;
 }
@@ -33,8 +36,10 @@ impl<T: Real> Factor for Dense<T> {
         Ok(self.zip(other, |x, y| x - c * y))
     }
     fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self> {
+        let c_minus_d = c - d;
         Ok(self.zip(other, |x, y| {
-            T::from_f64_lossy(c * x.to_f64() - d * y.to_f64())
+            let (x, y) = (x.to_f64(), y.to_f64());
+            T::from_f64_lossy(c * (x - y) + c_minus_d * y)
         }))
     }
     fn scale(&self, c: f64) -> Result<Self> {
@@ -53,10 +58,14 @@ impl Factor for Tensor {
         Ok(self.f_sub(&other.f_mul_scalar(c)?)?)
     }
     fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self> {
-        let f64_of = |t: &Tensor| t.f_to_kind(tch::Kind::Double);
-        let diff = f64_of(self)?
+        let (x, y) = (
+            self.f_to_kind(Kind::Double)?,
+            other.f_to_kind(Kind::Double)?,
+        );
+        let diff = x
+            .f_sub(&y)?
             .f_mul_scalar(c)?
-            .f_sub(&f64_of(other)?.f_mul_scalar(d)?)?;
+            .f_add(&y.f_mul_scalar(c - d)?)?;
         Ok(diff.f_to_kind(self.f_kind()?)?)
     }
     fn scale(&self, c: f64) -> Result<Self> {
@@ -146,8 +155,9 @@ pub struct Anchor<'a, M> {
 
 /// s·B·A − s_ref·B_ref·A_ref (Δ of Eq. 13, D of Eq. 14) without cancellation:
 /// equal scalings: s·(B − B_ref)·A + s·B_ref·(A − A_ref); different:
-/// (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref), the first factor formed in float64 (as it
-/// stands, the difference of products loses everything when s ≈ s_ref and B ≈ B_ref);
+/// (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref), the first factor formed in float64 without
+/// cancellation (`scaled_difference`: as it stands, the difference of products loses everything
+/// when s ≈ s_ref and B ≈ B_ref);
 /// no anchor: s·B·A.
 pub fn delta<'a, M: Factor>(
     a: &'a M,
@@ -283,6 +293,25 @@ mod tests {
             (0..18).map(|i| 0.5 * (p1.data[i] - p0.data[i])).collect(),
         );
         assert_close(&got, &want);
+    }
+
+    #[test]
+    fn scaled_difference_keeps_what_the_products_would_round_away() {
+        // c·x − d·y = 2^-30 + 2^-40 + 2^-70, a float64; c·x alone needs 71 bits, so the products
+        // as written round the 2^-70 away (1e-12 of the result).
+        let (c, d) = (1.0 + 2f64.powi(-40), 1.0);
+        let x = Dense::new(1, 1, vec![1.0 + 2f64.powi(-30)]);
+        let y = Dense::new(1, 1, vec![1.0f64]);
+        let got = x.scaled_difference(c, &y, d).unwrap();
+        assert_eq!(
+            got.data[0],
+            2f64.powi(-30) + 2f64.powi(-40) + 2f64.powi(-70)
+        );
+        assert_ne!(
+            c * x.data[0] - d * y.data[0],
+            got.data[0],
+            "the case is a hard one"
+        );
     }
 
     #[test]

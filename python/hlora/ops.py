@@ -288,8 +288,8 @@ def importance_penalty(
     """P = Σ Ω ⊙ D² with D = s·B·A − s_ref·B_ref·A_ref (Eq. 14), a 0-d tensor differentiable
     w.r.t. ``a`` and ``b``. Without reference factors D = s·B·A (a fresh adapter on the merged
     model). ``scaling_ref`` defaults to ``scaling``; when it differs, the kernels evaluate
-    D = (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref) with the first factor formed in float64, so
-    nearly equal scalings do not cancel."""
+    D = (s·B − s_ref·B_ref)·A + s_ref·B_ref·(A − A_ref) with the first factor formed in float64 as
+    s·(B − B_ref) + (s − s_ref)·B_ref, so nearly equal scalings do not cancel."""
     inputs = (Omega, a, b, a_ref, b_ref)
     # NumPy in, NumPy out — unless a factor is a tensor that autograd tracks: then the arrays are
     # viewed as tensors and the result keeps its graph (a detached value would drop the

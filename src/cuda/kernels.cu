@@ -294,7 +294,7 @@ __device__ void finalize(const FinalizeTable& t) {
 //   mode 0: no reference   D = s·B·A                       L1 = s·B, R1 = A, L2 = 0
 //   mode 1: s == s_ref     D = s·((B − Br)·A + Br·(A − Ar)) L1 = s·(B − Br), R1 = A, L2 = s·Br, R2 = A − Ar
 //   mode 2: s != s_ref     D = (s·B − s_ref·Br)·A + s_ref·Br·(A − Ar)
-//                          L1 = s·B − s_ref·Br (formed in double), R1 = A, L2 = s_ref·Br, R2 = A − Ar
+//                          L1 = s·B − s_ref·Br (scaled_difference), R1 = A, L2 = s_ref·Br, R2 = A − Ar
 struct PenaltyEntry {
     const void* omega;  // (out, in), O
     const void* a; const void* b; const void* a_ref; const void* b_ref;
@@ -317,6 +317,13 @@ template <> struct PenaltyTile<double> { static constexpr int TM = 32; };  // fi
 
 // P's partial over rows row_first .. row_first+RPT-1 of column j, with D formed in double
 // from the factors (the same forms as `mode` above): for blocks whose terms can cancel.
+// Mode 2's s·B − s_ref·Br, in double as s·(B − Br) + (s − s_ref)·Br: when s ≈ s_ref and B ≈ Br
+// both differences are exact (Sterbenz), so nothing cancels (as written, s·B − s_ref·Br would keep
+// the two products' roundings, large against their small difference).
+__device__ __forceinline__ double scaled_difference(double s, double s_ref, double vb, double vr) {
+    return s * (vb - vr) + (s - s_ref) * vr;
+}
+
 template <typename F, typename O, int RPT>
 __device__ double exact_partial(const PenaltyEntry& e, int row_first, int j) {
     if (j >= e.in) return 0.0;
@@ -331,7 +338,7 @@ __device__ double exact_partial(const PenaltyEntry& e, int row_first, int j) {
             const double va = ld<double>(a, oa), vb = ld<double>(b, ob);
             if (e.mode == 0) { d += e.scaling * vb * va; continue; }
             const double vr = ld<double>(br, ob), l2 = e.scaling_ref * vr;
-            const double l1 = e.mode == 1 ? e.scaling * (vb - vr) : e.scaling * vb - l2;
+            const double l1 = e.mode == 1 ? e.scaling * (vb - vr) : scaled_difference(e.scaling, e.scaling_ref, vb, vr);
             d += l1 * va + l2 * (va - ld<double>(ar, oa));
         }
         p += ld<double>((const O*)e.omega, (long long)row * e.in + j) * d * d;
@@ -374,7 +381,7 @@ __device__ void penalty(const PenaltyTable& t) {
                 else if (e.mode == 1) { const M vr = ld<M>(br, o); l1 = s * (vb - vr); l2 = s * vr; }
                 else {  // in double: s·B − s_ref·Br loses everything in float when s ≈ s_ref, B ≈ Br
                     const double vr = ld<double>(br, o);
-                    l1 = (M)(e.scaling * (double)vb - e.scaling_ref * vr); l2 = sr * (M)vr;
+                    l1 = (M)scaled_difference(e.scaling, e.scaling_ref, (double)vb, vr); l2 = sr * (M)vr;
                 }
             }
             lf[i][kk] = Pair<M>{l1, l2};
