@@ -1,0 +1,333 @@
+"""A time-boxed random campaign of the kernels (hlora.ops) against DESIGN §1's formulas, beyond
+the test suite's fixed cases: random shapes (1–700, r 1–64), magnitudes, steps down to 1e-7 of
+the factors, scalings, ξ, clamps, stored-Ω dtypes, layouts (transposed, strided), NumPy inputs,
+many-matrix calls with mixed dtypes.
+
+    python scripts/contract_fuzz.py [--seconds 60] [--seed 0] [--threads 1] [--device cpu|cuda]
+    python scripts/contract_fuzz.py --seed 0 --replay 1234     # one case again, by its number
+
+The exact values are the formulas in their cancellation-free forms, in float64 for the float32
+maths and in long double for float64 factors. Tolerances are DESIGN §2's: ≤ 1e-5 for the float32
+maths; gradients of bfloat16/float16 factors ≤ 1e-2, or within one unit in their last place of
+the exact gradient (float16's subnormals round coarser than 1e-2; a gradient float16 cannot hold
+is skipped); float64 ≤ 1e-12 — or, where the formula is itself that ill-conditioned (ξ far below
+the rounding of a cancelling Δ²), at most 16× the error hlora.reference's float64 torch maths makes
+on the same inputs (its error is itself a random draw: ours, in another summation order, measured
+up to 8× it in such cases). Prints per (op, dtype) the cases and the worst error against its tolerance,
+then each failing case; exit status 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import hlora
+from hlora import ops, reference
+
+LOW = (torch.bfloat16, torch.float16)
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+Result = Tuple[str, float, float]  # (name, error, tolerance)
+
+
+class Case:
+    """One random case: its own random streams (seeded by the campaign's seed and its number), the
+    device it runs on, and the checks it made."""
+
+    def __init__(self, seed: int, number: int, device: torch.device):
+        self.rng = random.Random(seed * 1_000_003 + number)
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + number)
+        self.device = device
+        self.results: List[Result] = []
+
+    def log_uniform(self, lo: float, hi: float) -> float:
+        return 10 ** self.rng.uniform(math.log10(lo), math.log10(hi))
+
+    def dim(self) -> int:
+        return self.rng.choice([1, 2, 3, 7, 15, 16, 17, 33, 64, 65, 127, 129, 192, 257, 576,
+                                self.rng.randint(1, 700)])
+
+    def rank(self) -> int:
+        return self.rng.choice([1, 2, 3, 7, 8, 9, 16, 31, 64])
+
+    def randn(self, *shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.gen, dtype=torch.float64) * scale).to(dtype)
+
+    def near(self, t: torch.Tensor, step: float) -> torch.Tensor:
+        """``t`` moved by ``step`` of its own scale, in t's dtype."""
+        scale = float(t.double().abs().mean()) or 1.0
+        return (t.double() + self.randn(*t.shape, scale=scale * step)).to(t.dtype)
+
+    def placed(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """On the case's device, sometimes in a non-contiguous layout with the same values."""
+        if t is None:
+            return None
+        t = t.to(self.device)
+        pick = self.rng.random()
+        if pick < 0.12:
+            return t.t().contiguous().t()
+        if pick < 0.24:
+            wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+            wide[:, ::2] = t
+            return wide[:, ::2]
+        return t
+
+    def check(self, name: str, err: float, tol: float) -> None:
+        self.results.append((name, err, tol))
+
+
+def _np(t: torch.Tensor, high: bool) -> np.ndarray:
+    return t.detach().cpu().double().numpy().astype(np.longdouble if high else np.float64)
+
+
+def _delta(a, b, s: float, a2=None, b2=None, s2: Optional[float] = None):
+    """s·B·A − s2·B2·A2 written without cancellation (NumPy arrays of the working precision)."""
+    if a2 is None:
+        return s * (b @ a)
+    s2 = s if s2 is None else s2
+    left = s * (b - b2) if s2 == s else s * b - s2 * b2
+    return left @ a + s2 * (b2 @ (a - a2))
+
+
+def _rel(x, exact) -> float:
+    x, exact = np.asarray(x, dtype=exact.dtype), np.asarray(exact)
+    n = float(np.linalg.norm(exact.astype(np.float64)))
+    d = float(np.linalg.norm((x - exact).astype(np.float64)))
+    return d / n if n > 0 else d
+
+
+def _tolerance(dtype: torch.dtype, ours: float, reference_error: Callable[[], float]) -> float:
+    """DESIGN §2's bound; for float64, relaxed to 16× the float64 reference's own error where the
+    inputs make 1e-12 unreachable for any float64 evaluation (asked only then: it costs a call)."""
+    if dtype != torch.float64:
+        return 1e-5
+    return 1e-12 if ours <= 1e-12 else max(1e-12, 16 * reference_error())
+
+
+def _grad_error(got: torch.Tensor, exact: np.ndarray, dtype: torch.dtype) -> Optional[float]:
+    """Relative error of a gradient; for bfloat16/float16, 0 when every element is within one unit
+    in the last place of the exact value in that dtype, None when that dtype cannot hold it."""
+    err = _rel(got.detach().cpu().double().numpy(), exact.astype(np.float64))
+    if dtype not in LOW or err <= 1e-2:
+        return err
+    rounded = torch.from_numpy(exact.astype(np.float64)).to(dtype)
+    if not torch.isfinite(rounded).all():
+        return None
+    ulp = (torch.nextafter(rounded, torch.full_like(rounded, math.inf)).double() - rounded.double()).abs()
+    off = (got.detach().cpu().double() - torch.from_numpy(exact.astype(np.float64))).abs()
+    return 0.0 if bool((off <= ulp).all()) else err
+
+
+def update_case(c: Case, dtype: torch.dtype) -> None:
+    out, inn, r = c.dim(), c.dim(), c.rank()
+    high = dtype == torch.float64
+    omega_dtype = torch.float64 if high else torch.float32
+    s, lr, mag = c.log_uniform(0.01, 64), c.log_uniform(1e-6, 1.0), c.log_uniform(1e-3, 1.0)
+    a0, b0 = c.randn(r, inn, scale=mag, dtype=dtype), c.randn(out, r, scale=mag, dtype=dtype)
+    ga = c.randn(r, inn, scale=c.log_uniform(1e-5, 1), dtype=dtype)
+    gb = c.randn(out, r, scale=c.log_uniform(1e-5, 1), dtype=dtype)
+    step = c.log_uniform(1e-7, 1e-1)
+    a1, b1 = c.near(a0, step), c.near(b0, step)
+    if c.rng.random() < 0.2:
+        b0 = torch.zeros_like(b0)  # a fresh adapter's first step
+    clamp = c.rng.random() < 0.3
+    A0, B0, GA, GB, A1, B1 = (_np(t, high) for t in (a0, b0, ga, gb, a1, b1))
+    increment = -(s * (GB @ A0 + B0 @ GA - lr * (GB @ GA))) * _delta(A1, B1, s, A0, B0)
+    scale = float(np.abs(increment).mean()) if c.rng.random() < 0.7 else 0.0
+    omega = c.randn(out, inn, scale=scale, dtype=omega_dtype)
+    base = _np(omega, high)
+    exact = np.maximum(base + increment, 0) if clamp else base + increment
+    placed = [c.placed(t) for t in (omega.clone(), a0, b0, ga, gb, a1, b1)]
+    if c.device.type == "cpu" and dtype == torch.float32 and c.rng.random() < 0.15:
+        placed = [t.numpy() for t in placed]  # NumPy in, written in place
+    got = ops.accumulate_omega_(*placed, lr=lr, scaling=s, clamp_negative=clamp)
+    got_np = np.asarray(got if isinstance(got, np.ndarray) else got.cpu().numpy()).astype(exact.dtype)
+    # the update's own error: ω's previous value subtracted on both sides
+    err = _rel(got_np - base, exact - base)
+
+    def reference_error() -> float:
+        w = omega.clone()
+        reference.accumulate_omega_(w, a0, b0, ga, gb, a1, b1, lr=lr, scaling=s, clamp_negative=clamp)
+        return _rel(_np(w, high) - base, exact - base)
+
+    c.check(f"omega update/{dtype}", err, _tolerance(dtype, err, reference_error))
+
+
+def finalize_case(c: Case, dtype: torch.dtype) -> None:
+    out, inn, r = c.dim(), c.dim(), c.rank()
+    high = dtype == torch.float64
+    s, mag, xi = c.log_uniform(0.01, 64), c.log_uniform(1e-3, 1.0), c.log_uniform(1e-9, 1.0)
+    a, b = c.randn(r, inn, scale=mag, dtype=dtype), c.randn(out, r, scale=mag, dtype=dtype)
+    started = c.rng.random() < 0.6
+    step = c.log_uniform(1e-6, 1)
+    a_start, b_start = (c.near(a, step), c.near(b, step)) if started else (None, None)
+    omega = c.randn(out, inn, scale=c.log_uniform(1e-8, 10), dtype=torch.float64 if high else torch.float32)
+    clamp = c.rng.random() < 0.7
+    d = _delta(_np(a, high), _np(b, high), s, *((_np(a_start, high), _np(b_start, high)) if started else ()))
+    exact = _np(omega, high) / (d * d + xi)
+    exact = np.maximum(exact, 0) if clamp else exact
+    kwargs = dict(scaling=s, xi=xi, clamp_negative=clamp)
+    got = ops.finalize_importance(c.placed(omega), c.placed(a), c.placed(b), a_start=c.placed(a_start),
+                                  b_start=c.placed(b_start), **kwargs)
+    err = _rel(_np(got, high), exact)
+
+    def reference_error() -> float:
+        ref = reference.finalize_importance(omega, a, b, a_start=a_start, b_start=b_start, **kwargs)
+        return _rel(_np(ref, high), exact)
+
+    c.check(f"finalize/{dtype}", err, _tolerance(dtype, err, reference_error))
+
+
+def _penalty_exact(omega, a, b, a_ref, b_ref, s, s_ref, high) -> Tuple[float, np.ndarray, np.ndarray]:
+    fa, fb = _np(a, high), _np(b, high)
+    d = _delta(fa, fb, s, *((_np(a_ref, high), _np(b_ref, high), s_ref) if a_ref is not None else ()))
+    g = _np(omega, high) * d
+    return float((g * d).sum()), 2 * s * (fb.T @ g), 2 * s * (g @ fa.T)
+
+
+def penalty_case(c: Case, dtype: torch.dtype) -> None:
+    out, inn, r = c.dim(), c.dim(), c.rank()
+    high = dtype == torch.float64
+    s, mag = c.log_uniform(0.01, 64), c.log_uniform(1e-3, 1.0)
+    a, b = c.randn(r, inn, scale=mag, dtype=dtype), c.randn(out, r, scale=mag, dtype=dtype)
+    kind = c.rng.choice(["fresh", "reference", "reference", "own scaling"])
+    a_ref = b_ref = None
+    s_ref: Optional[float] = None
+    if kind != "fresh":
+        step = c.log_uniform(1e-6, 1)
+        a_ref, b_ref = c.near(a, step), c.near(b, step)
+        if kind == "own scaling":
+            s_ref = s * (1 + c.rng.choice([1e-7, 1e-4, 0.1, -0.5]))
+    stored = c.rng.choice([torch.float32, torch.float64] if high else [torch.float32, torch.bfloat16, torch.float16])
+    omega = c.randn(out, inn, scale=c.log_uniform(1e-3, 1e3)).abs().to(stored)
+    value, grad_a, grad_b = _penalty_exact(omega, a, b, a_ref, b_ref, s, s_ref, high)
+    a_, b_ = c.placed(a).requires_grad_(), c.placed(b).clone().requires_grad_()
+    got = ops.importance_penalty(c.placed(omega), a_, b_, c.placed(a_ref), c.placed(b_ref),
+                                 scaling=s, scaling_ref=s_ref)
+    got.backward()
+    err = abs(float(got.detach()) - value) / abs(value) if value else abs(float(got.detach()))
+
+    def reference_error() -> float:
+        ref = reference.importance_penalty(omega, a, b, a_ref, b_ref, scaling=s, scaling_ref=s_ref)
+        return abs(float(ref.detach()) - value) / abs(value)
+
+    c.check(f"penalty/{dtype}", err, _tolerance(dtype, err, reference_error))
+    _check_grads(c, f"penalty grads/{dtype}", dtype, [(a_.grad, grad_a), (b_.grad, grad_b)],
+                 lambda: reference._penalty_grads(omega, a, b, a_ref, b_ref, s, s_ref))
+
+
+def _check_grads(c: Case, name: str, dtype: torch.dtype, pairs: Sequence[Tuple[Optional[torch.Tensor], np.ndarray]],
+                 reference_grads: Callable[[], Sequence[torch.Tensor]]) -> None:
+    errors = []
+    for got, exact in pairs:
+        if got is None or got.dtype != dtype:
+            c.check(name + " (missing, or not in the factor's dtype)", math.inf, 0.0)
+            return
+        err = _grad_error(got, exact, dtype)
+        if err is None:
+            return  # the gradient does not fit the factor's dtype
+        errors.append(err)
+    err = max(errors)
+    if dtype in LOW:
+        c.check(name, err, 1e-2)
+        return
+
+    def reference_error() -> float:
+        refs = reference_grads()
+        return max(_rel(_np(g, True), exact) for g, (_, exact) in zip(refs, pairs))
+
+    c.check(name, err, _tolerance(dtype, err, reference_error))
+
+
+def many_case(c: Case, _: torch.dtype) -> None:
+    """importance_penalty_many over 1–5 matrices of mixed dtypes, per-matrix scalings and weights."""
+    dtypes = [c.rng.choice(DTYPES) for _ in range(c.rng.randint(1, 5))]
+    mats = []
+    for dtype in dtypes:
+        out, inn, r = c.dim(), c.dim(), c.rank()
+        mag = c.log_uniform(1e-3, 1)
+        a, b = c.randn(r, inn, scale=mag, dtype=dtype), c.randn(out, r, scale=mag, dtype=dtype)
+        stored = torch.float64 if dtype == torch.float64 else torch.float32
+        omega = c.randn(out, inn, scale=c.log_uniform(1e-3, 1e3)).abs().to(stored)
+        mats.append((omega, a, b, c.near(a, 1e-2), c.near(b, 1e-2), c.log_uniform(0.01, 64), c.log_uniform(1e-3, 10)))
+    exact = [_penalty_exact(o, a, b, ar, br, s, None, dtype == torch.float64)
+             for (o, a, b, ar, br, s, _), dtype in zip(mats, dtypes)]
+    total = sum(w * v for (*_, w), (v, _, _) in zip(mats, exact))
+    leaves = [(c.placed(a).clone().requires_grad_(), c.placed(b).clone().requires_grad_()) for _, a, b, *_ in mats]
+    got = ops.importance_penalty_many([c.placed(m[0]) for m in mats], [x for x, _ in leaves], [y for _, y in leaves],
+                                      [c.placed(m[3]) for m in mats], [c.placed(m[4]) for m in mats],
+                                      scaling=[m[5] for m in mats], weights=[m[6] for m in mats])
+    got.backward()
+    all64 = all(d == torch.float64 for d in dtypes)
+    c.check("many: total/" + ("float64" if all64 else "mixed"), abs(float(got.detach()) - total) / total,
+            1e-12 if all64 else 1e-5)
+    for (x, y), (_, ga, gb), (o, a, b, ar, br, s, w), dtype in zip(leaves, exact, mats, dtypes):
+        _check_grads(c, f"many: grads/{dtype}", dtype, [(x.grad, w * ga), (y.grad, w * gb)],
+                     lambda o=o, a=a, b=b, ar=ar, br=br, s=s, w=w: [w * g for g in
+                                                                    reference._penalty_grads(o, a, b, ar, br, s, None)])
+
+
+CASES = [update_case, finalize_case, penalty_case, many_case]
+
+
+def run_case(seed: int, number: int, device: torch.device) -> Case:
+    c = Case(seed, number, device)
+    CASES[number % len(CASES)](c, c.rng.choice(DTYPES))
+    return c
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to draw cases (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the campaign's seed (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the ops run (default: cpu)")
+    parser.add_argument("--replay", type=int, nargs="+", default=None, help="run only these case numbers")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"hlora {hlora.__version__} backend={hlora.backend()} device={device} seed={args.seed}")
+    worst: Dict[str, Tuple[float, float, int]] = {}
+    counts: Dict[str, int] = defaultdict(int)
+    failures: List[Tuple[int, str, float, float]] = []
+    numbers = iter(args.replay) if args.replay else None
+    deadline, number = time.monotonic() + args.seconds, 0
+    while True:
+        if numbers is not None:
+            number = next(numbers, -1)
+            if number < 0:
+                break
+        elif time.monotonic() > deadline:
+            break
+        for name, err, tol in run_case(args.seed, number, device).results:
+            counts[name] += 1
+            ratio = err / tol if tol else math.inf
+            if ratio >= worst.get(name, (-1.0, 0.0, 0))[0]:
+                worst[name] = (ratio, err, number)
+            if not err <= tol:
+                failures.append((number, name, err, tol))
+        number += 1
+    print(f"{'op/dtype':34s} {'cases':>7s} {'worst error':>12s} {'/ tolerance':>12s}  case")
+    for name in sorted(worst):
+        ratio, err, at = worst[name]
+        print(f"{name:34s} {counts[name]:7d} {err:12.2e} {ratio:12.2f}  {at}")
+    for number, name, err, tol in failures[:50]:
+        print(f"FAILED case {number}: {name}: error {err:.3e} > tolerance {tol:.1e} "
+              f"(python scripts/contract_fuzz.py --seed {args.seed} --replay {number})")
+    print(f"{sum(counts.values())} checks, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
