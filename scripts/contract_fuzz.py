@@ -1,7 +1,7 @@
 """A time-boxed random campaign of the kernels (hlora.ops) against DESIGN §1's formulas, beyond
 the test suite's fixed cases: random shapes (1–700, r 1–64), magnitudes, steps down to 1e-7 of
 the factors, scalings, ξ, clamps, stored-Ω dtypes, layouts (transposed, strided), NumPy inputs,
-many-matrix calls with mixed dtypes.
+many-matrix calls (penalty; ω update then finalization and norms) with mixed dtypes.
 
     python scripts/contract_fuzz.py [--seconds 60] [--seed 0] [--threads 1] [--device cpu|cuda]
     python scripts/contract_fuzz.py --seed 0 --replay 1234     # one case again, by its number
@@ -126,39 +126,84 @@ def _grad_error(got: torch.Tensor, exact: np.ndarray, dtype: torch.dtype) -> Opt
     return 0.0 if bool((off <= ulp).all()) else err
 
 
+class Step:
+    """One optimizer step of one random matrix (factors before and after, gradients, ω before),
+    and the exact ω after it under a given lr and clamp."""
+
+    def __init__(self, c: Case, dtype: torch.dtype, lr: float, clamp: bool):
+        out, inn, r = c.dim(), c.dim(), c.rank()
+        self.dtype, self.high, self.lr, self.clamp = dtype, dtype == torch.float64, lr, clamp
+        self.s, mag = c.log_uniform(0.01, 64), c.log_uniform(1e-3, 1.0)
+        a0, b0 = c.randn(r, inn, scale=mag, dtype=dtype), c.randn(out, r, scale=mag, dtype=dtype)
+        ga = c.randn(r, inn, scale=c.log_uniform(1e-5, 1), dtype=dtype)
+        gb = c.randn(out, r, scale=c.log_uniform(1e-5, 1), dtype=dtype)
+        step = c.log_uniform(1e-7, 1e-1)
+        a1, b1 = c.near(a0, step), c.near(b0, step)
+        if c.rng.random() < 0.2:
+            b0 = torch.zeros_like(b0)  # a fresh adapter's first step
+        self.factors = (a0, b0, ga, gb, a1, b1)
+        A0, B0, GA, GB, A1, B1 = (_np(t, self.high) for t in self.factors)
+        increment = -(self.s * (GB @ A0 + B0 @ GA - lr * (GB @ GA))) * _delta(A1, B1, self.s, A0, B0)
+        scale = float(np.abs(increment).mean()) if c.rng.random() < 0.7 else 0.0
+        self.omega = c.randn(out, inn, scale=scale, dtype=torch.float64 if self.high else torch.float32)
+        self.base = _np(self.omega, self.high)
+        self.exact = np.maximum(self.base + increment, 0) if clamp else self.base + increment
+
+    def check(self, c: Case, name: str, got) -> None:
+        """The update's own error: ω's previous value subtracted on both sides."""
+        got_np = np.asarray(got if isinstance(got, np.ndarray) else got.cpu().numpy()).astype(self.exact.dtype)
+        err = _rel(got_np - self.base, self.exact - self.base)
+
+        def reference_error() -> float:
+            w = self.omega.clone()
+            reference.accumulate_omega_(w, *self.factors, lr=self.lr, scaling=self.s, clamp_negative=self.clamp)
+            return _rel(_np(w, self.high) - self.base, self.exact - self.base)
+
+        c.check(f"{name}/{self.dtype}", err, _tolerance(self.dtype, err, reference_error))
+
+
 def update_case(c: Case, dtype: torch.dtype) -> None:
-    out, inn, r = c.dim(), c.dim(), c.rank()
-    high = dtype == torch.float64
-    omega_dtype = torch.float64 if high else torch.float32
-    s, lr, mag = c.log_uniform(0.01, 64), c.log_uniform(1e-6, 1.0), c.log_uniform(1e-3, 1.0)
-    a0, b0 = c.randn(r, inn, scale=mag, dtype=dtype), c.randn(out, r, scale=mag, dtype=dtype)
-    ga = c.randn(r, inn, scale=c.log_uniform(1e-5, 1), dtype=dtype)
-    gb = c.randn(out, r, scale=c.log_uniform(1e-5, 1), dtype=dtype)
-    step = c.log_uniform(1e-7, 1e-1)
-    a1, b1 = c.near(a0, step), c.near(b0, step)
-    if c.rng.random() < 0.2:
-        b0 = torch.zeros_like(b0)  # a fresh adapter's first step
-    clamp = c.rng.random() < 0.3
-    A0, B0, GA, GB, A1, B1 = (_np(t, high) for t in (a0, b0, ga, gb, a1, b1))
-    increment = -(s * (GB @ A0 + B0 @ GA - lr * (GB @ GA))) * _delta(A1, B1, s, A0, B0)
-    scale = float(np.abs(increment).mean()) if c.rng.random() < 0.7 else 0.0
-    omega = c.randn(out, inn, scale=scale, dtype=omega_dtype)
-    base = _np(omega, high)
-    exact = np.maximum(base + increment, 0) if clamp else base + increment
-    placed = [c.placed(t) for t in (omega.clone(), a0, b0, ga, gb, a1, b1)]
+    step = Step(c, dtype, lr=c.log_uniform(1e-6, 1.0), clamp=c.rng.random() < 0.3)
+    placed = [c.placed(t) for t in (step.omega.clone(), *step.factors)]
     if c.device.type == "cpu" and dtype == torch.float32 and c.rng.random() < 0.15:
         placed = [t.numpy() for t in placed]  # NumPy in, written in place
-    got = ops.accumulate_omega_(*placed, lr=lr, scaling=s, clamp_negative=clamp)
-    got_np = np.asarray(got if isinstance(got, np.ndarray) else got.cpu().numpy()).astype(exact.dtype)
-    # the update's own error: ω's previous value subtracted on both sides
-    err = _rel(got_np - base, exact - base)
+    got = ops.accumulate_omega_(*placed, lr=step.lr, scaling=step.s, clamp_negative=step.clamp)
+    step.check(c, "omega update", got)
 
-    def reference_error() -> float:
-        w = omega.clone()
-        reference.accumulate_omega_(w, a0, b0, ga, gb, a1, b1, lr=lr, scaling=s, clamp_negative=clamp)
-        return _rel(_np(w, high) - base, exact - base)
 
-    c.check(f"omega update/{dtype}", err, _tolerance(dtype, err, reference_error))
+def many_update_case(c: Case, _: torch.dtype) -> None:
+    """accumulate_omega_many_ over 1–5 matrices of mixed dtypes and per-matrix scalings, then
+    finalize_importance_many on the ω it left (start factors: the step's first ones) and its norms."""
+    lr, clamp, xi = c.log_uniform(1e-6, 1.0), c.rng.random() < 0.3, c.log_uniform(1e-9, 1.0)
+    steps = [Step(c, c.rng.choice(DTYPES), lr, clamp) for _ in range(c.rng.randint(1, 5))]
+    lists = list(zip(*[[c.placed(t) for t in (st.omega.clone(), *st.factors)] for st in steps]))
+    omegas = ops.accumulate_omega_many_(*lists, lr=lr, scaling=[st.s for st in steps], clamp_negative=clamp)
+    for st, got in zip(steps, omegas):
+        st.check(c, "many: omega update", got)
+    current = [(st.factors[4], st.factors[5]) for st in steps]
+    finals, norms = ops.finalize_importance_many(list(omegas), [a for a, _ in current], [b for _, b in current],
+                                                 a_start=list(lists[1]), b_start=list(lists[2]),
+                                                 scaling=[st.s for st in steps], xi=xi)
+    exact_norms = []
+    for st, omega, got in zip(steps, omegas, finals):
+        a0, b0, _, _, a1, b1 = (_np(t, st.high) for t in st.factors)
+        d = _delta(a1, b1, st.s, a0, b0)
+        exact = np.maximum(_np(omega, st.high) / (d * d + xi), 0)
+        exact_norms.append(float(np.linalg.norm(exact.astype(np.float64))))
+        err = _rel(_np(got, st.high), exact)
+
+        def reference_error(st=st, omega=omega, exact=exact) -> float:
+            a0, b0, _, _, a1, b1 = st.factors
+            ref = reference.finalize_importance(omega.cpu(), a1, b1, a_start=a0, b_start=b0, scaling=st.s, xi=xi)
+            return _rel(_np(ref, st.high), exact)
+
+        c.check(f"many: finalize/{st.dtype}", err, _tolerance(st.dtype, err, reference_error))
+    # the norms of the kernels' own Ω: as accurate as those are (float64 ones may carry the
+    # conditioning error allowed above)
+    all64 = all(st.high for st in steps)
+    omega_errors = [err for name, err, _ in c.results if name.startswith("many: finalize")]
+    c.check("many: norms/" + ("float64" if all64 else "mixed"), _rel(norms.cpu().numpy(), np.array(exact_norms)),
+            max(1e-12, *omega_errors) if all64 else 1e-5)
 
 
 def finalize_case(c: Case, dtype: torch.dtype) -> None:
@@ -275,7 +320,7 @@ def many_case(c: Case, _: torch.dtype) -> None:
                                                                     reference._penalty_grads(o, a, b, ar, br, s, None)])
 
 
-CASES = [update_case, finalize_case, penalty_case, many_case]
+CASES = [update_case, finalize_case, penalty_case, many_case, many_update_case]
 
 
 def run_case(seed: int, number: int, device: torch.device) -> Case:
@@ -315,7 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ratio = err / tol if tol else math.inf
             if ratio >= worst.get(name, (-1.0, 0.0, 0))[0]:
                 worst[name] = (ratio, err, number)
-            if not err <= tol:
+            if not err <= tol:  # NaN fails too
                 failures.append((number, name, err, tol))
         number += 1
     print(f"{'op/dtype':34s} {'cases':>7s} {'worst error':>12s} {'/ tolerance':>12s}  case")
