@@ -45,3 +45,11 @@ def test_a_case_replays_to_the_same_numbers(fuzz):
     for number in range(8):
         first = fuzz.run_case(5, number, torch.device("cpu")).results
         assert first and fuzz.run_case(5, number, torch.device("cpu")).results == first
+
+
+def test_the_campaign_runs_on_the_tch_path_and_leaves_the_fused_one_on(fuzz, capsys):
+    from hlora import _native
+
+    assert fuzz.main(["--seed", "3", "--cpu-path", "tch", "--replay", *map(str, range(10))]) == 0
+    assert "cpu-path=tch" in capsys.readouterr().out
+    assert _native.cpu_path() == "fused"
