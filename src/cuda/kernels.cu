@@ -315,8 +315,6 @@ struct PenaltyTable { PenaltyEntry m[HL_MAX_MATS]; int count; int grads; int exa
 template <typename M> struct PenaltyTile { static constexpr int TM = 64; };
 template <> struct PenaltyTile<double> { static constexpr int TM = 32; };  // fits 48 KB of shared
 
-// P's partial over rows row_first .. row_first+RPT-1 of column j, with D formed in double
-// from the factors (the same forms as `mode` above): for blocks whose terms can cancel.
 // Mode 2's s·B − s_ref·Br, in double as s·(B − Br) + (s − s_ref)·Br: when s ≈ s_ref and B ≈ Br
 // both differences are exact (Sterbenz), so nothing cancels (as written, s·B − s_ref·Br would keep
 // the two products' roundings, large against their small difference).
@@ -324,6 +322,8 @@ __device__ __forceinline__ double scaled_difference(double s, double s_ref, doub
     return s * (vb - vr) + (s - s_ref) * vr;
 }
 
+// P's partial over rows row_first .. row_first+RPT-1 of column j, with D formed in double
+// from the factors (the same forms as `mode` above): for blocks whose terms can cancel.
 template <typename F, typename O, int RPT>
 __device__ double exact_partial(const PenaltyEntry& e, int row_first, int j) {
     if (j >= e.in) return 0.0;
