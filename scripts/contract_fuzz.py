@@ -206,19 +206,9 @@ def many_update_case(c: Case, _: torch.dtype) -> None:
                                                  scaling=[st.s for st in steps], xi=xi)
     exact_norms = []
     for st, omega, got in zip(steps, omegas, finals):
-        a0, b0, _, _, a1, b1 = (_np(t, st.high) for t in st.factors)
-        d = _delta(a1, b1, st.s, a0, b0)
-        exact = np.maximum(_np(omega, st.high) / (d * d + xi), 0)
+        a0, b0, _, _, a1, b1 = st.factors
+        exact = _check_finalization(c, "many: finalize", got, omega, a1, b1, a0, b0, st.s, xi, clamp=True)
         exact_norms.append(float(np.linalg.norm(exact.astype(np.float64))))
-        err = _rel(_np(got, st.high), exact)
-
-        def reference_error(st=st, omega=omega, exact=exact) -> float:
-            a0, b0, _, _, a1, b1 = st.factors
-            ref = reference.finalize_importance(omega.cpu(), a1, b1, a_start=a0, b_start=b0, scaling=st.s, xi=xi)
-            return _rel(_np(ref, st.high), exact)
-
-        bound = _finalization_bound(a1, b1, st.s, a0, b0, xi, d, exact) if st.high else 0.0
-        c.check(f"many: finalize/{st.dtype}", err, max(_tolerance(st.dtype, err, reference_error), bound))
     # the norms of the kernels' own Ω: as accurate as those are (float64 ones may carry the
     # conditioning error allowed above)
     all64 = all(st.high for st in steps)
@@ -237,22 +227,31 @@ def finalize_case(c: Case, dtype: torch.dtype) -> None:
     a_start, b_start = (c.near(a, step), c.near(b, step)) if started else (None, None)
     omega = c.randn(out, inn, scale=c.log_uniform(1e-8, 10), dtype=torch.float64 if high else torch.float32)
     clamp = c.rng.random() < 0.7
+    got = ops.finalize_importance(c.placed(omega), c.placed(a), c.placed(b), a_start=c.placed(a_start),
+                                  b_start=c.placed(b_start), scaling=s, xi=xi, clamp_negative=clamp)
+    _check_finalization(c, "finalize", got, omega, a, b, a_start, b_start, s, xi, clamp)
+
+
+def _check_finalization(c: Case, name: str, got: torch.Tensor, omega: torch.Tensor, a: torch.Tensor,
+                        b: torch.Tensor, a_start: Optional[torch.Tensor], b_start: Optional[torch.Tensor],
+                        s: float, xi: float, clamp: bool) -> np.ndarray:
+    """Checks a finalized Ω against ω/(Δ² + ξ) (Eq. 13) and returns that exact Ω."""
+    high = a.dtype == torch.float64
     fa, fb = _np(a, high), _np(b, high)
-    starts = (_np(a_start, high), _np(b_start, high)) if started else (None, None)
-    d = _delta(fa, fb, s, *starts) if started else _delta(fa, fb, s)
+    starts = (None, None) if a_start is None else (_np(a_start, high), _np(b_start, high))
+    d = _delta(fa, fb, s, *starts)
     exact = _np(omega, high) / (d * d + xi)
     exact = np.maximum(exact, 0) if clamp else exact
-    kwargs = dict(scaling=s, xi=xi, clamp_negative=clamp)
-    got = ops.finalize_importance(c.placed(omega), c.placed(a), c.placed(b), a_start=c.placed(a_start),
-                                  b_start=c.placed(b_start), **kwargs)
     err = _rel(_np(got, high), exact)
 
     def reference_error() -> float:
-        ref = reference.finalize_importance(omega, a, b, a_start=a_start, b_start=b_start, **kwargs)
+        ref = reference.finalize_importance(omega.cpu(), a, b, a_start=a_start, b_start=b_start, scaling=s, xi=xi,
+                                            clamp_negative=clamp)
         return _rel(_np(ref, high), exact)
 
     bound = _finalization_bound(fa, fb, s, *starts, xi, d, exact) if high else 0.0
-    c.check(f"finalize/{dtype}", err, max(_tolerance(dtype, err, reference_error), bound))
+    c.check(f"{name}/{a.dtype}", err, max(_tolerance(a.dtype, err, reference_error), bound))
+    return exact
 
 
 def _penalty_exact(omega, a, b, a_ref, b_ref, s, s_ref, high) -> Tuple[float, np.ndarray, np.ndarray]:
