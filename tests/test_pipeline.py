@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,11 +255,12 @@ def test_each_model_has_one_identity_however_it_is_named(tmp_path, monkeypatch):
     """What resumed runs compare: every spelling of the default is the default, a folder is its
     real path, a hub name is itself."""
     monkeypatch.setenv("HLORA_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    cached = Path(models._default_folder())
+    assert cached.parent == tmp_path / "cache"
+    cached.mkdir(parents=True)
     (tmp_path / "mine").mkdir()
     monkeypatch.chdir(tmp_path)
-    default_spellings = [None, "", "smollm2", str(tmp_path / "cache" / "SmolLM2-135M-Instruct"),
-                         "cache/SmolLM2-135M-Instruct"]
+    default_spellings = [None, "", "smollm2", str(cached), os.path.join("cache", cached.name)]
     assert [models.identity(m) for m in default_spellings] == [None] * 5
     assert models.identity("mine") == models.identity("./mine/") == os.path.realpath(tmp_path / "mine")
     assert models.identity("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"

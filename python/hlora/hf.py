@@ -216,8 +216,9 @@ class RegularizedTrainerMixin:
                                  "build it with hlora.Regularizer(trainer_model, importance)")
         self._hlora_regularizer = regularizer
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+    def training_step(self, model, inputs, *args, **kwargs):
+        # Passed through as given: Trainer.training_step's arguments have changed between releases.
+        loss = super().training_step(model, inputs, *args, **kwargs)
         if self.hlora_regularizer is not None and self.accelerator.sync_gradients:
             value = self.hlora_regularizer.penalty()
             self.accelerator.backward(value)

@@ -4,6 +4,7 @@ name or path."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -32,8 +33,13 @@ def smollm2_gguf() -> str:
 
 
 def _default_folder() -> str:
-    """Where the default model's safetensors are cached."""
-    return os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    """Where the default model's safetensors are cached: one folder per transformers major
+    version, since the tokenizer files one writes (5.x's "TokenizersBackend") another cannot read."""
+    try:
+        major = importlib.metadata.version("transformers").split(".")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    return os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-transformers{major}")
 
 
 def _names_default(name_or_path: Optional[str]) -> bool:
