@@ -1,0 +1,85 @@
+"""The oldest versions pyproject.toml allows: users install hlora into existing pipelines, often on
+transformers 4.x. `scripts/constraints-min.txt` pins those floors; the slow test installs them from
+PyPI into a throwaway environment layered over .venv (torch and hlora come from .venv) and runs the
+Hugging Face tests there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+OLDEST = ROOT / "scripts" / "constraints-min.txt"
+#: The floors the oldest environment tests (the rest of pyproject's floors are not exercised).
+FLOORED = ("transformers", "peft", "accelerate", "numpy")
+#: What runs there: the Trainer callbacks and mixin, the real model, evaluation, recording.
+SUITE = ("tests/test_hf.py", "tests/test_smollm2.py", "tests/test_data_eval.py", "tests/test_recorder.py",
+         "tests/test_regularizer.py")
+
+
+def _oldest_pins() -> Dict[str, str]:
+    pins = {}
+    for line in OLDEST.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _floors() -> Dict[str, Version]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *(s for group in project["optional-dependencies"].values() for s in group)]
+    floors: Dict[str, Version] = {}
+    for req in map(Requirement, specs):
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                floors[canonicalize_name(req.name)] = Version(spec.version)
+    return floors
+
+
+def test_the_oldest_environment_pins_pyprojects_floors() -> None:
+    # Raising a floor in pyproject.toml without moving the pin (or the other way round) would test
+    # versions users are not offered, or leave the offered ones untested.
+    pins, floors = _oldest_pins(), _floors()
+    for name in FLOORED:
+        pinned, floor = Version(pins[name]), floors[name]
+        assert pinned.release[:len(floor.release)] == floor.release, \
+            f"scripts/constraints-min.txt pins {name}=={pinned}, pyproject.toml's floor is {name}>={floor}"
+
+
+@pytest.mark.slow
+def test_hugging_face_tests_pass_on_the_oldest_allowed_versions(tmp_path: Path) -> None:
+    oldest = tmp_path / "oldest"
+    subprocess.run([sys.executable, "-m", "venv", str(oldest)], check=True, timeout=300)
+    python = str(oldest / "bin" / "python")
+    own_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    venv_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    # After its own packages: .venv's (torch, hlora's editable install and its .pth files).
+    Path(own_site, "zz_hlora_venv.pth").write_text(f"import site; site.addsitedir({venv_site!r})\n")
+    installed = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                "-r", str(OLDEST)], capture_output=True, text=True, timeout=900)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+
+    pins = _oldest_pins()
+    seen = subprocess.run([python, "-c", "import importlib.metadata as m, sys; "
+                           "print(' '.join(m.version(n) for n in sys.argv[1:]))", *pins],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert dict(zip(pins, seen)) == pins  # the overlay's own versions win over .venv's
+
+    env = {**os.environ, "HLORA_BACKEND": "rust", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    ran = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    summary = ran.stdout.strip().splitlines()[-1] if ran.stdout.strip() else ""
+    assert ran.returncode == 0 and " passed" in summary and "failed" not in summary, \
+        ran.stdout[-5000:] + ran.stderr[-2000:]
