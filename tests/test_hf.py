@@ -60,8 +60,10 @@ def _record_with_trainer(tmp_path, save_path=None, **kw):
     return model, cb, spy, trainer
 
 
-def test_importance_callback_equals_recomputation_from_what_the_optimizer_saw(tmp_path):
-    model, cb, spy, _ = _record_with_trainer(tmp_path, save_path=str(tmp_path / "imp.safetensors"))
+@pytest.mark.parametrize("setup", [{}, dict(bf16=True, gradient_checkpointing=True, gradient_accumulation_steps=2)],
+                         ids=["plain", "bf16-autocast+checkpointing+accumulation"])
+def test_importance_callback_equals_recomputation_from_what_the_optimizer_saw(tmp_path, setup):
+    model, cb, spy, _ = _record_with_trainer(tmp_path, save_path=str(tmp_path / "imp.safetensors"), **setup)
     mats = find_adapted(model)
     assert len(spy.steps) == 6 and cb.importance.meta["steps"] == 6
     assert len({lr for _, _, lr in spy.steps}) > 1, "the linear schedule changes lr: each step uses its own"
