@@ -63,7 +63,7 @@ lint: build
 # Upgrade .venv to the newest releases pyproject.toml allows and record them; then run `make test`
 # before committing the new lock.
 lock: build
-	$(PY) -m pip install --quiet --upgrade pip $$($(PY) scripts/deps.py runtime hf experiments test)
+	$(PY) -m pip install --quiet --upgrade --upgrade-strategy eager pip $$($(PY) scripts/deps.py runtime hf experiments test)
 	{ echo "# Written by \`make lock\` (pip freeze of .venv): the versions \`make\` installs."; \
 	  $(PY) -m pip freeze --all --exclude-editable | grep -v '^hlora'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
