@@ -63,10 +63,12 @@ def _paragraphs(text: str) -> List[str]:
 def general_text(root: str) -> Dict[str, List[str]]:
     paras: List[str] = []
     for name in ("jargon", "devil"):
-        raw = gzip.open(os.path.join(root, "usr/share/dictd", f"{name}.dict.dz")).read().decode("utf8", "replace")
+        with gzip.open(os.path.join(root, "usr/share/dictd", f"{name}.dict.dz")) as f:
+            raw = f.read().decode("utf8", "replace")
         paras += _paragraphs(raw)
     for page in sorted(glob.glob(os.path.join(root, "usr/share/doc/cfi-en/html/ch*web.htm"))):
-        raw = open(page, encoding="latin-1").read()
+        with open(page, encoding="latin-1") as f:
+            raw = f.read()
         raw = re.sub(r"<(p|br|h\d|div)[^>]*>", "\n\n", raw, flags=re.I)
         paras += _paragraphs(html.unescape(re.sub(r"<[^>]+>", " ", raw)))
     paras = sorted(set(paras))
@@ -190,7 +192,8 @@ def main() -> None:
             write_text_atomic(os.path.join(OUT, name), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
             manifest[name] = {"items": len(rows), "licence": licences[domain]}
     for name in manifest:
-        manifest[name]["sha256"] = hashlib.sha256(open(os.path.join(OUT, name), "rb").read()).hexdigest()
+        with open(os.path.join(OUT, name), "rb") as f:
+            manifest[name]["sha256"] = hashlib.sha256(f.read()).hexdigest()
     write_text_atomic(os.path.join(OUT, "MANIFEST.json"), json.dumps(manifest, indent=1, sort_keys=True))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "sha256"} for k, v in manifest.items()}, indent=1))
 

@@ -210,7 +210,7 @@ def test_a_diverged_seed_is_counted_on_the_violin_plot_not_dropped_unsaid(tmp_pa
     assert plots.violin_labels(per_method, {"LoRA": 0.04, "EWC": math.nan}) == [
         "LoRA\np=0.04\n1 of 3 diverged", "HLoRA", "EWC\np=nan\n2 of 2 diverged"]
     path = plots.violins(per_method, str(tmp_path / "rise.png"), "PPL rise")  # a method with no finite seed too
-    assert open(path, "rb").read(4) == b"\x89PNG"
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_heatmap_names_norms_it_cannot_place(tmp_path):
