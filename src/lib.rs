@@ -13,6 +13,7 @@ mod omega;
 mod omp;
 mod penalty;
 mod pool;
+mod pycompat;
 mod scalar;
 mod simd;
 mod view;

@@ -134,6 +134,39 @@ def test_gil_is_released_during_kernels():
 
 
 @pytest.mark.skipif(hlora.backend() != "rust", reason="checks the compiled module")
+def test_the_extensions_thread_state_lookup_answers_as_cpythons():
+    """src/pycompat.rs: the module defines CPython's `_PyThreadState_UncheckedGet` (gone in Python
+    3.13, needed by torch-sys's pybind11 glue) and its glue calls that definition on every Python:
+    the calling thread's state while it holds the GIL, null while it does not."""
+    import ctypes
+    import threading
+
+    from hlora._loader import NATIVE
+
+    def lookup(library):
+        fn = library(NATIVE.__file__)._PyThreadState_UncheckedGet
+        fn.restype = ctypes.c_void_p
+        return fn
+
+    with_gil, without_gil = lookup(ctypes.PyDLL), lookup(ctypes.CDLL)  # CDLL calls release the GIL
+    current = ctypes.pythonapi.PyThreadState_Get
+    current.restype = ctypes.c_void_p
+    seen = {}
+
+    def answers(key):
+        seen[key] = (with_gil(), current(), without_gil())
+
+    answers("main")
+    thread = threading.Thread(target=answers, args=("other",))
+    thread.start()
+    thread.join(timeout=60)
+    for key in ("main", "other"):
+        held, expected, released = seen[key]
+        assert held is not None and held == expected and released is None, key
+    assert seen["main"][0] != seen["other"][0]
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="checks the compiled module")
 def test_stubs_match_the_native_module():
     import ast
     import inspect

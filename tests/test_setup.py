@@ -96,7 +96,7 @@ def test_pip_builds_a_wheel_that_works_outside_the_source_tree(tmp_path: Path) -
                            capture_output=True, text=True, timeout=1200)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("hlora-*.whl")
-    assert "-abi3-" in wheel.name  # one wheel for every Python >= 3.9
+    assert "-abi3-" in wheel.name  # one wheel for every Python that torch 2.11.0 runs on
     with zipfile.ZipFile(wheel) as zipped:
         names = set(zipped.namelist())
     for needed in ("hlora/_native.abi3.so", "hlora/_native.pyi", "hlora/py.typed",
