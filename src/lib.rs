@@ -13,6 +13,8 @@ mod omega;
 mod omp;
 mod penalty;
 mod pool;
+// Links against the interpreter's symbols: not in the `cargo test` executable (tested from Python).
+#[cfg(not(test))]
 mod pycompat;
 mod scalar;
 mod simd;
