@@ -135,9 +135,10 @@ def test_gil_is_released_during_kernels():
 
 @pytest.mark.skipif(hlora.backend() != "rust", reason="checks the compiled module")
 def test_the_extensions_thread_state_lookup_answers_as_cpythons():
-    """src/pycompat.rs: the module defines CPython's `_PyThreadState_UncheckedGet` (gone in Python
-    3.13, needed by torch-sys's pybind11 glue) and its glue calls that definition on every Python:
-    the calling thread's state while it holds the GIL, null while it does not."""
+    """src/pycompat.rs: the module defines CPython's `_PyThreadState_UncheckedGet`, which torch-sys's
+    pybind11 glue calls and Python 3.13 removed (the glue reaches this definition where the
+    interpreter has none). Called directly, on any Python, it answers as CPython's: the calling
+    thread's state while it holds the GIL, null while it does not."""
     import ctypes
     import threading
 
