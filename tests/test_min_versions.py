@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import pytest
 from packaging.requirements import Requirement
@@ -26,12 +26,15 @@ SUITE = ("tests/test_hf.py", "tests/test_smollm2.py", "tests/test_data_eval.py",
          "tests/test_regularizer.py")
 
 
-def _oldest_pins() -> Dict[str, str]:
-    pins = {}
+def _oldest_pins(this_python_only: bool = True) -> Dict[str, List[str]]:
+    """name → its pinned versions (those whose marker this Python meets, or all of them)."""
+    pins: Dict[str, List[str]] = {}
     for line in OLDEST.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name)] = version
+            req = Requirement(line)
+            if not this_python_only or req.marker is None or req.marker.evaluate():
+                (spec,) = req.specifier
+                pins.setdefault(canonicalize_name(req.name), []).append(spec.version)
     return pins
 
 
@@ -49,11 +52,12 @@ def _floors() -> Dict[str, Version]:
 def test_the_oldest_environment_pins_pyprojects_floors() -> None:
     # Raising a floor in pyproject.toml without moving the pin (or the other way round) would test
     # versions users are not offered, or leave the offered ones untested.
-    pins, floors = _oldest_pins(), _floors()
+    pins, floors = _oldest_pins(this_python_only=False), _floors()
     for name in FLOORED:
-        pinned, floor = Version(pins[name]), floors[name]
-        assert pinned.release[:len(floor.release)] == floor.release, \
-            f"scripts/constraints-min.txt pins {name}=={pinned}, pyproject.toml's floor is {name}>={floor}"
+        oldest, floor = min(map(Version, pins[name])), floors[name]
+        assert oldest.release[:len(floor.release)] == floor.release, \
+            f"scripts/constraints-min.txt pins {name}=={oldest}, pyproject.toml's floor is {name}>={floor}"
+    assert all(len(versions) == 1 for versions in _oldest_pins().values()), "one version of each for this Python"
 
 
 @pytest.mark.slow
@@ -71,7 +75,7 @@ def test_hugging_face_tests_pass_on_the_oldest_allowed_versions(tmp_path: Path) 
                                 "-r", str(OLDEST)], capture_output=True, text=True, timeout=900)
     assert installed.returncode == 0, installed.stderr[-3000:]
 
-    pins = _oldest_pins()
+    pins = {name: version for name, (version,) in _oldest_pins().items()}
     seen = subprocess.run([python, "-c", "import importlib.metadata as m, sys; "
                            "print(' '.join(m.version(n) for n in sys.argv[1:]))", *pins],
                           capture_output=True, text=True, check=True).stdout.split()
