@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -31,6 +31,23 @@ GRAD_TOL: Dict[torch.dtype, float] = {
     torch.bfloat16: 1e-2,
     torch.float16: 1e-2,
 }
+
+
+def pinned_versions(path: Path, *, every_python: bool = False) -> Dict[str, List[str]]:
+    """The exact pins of a pip constraints file (scripts/constraints*.txt), by canonical name: those
+    whose marker this Python meets, or all of them. A line that is not a single `==` pin fails."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: Dict[str, List[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            specs = list(req.specifier)
+            assert len(specs) == 1 and specs[0].operator == "==", f"{path.name}: {line!r} is not an exact pin"
+            if every_python or req.marker is None or req.marker.evaluate():
+                pins.setdefault(canonicalize_name(req.name), []).append(specs[0].version)
+    return pins
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -10,12 +10,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from conftest import pinned_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 OLDEST = ROOT / "scripts" / "constraints-min.txt"
@@ -24,18 +26,6 @@ FLOORED = ("transformers", "peft", "accelerate", "numpy")
 #: What runs there: the Trainer callbacks and mixin, the real model, evaluation, recording.
 SUITE = ("tests/test_hf.py", "tests/test_smollm2.py", "tests/test_data_eval.py", "tests/test_recorder.py",
          "tests/test_regularizer.py")
-
-
-def _oldest_pins(this_python_only: bool = True) -> Dict[str, List[str]]:
-    """name → its pinned versions (those whose marker this Python meets, or all of them)."""
-    pins: Dict[str, List[str]] = {}
-    for line in OLDEST.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            req = Requirement(line)
-            if not this_python_only or req.marker is None or req.marker.evaluate():
-                (spec,) = req.specifier
-                pins.setdefault(canonicalize_name(req.name), []).append(spec.version)
-    return pins
 
 
 def _floors() -> Dict[str, Version]:
@@ -52,12 +42,13 @@ def _floors() -> Dict[str, Version]:
 def test_the_oldest_environment_pins_pyprojects_floors() -> None:
     # Raising a floor in pyproject.toml without moving the pin (or the other way round) would test
     # versions users are not offered, or leave the offered ones untested.
-    pins, floors = _oldest_pins(this_python_only=False), _floors()
+    pins, floors = pinned_versions(OLDEST, every_python=True), _floors()
     for name in FLOORED:
         oldest, floor = min(map(Version, pins[name])), floors[name]
         assert oldest.release[:len(floor.release)] == floor.release, \
             f"scripts/constraints-min.txt pins {name}=={oldest}, pyproject.toml's floor is {name}>={floor}"
-    assert all(len(versions) == 1 for versions in _oldest_pins().values()), "one version of each for this Python"
+    assert all(len(versions) == 1 for versions in pinned_versions(OLDEST).values()), \
+        "one version of each for this Python"
 
 
 @pytest.mark.slow
@@ -65,17 +56,19 @@ def test_hugging_face_tests_pass_on_the_oldest_allowed_versions(tmp_path: Path) 
     oldest = tmp_path / "oldest"
     subprocess.run([sys.executable, "-m", "venv", str(oldest)], check=True, timeout=300)
     python = str(oldest / "bin" / "python")
-    own_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+
+    def site_packages(interpreter: str) -> str:
+        return subprocess.run([interpreter, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    venv_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+
     # After its own packages: .venv's (torch, hlora's editable install and its .pth files).
-    Path(own_site, "zz_hlora_venv.pth").write_text(f"import site; site.addsitedir({venv_site!r})\n")
+    Path(site_packages(python), "zz_hlora_venv.pth").write_text(
+        f"import site; site.addsitedir({site_packages(sys.executable)!r})\n")
     installed = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                                 "-r", str(OLDEST)], capture_output=True, text=True, timeout=900)
     assert installed.returncode == 0, installed.stderr[-3000:]
 
-    pins = {name: version for name, (version,) in _oldest_pins().items()}
+    pins = {name: version for name, (version,) in pinned_versions(OLDEST).items()}
     seen = subprocess.run([python, "-c", "import importlib.metadata as m, sys; "
                            "print(' '.join(m.version(n) for n in sys.argv[1:]))", *pins],
                           capture_output=True, text=True, check=True).stdout.split()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pinned_versions
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,12 +69,7 @@ def test_the_lock_pins_every_requirement_within_its_range() -> None:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    pins = {}
-    for line in (ROOT / "scripts" / "constraints.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"scripts/constraints.txt: {line!r} is not an exact pin"
-            pins[canonicalize_name(name)] = version
+    pins = {name: version for name, (version,) in pinned_versions(ROOT / "scripts" / "constraints.txt").items()}
     listed = subprocess.run([sys.executable, str(ROOT / "scripts" / "deps.py"), "runtime", "hf", "experiments", "test"],
                             capture_output=True, text=True, check=True).stdout.split()
     assert "torch==2.11.0" in listed
