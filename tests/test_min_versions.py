@@ -1,7 +1,7 @@
 """The oldest versions pyproject.toml allows: users install hlora into existing pipelines, often on
 transformers 4.x. `scripts/constraints-min.txt` pins those floors; the slow test installs them from
 PyPI into a throwaway environment layered over .venv (torch and hlora come from .venv) and runs the
-Hugging Face tests there."""
+Hugging Face, importance-file and plot tests there."""
 
 from __future__ import annotations
 
@@ -21,16 +21,23 @@ from conftest import pinned_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 OLDEST = ROOT / "scripts" / "constraints-min.txt"
-#: The floors the oldest environment tests (the rest of pyproject's floors are not exercised).
-FLOORED = ("transformers", "peft", "accelerate", "numpy")
-#: What runs there: the Trainer callbacks and mixin, the real model, evaluation, recording.
+#: What runs there: the Trainer callbacks and mixin, the real model (read from GGUF), evaluation,
+#: recording, importance files (safetensors) and the figures (matplotlib).
 SUITE = ("tests/test_hf.py", "tests/test_smollm2.py", "tests/test_data_eval.py", "tests/test_recorder.py",
-         "tests/test_regularizer.py")
+         "tests/test_regularizer.py", "tests/test_importance_files.py",
+         "tests/test_pipeline.py::test_grid_summary_from_saved_runs")
 
 
 def _floors() -> Dict[str, Version]:
-    """Every "name>=version" requirement string in pyproject.toml (read as text: tomllib is 3.11+)."""
-    specs = re.findall(r'"([A-Za-z0-9_.\-]+>=[^"]+)"', (ROOT / "pyproject.toml").read_text())
+    """Every "name>=version" requirement of what hlora runs with — its dependencies and the hf and
+    experiments extras, not the test tools — in pyproject.toml (read as text: tomllib is 3.11+)."""
+    # From [project] through its optional dependencies, up to the next table.
+    project = re.search(r"^\[project\]$(.*?)^\[(?!project\.optional-dependencies)",
+                        (ROOT / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
+    test_tools = project and re.search(r"^test = \[.*\]$", project.group(1), re.MULTILINE)
+    assert test_tools, "pyproject.toml has [project] and its test extra is one line"
+    text = project.group(1).replace(test_tools.group(0), "")
+    specs = re.findall(r'"([A-Za-z0-9_.\-]+>=[^"]+)"', text)
     floors: Dict[str, Version] = {}
     for req in map(Requirement, specs):
         for spec in req.specifier:
@@ -43,8 +50,10 @@ def test_the_oldest_environment_pins_pyprojects_floors() -> None:
     # Raising a floor in pyproject.toml without moving the pin (or the other way round) would test
     # versions users are not offered, or leave the offered ones untested.
     pins, floors = pinned_versions(OLDEST, every_python=True), _floors()
-    for name in FLOORED:
-        oldest, floor = min(map(Version, pins[name])), floors[name]
+    assert {"numpy", "transformers", "matplotlib"} <= set(floors)  # the parsing found them
+    for name, floor in floors.items():
+        assert name in pins, f"scripts/constraints-min.txt does not pin {name} (pyproject.toml: {name}>={floor})"
+        oldest = min(map(Version, pins[name]))
         assert oldest.release[:len(floor.release)] == floor.release, \
             f"scripts/constraints-min.txt pins {name}=={oldest}, pyproject.toml's floor is {name}>={floor}"
     assert all(len(versions) == 1 for versions in pinned_versions(OLDEST).values()), \
