@@ -124,3 +124,22 @@ print("ok", hlora.backend())
                          capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.split() == ["ok", "rust"]
+
+
+def test_the_suite_runs_on_only_what_the_project_installs() -> None:
+    # CI builds .venv on a clean machine from scripts/constraints.txt alone: a package installed
+    # into .venv by hand (sentencepiece was one) lets the suite pass here and fail there.
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip(f"the suite runs in {sys.prefix}, not the project's .venv")
+    pins = {name: version for name, (version,) in pinned_versions(ROOT / "scripts" / "constraints.txt").items()}
+    extra = []
+    for dist in distributions(path=[p for p in sys.path if p.startswith(sys.prefix)]):
+        name = canonicalize_name(dist.metadata["Name"])
+        if name != "hlora" and pins.get(name) != dist.version:
+            extra.append(f"{name}=={dist.version}" + (f" (pinned: {pins[name]})" if name in pins else ""))
+    assert not extra, (f".venv holds what scripts/constraints.txt does not install: {', '.join(sorted(extra))}; "
+                       "a step done by hand passes here and fails on a clean machine (`make clean && make test`)")
