@@ -6,8 +6,8 @@
 //! their factors borrowed: the CPU kernels lay them out directly (`LowRank::from_terms`), the
 //! device path concatenates them into one product (`assemble`).
 
+use crate::cpu::dense::Dense;
 use crate::error::Result;
-use crate::lowrank::Dense;
 use crate::scalar::Real;
 use tch::{Kind, Tensor};
 
@@ -218,7 +218,7 @@ impl<M: Factor> Converted<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lowrank::LowRank;
+    use crate::cpu::lowrank::LowRank;
 
     fn m(rows: usize, cols: usize, seed: u64) -> Dense<f64> {
         // Small deterministic pseudo-random values in (-1, 1), never all zero.

@@ -2,8 +2,8 @@
 //! arrays (wrapped zero-copy with `from_blob` while a borrow guard keeps them alive), plus the
 //! dtype, shape and device checks every op shares and the raw slices the CPU kernels read.
 
+use crate::cpu::dense::Dense;
 use crate::error::{Error, Result};
-use crate::lowrank::Dense;
 use crate::scalar::Real;
 use numpy::{PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};

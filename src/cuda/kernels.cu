@@ -11,6 +11,9 @@
 // No headers: bfloat16/float16 are converted by hand, so the program needs no include path.
 // The host mirrors these structs (#[repr(C)] in src/cuda/tables.rs); HL_*_BYTES, defined by
 // the host at compile time, make a layout mismatch a compile error instead of a wrong result.
+//
+// One file on purpose: NVRTC compiles a single source string (and the CPU emulator includes
+// it whole), and the three families share the tile helpers and conversions at its top.
 
 #define HL_THREADS 256
 #define HL_TN 128

@@ -360,7 +360,7 @@ pub fn penalty_many(
     // Weights of both signs: the matrices' values can cancel each other, so every block sums
     // its value from D in double.
     let weights: Vec<f64> = mats.iter().map(|m| m.weight).collect();
-    let exact = crate::penalty::mixed_signs(&weights);
+    let exact = crate::cancellation::mixed_signs(&weights);
     let mut totals = Vec::new();
     let mut grad_out = Vec::with_capacity(mats.len());
     struct Prepared {

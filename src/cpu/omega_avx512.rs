@@ -1,9 +1,9 @@
-//! The ω update's group of eight rows (see `crate::avx512`): per two registers of columns,
+//! The ω update's group of eight rows (see `crate::cpu::avx512`): per two registers of columns,
 //! g~ formed and set aside in L1, dθ formed, and ω ← ω − g~·dθ (clamped at 0 when asked) read
 //! and written once — the generic kernel's arithmetic, so the same values bit for bit.
 
-use super::{available, Factors, ROWS};
-use crate::lowrank::LowRank;
+use crate::cpu::avx512::{available, Factors, ROWS};
+use crate::cpu::lowrank::LowRank;
 use crate::scalar::Real;
 
 /// What every group of one call reads: g~ and dθ as low-rank products.
@@ -48,9 +48,9 @@ impl<'a> Kernel<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::x86::{first, product, Load};
     use super::{Kernel, ROWS};
-    use crate::avx512::LANES;
+    use crate::cpu::avx512::x86::{first, product, Load};
+    use crate::cpu::avx512::LANES;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

@@ -1,6 +1,6 @@
 //! Where the CPU kernels' tasks run.
 //!
-//! On torch's own OpenMP team when torch uses libgomp (`crate::omp`: its threads are usually
+//! On torch's own OpenMP team when torch uses libgomp (`crate::cpu::omp`: its threads are usually
 //! still spinning from the last torch op, so a call's work starts at once and never competes
 //! with them for cores), otherwise — or with `HLORA_POOL=rayon`, or in a forked child — on a
 //! rayon pool made safe across `fork()`.
@@ -74,7 +74,7 @@ fn pool(helpers: usize) -> Result<Arc<ThreadPool>> {
 
 /// The threads [`run_items`] uses in this process now: "openmp" (torch's team) or "rayon".
 pub fn threading() -> &'static str {
-    if crate::omp::team().is_some() {
+    if crate::cpu::omp::team().is_some() {
         "openmp"
     } else {
         "rayon"
@@ -99,11 +99,11 @@ pub fn run_items<I: Send, R: Send>(
     items: Vec<I>,
     work: impl Fn(usize, I) -> R + Sync,
 ) -> Result<Vec<R>> {
-    run_items_on(crate::omp::team(), items, work)
+    run_items_on(crate::cpu::omp::team(), items, work)
 }
 
 fn run_items_on<I: Send, R: Send>(
-    team: Option<&crate::omp::Team>,
+    team: Option<&crate::cpu::omp::Team>,
     items: Vec<I>,
     work: impl Fn(usize, I) -> R + Sync,
 ) -> Result<Vec<R>> {
@@ -117,11 +117,11 @@ pub fn run_items_with<I: Send, R: Send, St>(
     init: impl Fn() -> St + Sync,
     work: impl Fn(&St, usize, I) -> R + Sync,
 ) -> Result<Vec<R>> {
-    run_items_with_on(crate::omp::team(), items, init, work)
+    run_items_with_on(crate::cpu::omp::team(), items, init, work)
 }
 
 fn run_items_with_on<I: Send, R: Send, St>(
-    team: Option<&crate::omp::Team>,
+    team: Option<&crate::cpu::omp::Team>,
     items: Vec<I>,
     init: impl Fn() -> St + Sync,
     work: impl Fn(&St, usize, I) -> R + Sync,
@@ -193,8 +193,8 @@ mod tests {
 
     /// Both places tasks can run: torch's OpenMP team (found in cargo test too: tch links
     /// libtorch_cpu) and the rayon pool.
-    fn both() -> [Option<&'static crate::omp::Team>; 2] {
-        let team = crate::omp::team();
+    fn both() -> [Option<&'static crate::cpu::omp::Team>; 2] {
+        let team = crate::cpu::omp::team();
         assert!(team.is_some(), "torch's libgomp was not found");
         [team, None]
     }

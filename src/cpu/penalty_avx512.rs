@@ -1,11 +1,12 @@
-//! The penalty's group of eight rows (see `crate::avx512`): per tile of 128 columns, D in
+//! The penalty's group of eight rows (see `crate::cpu::avx512`): per tile of 128 columns, D in
 //! registers, G = Ω⊙D stored to an L1 buffer with P's terms summed as it leaves, then G·Aᵀ (per
 //! row, kept as 16 lanes until the group ends) and Bᵀ·G (added into the task's partial); a tile
 //! whose Ω has a negative entry is formed again with Σ |Ω|·D² summed beside P.
 
-use super::{available, cast, Factors, Rows, LANES, ROWS};
-use crate::lowrank::{conflict_free_stride, Dense, LowRank};
-use crate::penalty::Sums;
+use crate::cancellation::Sums;
+use crate::cpu::avx512::{available, cast, Factors, Rows, LANES, ROWS};
+use crate::cpu::dense::Dense;
+use crate::cpu::lowrank::{conflict_free_stride, LowRank};
 use crate::scalar::Real;
 
 /// A zero-padded so whole registers of columns can be loaded up to the last column, for the
@@ -121,9 +122,9 @@ impl<'a> Kernel<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::x86::{first, product, Load};
     use super::{GroupGrads, Kernel, Sums, LANES, ROWS};
-    use crate::lowrank::TILE_COLS;
+    use crate::cpu::avx512::x86::{first, product, Load};
+    use crate::cpu::lowrank::TILE_COLS;
     use std::arch::x86_64::*;
 
     /// G of one tile: ROWS rows of TILE_COLS, 64-byte aligned for whole-vector loads.

@@ -7,12 +7,10 @@
 //! The maths and the order of each tile's operations are the generic kernels'. A kernel here is
 //! built only where the CPU runs AVX-512 and the maths is float32 (`None` otherwise); the
 //! penalty's reads Ω stored as float32, bfloat16 or float16 (`Rows`). The rows it does not take
-//! (a task's last rows, fewer than eight) go to the generic kernels.
+//! (a task's last rows, fewer than eight) go to the generic kernels. The groups themselves are in
+//! `omega_avx512` and `penalty_avx512`; this module holds what both use.
 
-pub mod omega;
-pub mod penalty;
-
-use crate::lowrank::LowRank;
+use crate::cpu::lowrank::LowRank;
 use crate::scalar::{Real, Storage};
 use half::{bf16, f16};
 use std::any::TypeId;
@@ -63,8 +61,8 @@ impl<'a> Rows<'a> {
 }
 
 /// Whether the AVX-512 kernels run here.
-fn available() -> bool {
-    crate::simd::level() == crate::simd::Level::Avx512
+pub fn available() -> bool {
+    crate::cpu::simd::level() == crate::cpu::simd::Level::Avx512
 }
 
 /// A float32 `LowRank` L·R in the layout the micro-kernel reads.
@@ -79,7 +77,7 @@ pub struct Factors<'a> {
 }
 
 impl<'a> Factors<'a> {
-    fn new<T: Real>(m: &'a LowRank<T>) -> Option<Self> {
+    pub fn new<T: Real>(m: &'a LowRank<T>) -> Option<Self> {
         let (left_t, left_stride, right, right_stride) = m.factors();
         Some(Factors {
             k: m.k,
@@ -92,7 +90,7 @@ impl<'a> Factors<'a> {
 
     /// Asserts what the micro-kernel's unchecked loads rely on: rows row0..row0 + ROWS exist
     /// and R's rows hold `cols` rounded up to whole registers.
-    fn check(&self, row0: usize, cols: usize) {
+    pub fn check(&self, row0: usize, cols: usize) {
         let k = self.k;
         assert!(self.right_stride >= cols.div_ceil(LANES) * LANES);
         assert!(self.right.len() >= k * self.right_stride);
@@ -101,7 +99,7 @@ impl<'a> Factors<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{Factors, LANES, ROWS};
     use half::{bf16, f16};
     use std::arch::x86_64::*;

@@ -3,11 +3,12 @@
 //! this form with k = r or 2r, so the kernels never materialize it: they evaluate one tile of a
 //! few rows at a time into small buffers that stay in L1.
 
+use crate::cpu::dense::Dense;
+use crate::cpu::simd::Madd;
+#[cfg(test)]
+use crate::cpu::simd::Plain;
 use crate::forms::Term;
 use crate::scalar::Real;
-use crate::simd::Madd;
-#[cfg(test)]
-use crate::simd::Plain;
 
 /// Columns per tile: 2 factors × 2r=16 rows × 128 × 4 B = 16 KiB of right factors in L1.
 pub const TILE_COLS: usize = 128;
@@ -34,69 +35,6 @@ pub fn conflict_free_stride<T>(n: usize) -> usize {
     let per_line = (64 / size).max(1);
     let lines = n.div_ceil(per_line);
     (lines | 1) * per_line
-}
-
-/// A dense row-major matrix of compute-precision values (the thin factors).
-#[derive(Debug, Clone)]
-pub struct Dense<T> {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<T>,
-}
-
-impl<T: Real> Dense<T> {
-    pub fn new(rows: usize, cols: usize, data: Vec<T>) -> Self {
-        debug_assert_eq!(data.len(), rows * cols);
-        Dense { rows, cols, data }
-    }
-
-    pub fn map(&self, f: impl Fn(T) -> T) -> Self {
-        Dense::new(
-            self.rows,
-            self.cols,
-            self.data.iter().map(|&x| f(x)).collect(),
-        )
-    }
-
-    pub fn zip(&self, other: &Self, f: impl Fn(T, T) -> T) -> Self {
-        debug_assert_eq!((self.rows, self.cols), (other.rows, other.cols));
-        let data = self
-            .data
-            .iter()
-            .zip(&other.data)
-            .map(|(&x, &y)| f(x, y))
-            .collect();
-        Dense::new(self.rows, self.cols, data)
-    }
-
-    pub fn scaled(&self, s: T) -> Self {
-        self.map(|x| x * s)
-    }
-
-    pub fn row(&self, i: usize) -> &[T] {
-        &self.data[i * self.cols..(i + 1) * self.cols]
-    }
-
-    /// [self | other] side by side (same row count).
-    pub fn hcat(&self, other: &Self) -> Self {
-        debug_assert_eq!(self.rows, other.rows);
-        let cols = self.cols + other.cols;
-        let mut data = Vec::with_capacity(self.rows * cols);
-        for i in 0..self.rows {
-            data.extend_from_slice(self.row(i));
-            data.extend_from_slice(other.row(i));
-        }
-        Dense::new(self.rows, cols, data)
-    }
-
-    /// [self ; other] stacked (same column count).
-    pub fn vcat(&self, other: &Self) -> Self {
-        debug_assert_eq!(self.cols, other.cols);
-        let mut data = Vec::with_capacity((self.rows + other.rows) * self.cols);
-        data.extend_from_slice(&self.data);
-        data.extend_from_slice(&other.data);
-        Dense::new(self.rows + other.rows, self.cols, data)
-    }
 }
 
 impl<T: Real> LowRank<T> {
@@ -378,7 +316,7 @@ pub const ROW_BLOCK: usize = 4;
 /// AVX2+FMA variant (a closure is a function of its own, compiled without those features).
 macro_rules! for_each_tile {
     ($m:ty, $x:expr, $y:expr, $row0:expr, $nrows:expr, |$li:ident, $j0:ident, $xv:ident, $yv:ident| $body:block) => {{
-        use $crate::lowrank::{ROW_BLOCK, TILE_COLS};
+        use $crate::cpu::lowrank::{ROW_BLOCK, TILE_COLS};
         let (x, y, row0, nrows) = ($x, $y, $row0, $nrows);
         let cols = x.cols;
         let mut bx = [[num_traits::Zero::zero(); TILE_COLS]; ROW_BLOCK];
@@ -481,8 +419,8 @@ mod tests {
         // Small integers: every order of summation and fused or not give the same exact sums.
         check::<f32, Plain>();
         check::<f64, Plain>();
-        check::<f32, crate::simd::FusedWide>();
-        check::<f64, crate::simd::FusedWide>();
+        check::<f32, crate::cpu::simd::FusedWide>();
+        check::<f64, crate::cpu::simd::FusedWide>();
     }
 
     #[test]
@@ -557,7 +495,7 @@ pub fn dot<M: Madd, T: Real>(x: &[T], y: &[T]) -> T {
 #[cfg(test)]
 mod vector_tests {
     use super::*;
-    use crate::simd::Plain;
+    use crate::cpu::simd::Plain;
 
     #[test]
     fn dot_matches_a_plain_loop() {

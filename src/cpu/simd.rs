@@ -7,7 +7,7 @@
 //! 1024 × 3072 (its gradient loops were 512 bits wide already: LLVM packs two 8-lane rank terms
 //! per register). Zen 4, whose 512-bit FMAs run as two halves, measured no faster with an
 //! earlier, one-register-per-row AVX-512 variant. Float32 ω updates and penalties on an AVX-512
-//! CPU run most of their rows in `crate::avx512`'s hand-written eight-row groups instead.
+//! CPU run most of their rows in `crate::cpu::avx512`'s hand-written eight-row groups instead.
 
 use crate::scalar::Real;
 
@@ -111,22 +111,22 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn with_avx2<$($g: $bound),*>($($arg: $ty),*) $(-> $ret)? {
-                    $body::<$crate::simd::Fused, $($g),*>($($arg),*)
+                    $body::<$crate::cpu::simd::Fused, $($g),*>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn with_avx512<$($g: $bound),*>($($arg: $ty),*) $(-> $ret)? {
-                    $body::<$crate::simd::FusedWide, $($g),*>($($arg),*)
+                    $body::<$crate::cpu::simd::FusedWide, $($g),*>($($arg),*)
                 }
-                match $crate::simd::level() {
+                match $crate::cpu::simd::level() {
                     // SAFETY: the CPU reports these features (`simd::level`).
-                    $crate::simd::Level::Avx512 => return unsafe { with_avx512::<$($g),*>($($arg),*) },
+                    $crate::cpu::simd::Level::Avx512 => return unsafe { with_avx512::<$($g),*>($($arg),*) },
                     // SAFETY: as above.
-                    $crate::simd::Level::Avx2 => return unsafe { with_avx2::<$($g),*>($($arg),*) },
-                    $crate::simd::Level::Plain => {}
+                    $crate::cpu::simd::Level::Avx2 => return unsafe { with_avx2::<$($g),*>($($arg),*) },
+                    $crate::cpu::simd::Level::Plain => {}
                 }
             }
-            $body::<$crate::simd::Plain, $($g),*>($($arg),*)
+            $body::<$crate::cpu::simd::Plain, $($g),*>($($arg),*)
         }
     };
 }

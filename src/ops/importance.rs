@@ -1,12 +1,11 @@
 //! Ω finalization (Eq. 13) and the layer coefficients (Eq. 15).
 
+use crate::cpu::importance::finalize_rows;
+use crate::cpu::lowrank::LowRank;
 use crate::dispatch::{path_for, Path};
 use crate::error::{Error, Result};
 use crate::forms::{assemble, Converted};
-use crate::lowrank::{for_each_tile, rows_per_task, LowRank};
-use crate::pool;
 use crate::scalar::Real;
-use crate::simd::{multiversion, Madd};
 use crate::view::{check_factor_set, dense, finite, slice, slice_mut, Arg, OMEGA_KINDS};
 use tch::{Kind, Tensor};
 
@@ -112,57 +111,6 @@ impl FinalizeJob {
     }
 }
 
-fn finalize_rows<S: Real>(
-    src: &[S],
-    dst: &mut [S],
-    delta: &LowRank<f64>,
-    xi: S,
-    clamp: bool,
-) -> Result<()> {
-    let (rows, cols) = (delta.rows, delta.cols);
-    if rows == 0 || cols == 0 {
-        return Ok(());
-    }
-    let rpt = rows_per_task(rows, cols, 1);
-    let tasks = dst
-        .chunks_mut(rpt * cols)
-        .zip(src.chunks(rpt * cols))
-        .collect();
-    pool::run_items(tasks, |task, (out, inp)| {
-        finalize_task(task * rpt, inp, out, delta, xi, clamp)
-    })?;
-    Ok(())
-}
-
-multiversion!(fn finalize_task<S: Real>(row0: usize, inp: &[S], out: &mut [S], delta: &LowRank<f64>, xi: S, clamp: bool) = finalize_task_body);
-
-#[inline(always)]
-fn finalize_task_body<M: Madd, S: Real>(
-    row0: usize,
-    inp: &[S],
-    out: &mut [S],
-    delta: &LowRank<f64>,
-    xi: S,
-    clamp: bool,
-) {
-    let cols = delta.cols;
-    for_each_tile!(
-        M,
-        delta,
-        None::<&LowRank<f64>>,
-        row0,
-        out.len() / cols,
-        |li, j0, dv, _unused| {
-            let span = li * cols + j0..li * cols + j0 + dv.len();
-            for ((o, &w), &dv) in out[span.clone()].iter_mut().zip(&inp[span]).zip(dv) {
-                let d = S::load(dv);
-                let v = w / M::madd(d, d, xi);
-                *o = if clamp && v < S::zero() { S::zero() } else { v };
-            }
-        }
-    );
-}
-
 /// c_l = softmax(‖Ω_l‖ / T) or 1/L. Tiny; torch's softmax is already max-shifted (stable).
 pub fn layer_coefficients(norms: &Arg, mode: &str, temperature: f64) -> Result<Tensor> {
     let kind = norms.kind(&[Kind::Double, Kind::Float, Kind::BFloat16, Kind::Half])?;
@@ -203,24 +151,4 @@ pub fn layer_coefficients(norms: &Arg, mode: &str, temperature: f64) -> Result<T
         };
         Ok(out.f_to_kind(out_kind)?)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::lowrank::Dense;
-
-    #[test]
-    fn finalize_divides_by_squared_delta_plus_xi() {
-        let delta = LowRank::new(
-            Dense::new(2, 1, vec![1.0f64, 2.0]),
-            Dense::new(1, 3, vec![1.0, -1.0, 0.0]),
-        );
-        let src = vec![2.0f32, 4.0, -1.0, 8.0, -5.0, 3.0];
-        let mut dst = vec![0.0f32; 6];
-        finalize_rows(&src, &mut dst, &delta, 1.0, false).unwrap();
-        assert_eq!(dst, vec![1.0, 2.0, -1.0, 8.0 / 5.0, -1.0, 3.0]);
-        finalize_rows(&src, &mut dst, &delta, 1.0, true).unwrap();
-        assert_eq!(dst, vec![1.0, 2.0, 0.0, 8.0 / 5.0, 0.0, 3.0]);
-    }
 }
