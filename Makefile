@@ -34,7 +34,7 @@ test: build
 	bash scripts/test.sh
 
 bench: build
-	$(PY) -m hlora.bench
+	$(PY) -m hlora.experiments.bench
 
 build: $(NATIVE_STAMP)
 
@@ -60,7 +60,7 @@ $(NATIVE_STAMP): $(VENV)/.deps-installed $(RUST_SOURCES) pyproject.toml
 lint: build
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
-	$(PY) -m ruff check python tests scripts notebooks
+	$(PY) -m ruff check python tests scripts notebooks examples
 
 # Upgrade .venv to the newest releases pyproject.toml allows and record them; then run `make test`
 # before committing the new lock.

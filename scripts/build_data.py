@@ -1,5 +1,5 @@
 """Builds hlora's shipped data from real public sources, deterministically (run once; the output
-is committed under python/hlora/data/files/ with a manifest of licences and checksums).
+is committed under python/hlora/experiments/data/files/ with a manifest of licences and checksums).
 
 General text (stand-in for the Pile), public domain, from Debian packages:
   dict-jargon (The Jargon File 4.4.7), dict-devil (The Devil's Dictionary), cfi-en (a public-domain

@@ -7,7 +7,7 @@
    the plain-PyTorch reference vs the tch path — and vs its floor
    max(bytes / measured copy bandwidth, FLOPs / measured fp32 rate);
 3. overhead per optimizer step on random-weight LLaMA-3.2-3B- and GPT-J-6B-shaped models
-   (bf16, r = 8, q/v, 4096 tokens per step), through hlora.bench_training.
+   (bf16, r = 8, q/v, 4096 tokens per step), through hlora.experiments.bench_training.
 
     python scripts/gpu_check.py --out docs/gpu_check.md     # on a GPU
     python scripts/gpu_check.py --dry-run                   # on CPU: the same code through the
@@ -29,8 +29,9 @@ from typing import Callable, List, Tuple
 import torch
 
 import hlora
-from hlora import _native, bench_training, ops, reference
+from hlora import _native, ops, reference
 from hlora._io import write_text_atomic
+from hlora.experiments import bench_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -243,7 +244,7 @@ def time_ops(device: str, models: List[str], repeats: int, out: Lines) -> None:
 
 
 def overhead(device: str, models: List[str], out: Lines) -> None:
-    out += ["## Overhead per optimizer step (hlora.bench_training; bf16, r = 8, q/v, 4096 tokens/step)", "",
+    out += ["## Overhead per optimizer step (hlora.experiments.bench_training; bf16, r = 8, q/v, 4096 tokens/step)", "",
             "| model | LoRA step | recording | penalty fwd+bwd | matrices | ω entries |",
             "|---|---:|---:|---:|---:|---:|"]
     for name, batch, seq, dtype in models:

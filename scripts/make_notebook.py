@@ -21,7 +21,7 @@ are noise), `"small"` (a few minutes on 2 CPU cores) or `"demo"` (the `hlora dem
 from IPython.display import Image, Markdown, display
 
 import hlora
-from hlora import experiment, plots
+from hlora.experiments import experiment, plots
 
 SCALE = os.environ.get("HLORA_NOTEBOOK_SCALE", "small")
 budgets = {

@@ -12,8 +12,8 @@ import argparse
 import json
 import os
 
-from hlora import data, selection
-from hlora._args import non_negative_float
+from hlora.experiments import data, selection
+from hlora.experiments._args import non_negative_float
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import hlora
-from hlora import experiment
 from hlora.adapters import find_adapted
-from hlora.checkpoint import StepCheckpoint
+from hlora.experiments import experiment
+from hlora.experiments.checkpoint import StepCheckpoint
 
 from tiny import TokenData, tiny_lora_model
 

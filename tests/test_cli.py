@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import hlora
-from hlora import bench, bench_training, checkpoint, cli, grid, ops
+from hlora import cli, ops
+from hlora.experiments import bench, bench_training, checkpoint, grid
 
 
 def test_bench_rows_cover_every_op_and_shape():
@@ -60,7 +61,7 @@ def _parsers():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     commands = {f"hlora {name}": p for name, p in sub.choices.items() if name != "bench"}
     return {**commands, "hlora bench": bench.build_parser(),
-            "python -m hlora.bench_training": bench_training.build_parser()}
+            "python -m hlora.experiments.bench_training": bench_training.build_parser()}
 
 
 def test_every_option_says_what_it_does_and_its_default():
@@ -222,7 +223,7 @@ def test_an_adapter_that_is_not_there_is_a_usage_error(capsys, tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: what is checked here must fail before the model loads."""
-    from hlora import models
+    from hlora.experiments import models
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was noticed")

@@ -13,10 +13,10 @@ import re
 import pytest
 import torch
 
-from hlora import data, stats
-from hlora import eval as metrics
 from hlora.adapters import find_adapted
-from hlora.baselines.ewc import EWCPenalty, empirical_fisher
+from hlora.experiments import data, stats
+from hlora.experiments import eval as metrics
+from hlora.experiments.baselines.ewc import EWCPenalty, empirical_fisher
 
 from tiny import VOCAB, tiny_lora_model
 
@@ -236,7 +236,7 @@ def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():
     for lam, error in [(-1.0, ValueError), (math.nan, ValueError), (True, TypeError)]:
         with pytest.raises(error, match="lam"):
             EWCPenalty(model, fisher, lam=lam)
-    with pytest.raises(TypeError, match="fisher must be an hlora.baselines.ewc.Fisher, got dict"):
+    with pytest.raises(TypeError, match="fisher must be an hlora.experiments.baselines.ewc.Fisher, got dict"):
         EWCPenalty(model, fisher.matrices, lam=2.0)
     with pytest.raises(ValueError, match="sequences is empty"):  # was a NaN Fisher (0/0)
         empirical_fisher(model, seqs[:0])

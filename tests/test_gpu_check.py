@@ -37,7 +37,7 @@ def test_gpu_check_dry_run_reports_correctness_and_timings(tmp_path, monkeypatch
 
 @pytest.mark.skipif(hlora.backend() != "rust", reason="native backend not active")
 def test_kernel_timings_script_prints_a_row_per_kernel(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "dev"))
     import kernel_timings
 
     threads = torch.get_num_threads()
@@ -59,7 +59,7 @@ def test_kernel_timings_script_prints_a_row_per_kernel(monkeypatch, capsys):
 def test_simd_ab_script_times_each_variant_it_is_asked_for(monkeypatch, capsys):
     from hlora import _native
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "dev"))
     import simd_ab
 
     variants = sorted({"plain", _native.simd_level()})
@@ -80,7 +80,7 @@ def test_simd_ab_script_times_each_variant_it_is_asked_for(monkeypatch, capsys):
 def test_build_ab_script_loads_two_builds_side_by_side_and_compares_them(tmp_path, monkeypatch, capsys):
     from hlora._loader import NATIVE
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "dev"))
     import build_ab
 
     copy = tmp_path / "before.so"

@@ -184,7 +184,7 @@ def test_metadata_is_plain_json(recorded, tmp_path):
 def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from hlora import plots
+    from hlora.experiments import plots
 
     path = tmp_path / "accuracy.png"
     plots.violins({"LoRA": [0.5, 0.6], "HLoRA": [0.7, 0.8]}, str(path), "accuracy")
@@ -204,7 +204,7 @@ def test_plots_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_a_diverged_seed_is_counted_on_the_violin_plot_not_dropped_unsaid(tmp_path):
-    from hlora import plots
+    from hlora.experiments import plots
 
     per_method = {"LoRA": [1.0, math.nan, 2.0], "HLoRA": [0.5, 0.7, 0.6], "EWC": [math.inf, math.nan]}
     assert plots.violin_labels(per_method, {"LoRA": 0.04, "EWC": math.nan}) == [
@@ -216,7 +216,7 @@ def test_a_diverged_seed_is_counted_on_the_violin_plot_not_dropped_unsaid(tmp_pa
 def test_the_heatmap_names_norms_it_cannot_place(tmp_path):
     # A model whose matrices are not named `layers.<i>.<...>_proj` (GPT-2's h.0.attn.c_attn) had
     # the heatmap fail with "max() arg is an empty sequence".
-    from hlora import plots
+    from hlora.experiments import plots
 
     with pytest.raises(ValueError, match=r"norms has no matrix named like .* \(got 1: h\.0\.attn\.c_attn\)"):
         plots.importance_heatmap({"h.0.attn.c_attn": 2.0}, str(tmp_path / "heatmap.png"))

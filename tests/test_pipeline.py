@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hlora
-from hlora import experiment, grid, models
 from hlora._io import read_json
+from hlora.experiments import experiment, grid, models
 
 
 def _cli(*args, timeout=900):
@@ -197,14 +197,15 @@ def test_grid_summary_from_saved_runs(tmp_path):
 
 
 def test_a_comparison_checks_its_domain_budget_and_seed_before_the_model_loads(monkeypatch):
-    from hlora import models
+    from hlora.experiments import models
 
     def load(*args, **kwargs):
         raise AssertionError("the model loaded")
 
     monkeypatch.setattr(models, "load", load)
     for kwargs, error, match in [({"domain": "legal"}, ValueError, "domain must be one of"),
-                                 ({"budget": {"nu_steps": 2}}, TypeError, "budget must be an hlora.experiment.Budget"),
+                                 ({"budget": {"nu_steps": 2}}, TypeError,
+                                  "budget must be an hlora.experiments.experiment.Budget"),
                                  ({"seed": 1.5}, TypeError, "seed must be an integer")]:
         with pytest.raises(error, match=match):
             experiment.Comparison(**kwargs)

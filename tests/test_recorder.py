@@ -176,7 +176,7 @@ def test_an_empty_recording_says_so():
 def test_a_compiled_model_records_and_is_regularized_under_the_names_of_the_model():
     """torch.compile's wrapper prefixes every module name with "_orig_mod.": recorded through it,
     an importance file fitted only compiled models, and EWC's Fisher could not find its weights."""
-    from hlora.baselines.ewc import empirical_fisher
+    from hlora.experiments.baselines.ewc import empirical_fisher
 
     plain_ref = tiny_lora_model(seed=13)
     plain, compiled = tiny_lora_model(seed=13), torch.compile(tiny_lora_model(seed=13), backend="eager")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from hlora import experiment, models, selection
+from hlora.experiments import experiment, models, selection
 
 
 def test_the_rule_takes_the_lowest_perplexity_within_a_point_and_never_a_diverged_run():

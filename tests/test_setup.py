@@ -97,7 +97,7 @@ def test_pip_builds_a_wheel_that_works_outside_the_source_tree(tmp_path: Path) -
     with zipfile.ZipFile(wheel) as zipped:
         names = set(zipped.namelist())
     for needed in ("hlora/_native.abi3.so", "hlora/_native.pyi", "hlora/py.typed",
-                   "hlora/data/files/MANIFEST.json"):
+                   "hlora/experiments/data/files/MANIFEST.json"):
         assert needed in names, f"{needed} is missing from {wheel.name}"
 
     site = tmp_path / "site"

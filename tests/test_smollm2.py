@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import hlora
-from hlora import models
+from hlora.experiments import models
 from hlora.hf import ImportanceCallback, RegularizationCallback
 
 

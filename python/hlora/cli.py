@@ -5,7 +5,7 @@
     hlora record       LoRA on general text, recording importance
     hlora finetune     fine-tune an adapter on domain MCQ data, optionally regularized
     hlora evaluate     general perplexity and domain accuracy of a model or adapter
-    hlora bench        kernels vs the plain-PyTorch formulas (see hlora.bench)
+    hlora bench        kernels vs the plain-PyTorch formulas (see hlora.experiments.bench)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import List, Optional
 import torch
 
 import hlora
-from hlora._args import (
+from hlora._io import atomic_folder, read_json, read_text
+from hlora.experiments._args import (
     block_length,
     existing_file,
     non_negative_float,
@@ -28,9 +29,8 @@ from hlora._args import (
     positive_int,
     saved_adapter,
 )
-from hlora._io import atomic_folder, read_json, read_text
-from hlora.checkpoint import StepCheckpoint, file_digest
-from hlora.data import DOMAINS
+from hlora.experiments.checkpoint import StepCheckpoint, file_digest
+from hlora.experiments.data import DOMAINS
 from hlora.recorder import CLAMP_POLICIES, DEFAULT_XI
 from hlora.regularizer import DEFAULT_PHI, LAYER_WEIGHTINGS
 
@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from hlora import experiment, plots
+    from hlora.experiments import experiment, plots
 
     budget = experiment.Budget(threads=args.threads)
     if args.quick:  # for tests and notebooks: the same pipeline at a toy budget
@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from hlora import experiment, grid, models
+    from hlora.experiments import experiment, grid, models
 
     seeds = args.seeds or [DEFAULT_SEEDS[d] for d in args.domains]
     if len(seeds) == 1:
@@ -157,7 +157,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def _peft_model(model_name, r: int, alpha: int, rslora: bool, seed: int = 0, adapter: str = None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from hlora import models
+    from hlora.experiments import models
 
     base, tokenizer = models.load(model_name)
     if adapter:
@@ -174,7 +174,7 @@ _NOT_SETTINGS = ("func", "out", "threads", "checkpoint_every")
 def _step_checkpoint(args: argparse.Namespace) -> StepCheckpoint:
     """``<out>/resume.pt`` for this command's run, checked against its arguments now (before the
     model loads). Input files count by content, the model by identity."""
-    from hlora import models
+    from hlora.experiments import models
 
     settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     settings["model"] = models.identity(args.model)
@@ -196,8 +196,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     """LoRA on a general text file, recording Ω; saves the adapter and the importance file."""
     import os
 
-    from hlora import data, experiment
-    from hlora import eval as metrics
+    from hlora.experiments import data, experiment
+    from hlora.experiments import eval as metrics
 
     torch.set_num_threads(args.threads)
     # Inputs read and the output folder made before the model loads: a bad file or an unwritable
@@ -225,7 +225,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tunes an adapter on a domain MCQ file (question + answer), optionally regularized."""
     import os
 
-    from hlora import data, experiment
+    from hlora.experiments import data, experiment
 
     torch.set_num_threads(args.threads)
     if args.adapter and os.path.realpath(os.path.join(args.out, "adapter")) == os.path.realpath(args.adapter):
@@ -254,8 +254,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """General perplexity on a text file and accuracy on an MCQ JSONL file, for a model or adapter."""
-    from hlora import data
-    from hlora import eval as metrics
+    from hlora.experiments import data
+    from hlora.experiments import eval as metrics
 
     torch.set_num_threads(args.threads)
     # Both inputs read before the model loads and perplexity runs (minutes): a bad MCQ file
@@ -265,7 +265,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.adapter:
         model, tokenizer = _peft_model(args.model, 8, 32, False, adapter=args.adapter)
     else:
-        from hlora import models
+        from hlora.experiments import models
 
         model, tokenizer = models.load(args.model)
     blocks = metrics.token_blocks(tokenizer, text, args.seq_len, args.max_blocks)
@@ -386,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from hlora import bench
+        from hlora.experiments import bench
 
         return bench.main(argv[1:])
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Overhead of hlora per LoRA training step: plain step vs. step + recording (before/after
 hooks, the batched ω update) vs. step + penalty (forward + backward), medians over steps.
 
-    python -m hlora.bench_training [--model tiny|smollm2|llama-3b-shape|gptj-6b-shape] [--steps 8]
+    python -m hlora.experiments.bench_training [--model tiny|smollm2|llama-3b-shape|gptj-6b-shape] [--steps 8]
         [--batch 4] [--seq 256] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 import torch
 
 import hlora
-from hlora._args import positive_int, require_device
 from hlora.adapters import find_adapted
+from hlora.experiments._args import positive_int, require_device
 
 #: Random-weight models with the shapes of the paper's GPU models (DESIGN §5).
 SHAPE_MODELS = {
@@ -45,7 +45,7 @@ def _model(name: str, dtype: torch.dtype, device: str, r: int):
         with torch.device(device):  # initialise on the device: billions of weights
             base = model_cls(config_cls(**kwargs))
     else:
-        from hlora import models
+        from hlora.experiments import models
 
         base, _ = models.load(name)
     base = base.to(device=device, dtype=dtype)
@@ -99,7 +99,8 @@ def run(model_name: str = "tiny", steps: int = 8, batch: int = 4, seq: int = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hlora.bench_training", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hlora.experiments.bench_training",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny",
                         help="tiny | smollm2 | llama-3b-shape | gptj-6b-shape (random weights) | an HF name or "
                              "path (default: %(default)s)")

@@ -12,7 +12,7 @@ import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 from hlora import _checks as check
-from hlora import experiment, plots
+from hlora.experiments import experiment, plots
 
 PHIS = (1e2, 1e3, 1e4, 1e5)
 LAMS = (1e2, 1e4, 1e6)

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 import hlora
 from hlora import _checks as check
-from hlora import _io, data, models
-from hlora import eval as metrics
+from hlora import _io
 from hlora._io import read_json, write_json_atomic
 from hlora.adapters import find_adapted
-from hlora.baselines.ewc import EWCPenalty, Fisher, empirical_fisher, sequences_for_budget
-from hlora.checkpoint import StepCheckpoint
+from hlora.experiments import data, models
+from hlora.experiments import eval as metrics
+from hlora.experiments.baselines.ewc import EWCPenalty, Fisher, empirical_fisher, sequences_for_budget
+from hlora.experiments.checkpoint import StepCheckpoint
 
 #: The result of the shared general phase (task ν), every ν+μ method's starting point.
 NU = "after ν"
@@ -191,7 +192,7 @@ class Comparison:
         from peft import LoraConfig, get_peft_model
 
         if not isinstance(budget, Budget):
-            raise TypeError(f"budget must be an hlora.experiment.Budget, got {type(budget).__name__}")
+            raise TypeError(f"budget must be an hlora.experiments.experiment.Budget, got {type(budget).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):  # a float seed would fail deep in torch
             raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
         # The domain's items first: a bad domain fails before the model loads.

@@ -1,7 +1,7 @@
 """The SIMD variants of one build against each other: native kernel calls timed in processes
 pinned to each variant with HLORA_SIMD, interleaved, so a noisy machine slows them alike.
 
-    python scripts/simd_ab.py --op omega --shape 192x576 [--rounds 6] [--threads 1]
+    python scripts/dev/simd_ab.py --op omega --shape 192x576 [--rounds 6] [--threads 1]
 
 Each process reports the 2nd percentile of its calls; the minimum and median over the rounds are
 printed per variant (the minimum is the figure least disturbed by other load on the machine).

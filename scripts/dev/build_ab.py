@@ -4,7 +4,7 @@ VMs the same build timed in separate processes moved by up to 1.5x; two copies o
 compared here agree within 1 %.
 
     cp python/hlora/_native.abi3.so /tmp/before.so   # then change the Rust code and rebuild
-    python scripts/build_ab.py --before /tmp/before.so --op penalty --shape 192x576 [--threads 1]
+    python scripts/dev/build_ab.py --before /tmp/before.so --op penalty --shape 192x576 [--threads 1]
         [--omega-dtype bfloat16] [--cold]
 
 `--cold` evicts the caches before every call (an 8 MiB copy, far larger than this VM's 2 MiB of L2

@@ -11,8 +11,8 @@ from dataclasses import fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hlora import _checks as check
-from hlora import data, experiment, models, plots, stats
 from hlora._io import read_json, write_text_atomic
+from hlora.experiments import data, experiment, models, plots, stats
 
 
 def run_path(out: str, domain: str, seed: int) -> str:

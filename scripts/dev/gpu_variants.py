@@ -2,8 +2,8 @@
 on a whole LLaMA-3.2-3B-shaped model's matrices, each variant in a fresh process (NVRTC compiles
 it), and prints the device time of each kernel family per call (torch.profiler, mean of 5 calls).
 
-    python scripts/gpu_variants.py                    # every variant; prints the fastest defines
-    python scripts/gpu_variants.py --dry-run          # the same on CPU through the emulator
+    python scripts/dev/gpu_variants.py                    # every variant; prints the fastest defines
+    python scripts/dev/gpu_variants.py --dry-run          # the same on CPU through the emulator
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def child(dry_run: bool) -> Dict[str, float]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
-    sys.path.insert(0, str(here.parent / "tests"))
+    scripts = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(scripts))
+    sys.path.insert(0, str(scripts.parent / "tests"))
     import gpu_check
 
     from hlora import _native

@@ -84,7 +84,7 @@ class EWCPenalty:
 
     def __init__(self, peft_model: torch.nn.Module, fisher: Fisher, lam: float, adapter: str = "default") -> None:
         if not isinstance(fisher, Fisher):
-            raise TypeError(f"fisher must be an hlora.baselines.ewc.Fisher, got {type(fisher).__name__}")
+            raise TypeError(f"fisher must be an hlora.experiments.baselines.ewc.Fisher, got {type(fisher).__name__}")
         self.lam = check.non_negative(lam, "lam")
         self.matrices = find_adapted(peft_model, adapter)
         missing = [m.name for m in self.matrices if m.name not in fisher.matrices]

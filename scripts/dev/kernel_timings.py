@@ -4,7 +4,7 @@ after a copy that flushes the caches (as a training step, or the benchmark's ref
 penalty through `ops` (autograd Function, forward + backward) is timed beside the bare kernels, to
 show what the Python/autograd round trip adds, warm and cold.
 
-    python scripts/kernel_timings.py [--threads 1] [--pause-ms 3] [--flush-mb 16] [--only 576x576]
+    python scripts/dev/kernel_timings.py [--threads 1] [--pause-ms 3] [--flush-mb 16] [--only 576x576]
 
 Unlike `hlora bench` there is no reference in between, so neither torch's busy-waiting OpenMP
 workers nor its temporaries disturb the kernels: compare two builds with this, run alternately.
@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import hlora
-from hlora import bench
+from hlora.experiments import bench
 
 
 def _times(fn: Callable[[], object], calls: int, pause_s: float,

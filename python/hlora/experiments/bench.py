@@ -11,7 +11,7 @@ backward scales gradients computed beforehand). That is the autograd round trip 
 differentiable penalty pays on top of its kernel, so reference / no-work is the most any of them
 could gain here (the "ceiling" printed below the table).
 
-    python -m hlora.bench [--threads 2] [--repeats 21] [--device cpu|cuda] [--json out.json]
+    python -m hlora.experiments.bench [--threads 2] [--repeats 21] [--device cpu|cuda] [--json out.json]
 
 The reference's CPU times depend on glibc's allocator state (torch does not cache CPU memory, so
 its large temporaries may be mapped and page-faulted in on every call); run with
@@ -31,8 +31,8 @@ import torch
 
 import hlora
 from hlora import ops, reference
-from hlora._args import positive_int, require_device
 from hlora._io import write_json_atomic
+from hlora.experiments._args import positive_int, require_device
 
 SHAPES = [("SmolLM2 q_proj", 576, 576), ("SmolLM2 v_proj", 192, 576),
           ("LLaMA-3.2-3B q_proj", 3072, 3072), ("LLaMA-3.2-3B v_proj", 1024, 3072)]

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hlora import _checks as check
-from hlora.data import MCQItem, prompt
+from hlora.experiments.data import MCQItem, prompt
 
 
 def token_blocks(tokenizer, text: str, seq_len: int, max_blocks: Optional[int] = None) -> torch.Tensor:
