@@ -22,5 +22,5 @@ stage() {
 stage "cargo fmt --check" cargo fmt --check
 stage "cargo clippy" cargo clippy --release --all-targets -- -D warnings
 stage "cargo test" cargo test --release
-stage "ruff" "$PY" -m ruff check python tests scripts notebooks
+stage "ruff" "$PY" -m ruff check python tests scripts notebooks examples
 stage "pytest" "$PY" -m pytest -q -ra --durations=15 "$@"

@@ -52,3 +52,21 @@ def batches(data: TokenData, batch_size: int):
     for i in range(0, len(data) - batch_size + 1, batch_size):
         items = [data[j] for j in range(i, i + batch_size)]
         yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def save_tiny_model_folder(folder, seed: int = 0) -> str:
+    """The tiny Llama saved as a Hugging Face model folder with a character-level tokenizer of its
+    vocabulary (printable ASCII), so code written for `from_pretrained(name)` runs on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 1)]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+    model = tiny_base_model(seed)
+    model.config.max_position_embeddings = 256
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
