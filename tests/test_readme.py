@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 import hlora
 
 from conftest import REPO
-from tiny import TokenData, tiny_base_model
+from tiny import TokenData, batches, tiny_base_model, tiny_lora_model
 
 
 def _python_block(containing: str) -> str:
@@ -58,3 +58,73 @@ def test_the_trainer_pattern_runs_as_printed(tmp_path, monkeypatch):
     logged = [entry for entry in names["trainer"].state.log_history if "hlora/penalty" in entry]
     assert len(logged) == 4 and all(entry["hlora/penalty"] >= 0 for entry in logged)
     assert any(entry["hlora/penalty"] > 0 for entry in logged)
+
+
+def _docs_python_block(page: str, containing: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / page).read_text(), flags=re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{page} should have one Python block with {containing!r}"
+    return found[0]
+
+
+def _tiny_loop_names() -> dict:
+    model = tiny_lora_model(seed=3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    general, domain = list(batches(TokenData(16, seed=1), 4)), list(batches(TokenData(16, seed=2), 4))
+    return {"hlora": hlora, "model": model, "optimizer": optimizer, "general": general, "domain": domain,
+            "general_batch": general[0], "domain_batch": domain[0]}
+
+
+def test_the_readme_loop_runs_as_printed() -> None:
+    names = _tiny_loop_names()
+    lora = [p for p in names["model"].parameters() if p.requires_grad]
+    exec(_python_block("hlora.ImportanceRecorder(model, optimizer)"), names)
+    assert names["imp"].meta["steps"] == 1 and len(names["imp"].names) == 4
+    assert names["reg"].penalty().item() >= 0
+    assert all(p.grad is not None for p in lora)  # the penalty's backward reached every factor
+
+
+def test_the_training_pages_loop_runs_as_printed(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the block saves importance.safetensors where it runs
+    names = _tiny_loop_names()
+    exec(_docs_python_block("docs/training.md", "hlora.ImportanceRecorder(model, optimizer)"), names)
+    assert names["imp"].meta["steps"] == len(names["general"])
+    assert hlora.Importance.load(str(tmp_path / "importance.safetensors")).names == names["imp"].names
+
+
+#: Markdown the project keeps: the README and every page of docs/ (and the tuning notes).
+PAGES = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")),
+         "scripts/dev/README.md"]
+
+
+def _anchors(path) -> set:
+    """GitHub's anchors of a Markdown file: its headings' slugs and explicit `<a id=...>`."""
+    text = path.read_text()
+    slugs = set(re.findall(r'<a id="([^"]+)"', text))
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        slugs.add(slug)
+    return slugs
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
+    checked = 0
+    for page in PAGES:
+        path = REPO / page
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            assert linked.exists(), f"{page} links to {target}, which does not exist"
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked), f"{page} links to {target}: no such heading in {linked.name}"
+            checked += 1
+    assert checked > 20  # the parsing found the links
+
+
+def test_the_readme_stays_short() -> None:
+    # Users read it to the end; detail goes to docs/.
+    lines = len((REPO / "README.md").read_text().splitlines())
+    assert lines <= 300, f"README.md is {lines} lines"
