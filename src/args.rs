@@ -1,8 +1,8 @@
 //! The argument lists of the `_many` ops and of the optional factor pairs, turned into checked
-//! arguments (`crate::view::Arg`) with messages that name the argument and the matrix.
+//! arguments (`crate::providers::Arg`) with messages that name the argument and the matrix.
 
 use crate::error::Error;
-use crate::view::{arg, Arg};
+use crate::providers::{arg, Arg};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 

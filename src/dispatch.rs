@@ -1,42 +1,51 @@
-//! The one place that decides where an op runs. CPU tensors go to the fused rayon kernels;
-//! CUDA tensors to the fused CUDA kernels (`crate::cuda`, one launch for all matrices) when
-//! they load, else — after one warning — through tch ops, algebraically fused (rank-2r GEMMs,
-//! in-place updates). Tests can route CPU tensors through the tch path too, so it is checked
-//! without a GPU.
+//! The one place that decides where an op runs: CPU tensors on the fused CPU kernels, CUDA
+//! tensors on the fused CUDA kernels (`crate::cuda`, one launch for all matrices). When those
+//! cannot load, the tch provider runs CUDA tensors through libtorch ops (the tch path, after one
+//! warning); the view provider has no such path, and hlora's Python layer sends those tensors to
+//! the plain-PyTorch ops instead (`cuda_runs`). Meta tensors only get their results' shapes.
+//! Tests can route CPU tensors through the tch path or the CUDA kernels' CPU emulator, so both
+//! are checked without a GPU.
 
 use crate::cuda::Kernels;
+use crate::error::{Error, Result};
+use crate::providers;
+use crate::tensor::Device;
+#[cfg(feature = "tch")]
 use pyo3::exceptions::PyUserWarning;
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tch::Device;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Fused loops over raw memory (CPU).
-    Fused,
-    /// tch (libtorch) ops on the tensors' device.
+/// Where one call runs.
+pub enum Route {
+    /// The fused CPU kernels (the GIL released around them).
+    Cpu,
+    /// The fused CUDA kernels on this stream (or, on a CPU, their emulator: stream 0).
+    Cuda(Arc<Kernels>, u64),
+    /// libtorch ops on the tensors' device (tch provider only).
+    #[cfg(feature = "tch")]
     Tch,
+    /// No values: results of the right shapes on the meta device.
+    Meta,
 }
 
 static TCH_ON_CPU: AtomicBool = AtomicBool::new(false);
 /// When set, CPU tensors run the CUDA kernels' code on the CPU emulator (tests).
 static EMULATOR: Mutex<Option<Arc<Kernels>>> = Mutex::new(None);
 
-pub fn path_for(device: Device) -> Path {
-    match device {
-        Device::Cpu if !TCH_ON_CPU.load(Ordering::Relaxed) => Path::Fused,
-        _ => Path::Tch,
+/// Routes CPU tensors through the tch path ("tch"), the fused kernels ("fused"), or the CUDA
+/// kernels on their CPU emulator (`emulator` given).
+pub fn set_cpu_path(tch_path: bool, emulator: Option<Arc<Kernels>>) -> Result<()> {
+    if tch_path && !cfg!(feature = "tch") {
+        return Err(Error::value(
+            "the tch path needs the tch provider, which this build does not have",
+        ));
     }
-}
-
-/// Routes CPU tensors through the tch path ("tch"), the fused kernels ("fused"), or the
-/// CUDA kernels on their CPU emulator (`emulator` given).
-pub fn set_cpu_path(tch_path: bool, emulator: Option<Arc<Kernels>>) {
     TCH_ON_CPU.store(tch_path, Ordering::Relaxed);
     if let Ok(mut slot) = EMULATOR.lock() {
         *slot = emulator;
     }
+    Ok(())
 }
 
 fn emulator() -> Option<Arc<Kernels>> {
@@ -54,11 +63,18 @@ pub fn cpu_path_name() -> &'static str {
 }
 
 static CUDA_VIA_TCH: AtomicBool = AtomicBool::new(false);
+#[cfg(feature = "tch")]
 static CUDA_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Routes CUDA tensors through the tch path ("tch") or the fused kernels ("fused").
-pub fn set_cuda_path(tch_path: bool) {
+pub fn set_cuda_path(tch_path: bool) -> Result<()> {
+    if tch_path && !cfg!(feature = "tch") {
+        return Err(Error::value(
+            "the tch path needs the tch provider, which this build does not have",
+        ));
+    }
     CUDA_VIA_TCH.store(tch_path, Ordering::Relaxed);
+    Ok(())
 }
 
 pub fn cuda_path_name() -> &'static str {
@@ -80,46 +96,74 @@ pub fn preload_nvrtc(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-/// The fused CUDA kernels and torch's current stream for tensors on `device`, or `None`
-/// for the tch path: a CPU device, `set_cuda_path("tch")`, or kernels that cannot load
-/// (no driver, no NVRTC, an old GPU) — the last said once, as a warning with the reason.
-/// Called with the GIL held: it asks torch for the current stream.
-pub fn cuda_route(py: Python<'_>, device: Device) -> PyResult<Option<(Arc<Kernels>, u64)>> {
-    let Device::Cuda(index) = device else {
-        return Ok(emulator().map(|k| (k, 0)));
-    };
-    if CUDA_VIA_TCH.load(Ordering::Relaxed) {
-        return Ok(None);
+/// Whether the active provider uses the tch path now (tch provider only).
+fn tch_active() -> bool {
+    cfg!(feature = "tch") && providers::active().name() == "tch"
+}
+
+/// Whether CUDA tensors on `index` run natively: the fused kernels load there, or the tch
+/// provider can take its path. `Err` carries why not (for the Python layer's one warning).
+pub fn cuda_runs(py: Python<'_>, index: i32) -> PyResult<std::result::Result<(), String>> {
+    if tch_active() {
+        return Ok(Ok(()));
     }
     preload_nvrtc(py)?;
-    match crate::cuda::kernels(index as i32) {
+    Ok(crate::cuda::kernels(index).map(|_| ()))
+}
+
+/// Where tensors on `device` run. Called with the GIL held: it asks torch for the current stream.
+pub fn route(py: Python<'_>, device: Device) -> PyResult<Route> {
+    match device {
+        Device::Cpu => {
+            if let Some(k) = emulator() {
+                return Ok(Route::Cuda(k, 0));
+            }
+            #[cfg(feature = "tch")]
+            if TCH_ON_CPU.load(Ordering::Relaxed) && tch_active() {
+                return Ok(Route::Tch);
+            }
+            Ok(Route::Cpu)
+        }
+        Device::Meta => Ok(Route::Meta),
+        Device::Cuda(index) => cuda_route(py, index),
+        Device::Other(name) => {
+            Err(Error::value(format!("hlora runs on cpu and cuda tensors, not {name}")).into())
+        }
+    }
+}
+
+fn cuda_route(py: Python<'_>, index: i32) -> PyResult<Route> {
+    #[cfg(feature = "tch")]
+    if CUDA_VIA_TCH.load(Ordering::Relaxed) && tch_active() {
+        return Ok(Route::Tch);
+    }
+    preload_nvrtc(py)?;
+    match crate::cuda::kernels(index) {
         Ok(k) => {
             let stream: u64 = py
                 .import("torch.cuda")?
                 .call_method1("current_stream", (index,))?
                 .getattr("cuda_stream")?
                 .extract()?;
-            Ok(Some((k, stream)))
+            Ok(Route::Cuda(k, stream))
         }
         Err(reason) => {
-            if !CUDA_WARNED.swap(true, Ordering::Relaxed) {
-                let msg = std::ffi::CString::new(format!(
-                    "hlora: fused CUDA kernels unavailable ({reason}); using the tch path"
-                ))
-                .unwrap_or_default();
-                PyErr::warn(py, &py.get_type::<PyUserWarning>(), &msg, 1)?;
+            #[cfg(feature = "tch")]
+            if tch_active() {
+                if !CUDA_WARNED.swap(true, Ordering::Relaxed) {
+                    let msg = std::ffi::CString::new(format!(
+                        "hlora: fused CUDA kernels unavailable ({reason}); using the tch path"
+                    ))
+                    .unwrap_or_default();
+                    PyErr::warn(py, &py.get_type::<PyUserWarning>(), &msg, 1)?;
+                }
+                return Ok(Route::Tch);
             }
-            Ok(None)
+            Err(Error::value(format!(
+                "the fused CUDA kernels cannot run on cuda:{index} ({reason}), and the view provider has \
+                 no other CUDA path; hlora.ops sends such tensors to the plain-PyTorch ops"
+            ))
+            .into())
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cuda_always_takes_the_tch_path() {
-        assert_eq!(path_for(Device::Cuda(0)), Path::Tch);
     }
 }

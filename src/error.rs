@@ -40,6 +40,7 @@ impl std::error::Error for Error {}
 
 /// Keeps the first meaningful line of a torch error: tch wraps it ("Internal torch error: …"
 /// or `Torch("…")`) and torch appends a C++ backtrace after "Exception raised from".
+#[cfg(any(feature = "tch", test))]
 pub fn clean_torch_message(raw: &str) -> String {
     let mut msg = raw.trim();
     for prefix in ["Internal torch error:", "Torch error:"] {
@@ -63,6 +64,7 @@ pub fn clean_torch_message(raw: &str) -> String {
     format!("torch error: {first}")
 }
 
+#[cfg(feature = "tch")]
 impl From<tch::TchError> for Error {
     fn from(err: tch::TchError) -> Self {
         Error::Value(clean_torch_message(&err.to_string()))

@@ -1,6 +1,6 @@
 //! The cancellation-free low-rank forms of DESIGN §1, written once over a small `Factor`
 //! trait so the CPU kernels (on `Dense` factors, evaluated row by row) and the device path
-//! (on tch tensors, multiplied out by one GEMM) share the algebra.
+//! (the tch path, on libtorch tensors multiplied out by one GEMM) share the algebra.
 //!
 //! Each form returns its terms `c·L·R` (whose sum is the (out, in) quantity), the inputs among
 //! their factors borrowed: the CPU kernels lay them out directly (`LowRank::from_terms`), the
@@ -9,10 +9,11 @@
 use crate::cpu::dense::Dense;
 use crate::error::Result;
 use crate::scalar::Real;
-use tch::{Kind, Tensor};
 
 pub trait Factor: Sized {
+    #[cfg(any(feature = "tch", test))]
     fn hcat(&self, other: &Self) -> Result<Self>;
+    #[cfg(any(feature = "tch", test))]
     fn vcat(&self, other: &Self) -> Result<Self>;
     /// `self − c·other`
     fn sub_scaled(&self, other: &Self, c: f64) -> Result<Self>;
@@ -21,13 +22,16 @@ pub trait Factor: Sized {
     /// (Sterbenz), so nothing cancels — `c·self − d·other` as written would lose the two products'
     /// roundings relative to their small difference (float64 factors: ~1e-10 at 1e-6 apart).
     fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self>;
+    #[cfg(any(feature = "tch", test))]
     fn scale(&self, c: f64) -> Result<Self>;
 }
 
 impl<T: Real> Factor for Dense<T> {
+    #[cfg(any(feature = "tch", test))]
     fn hcat(&self, other: &Self) -> Result<Self> {
         Ok(Dense::hcat(self, other))
     }
+    #[cfg(any(feature = "tch", test))]
     fn vcat(&self, other: &Self) -> Result<Self> {
         Ok(Dense::vcat(self, other))
     }
@@ -42,34 +46,9 @@ impl<T: Real> Factor for Dense<T> {
             T::from_f64_lossy(c * (x - y) + c_minus_d * y)
         }))
     }
+    #[cfg(any(feature = "tch", test))]
     fn scale(&self, c: f64) -> Result<Self> {
         Ok(self.scaled(T::from_f64_lossy(c)))
-    }
-}
-
-impl Factor for Tensor {
-    fn hcat(&self, other: &Self) -> Result<Self> {
-        Ok(Tensor::f_cat(&[self, other], 1)?)
-    }
-    fn vcat(&self, other: &Self) -> Result<Self> {
-        Ok(Tensor::f_cat(&[self, other], 0)?)
-    }
-    fn sub_scaled(&self, other: &Self, c: f64) -> Result<Self> {
-        Ok(self.f_sub(&other.f_mul_scalar(c)?)?)
-    }
-    fn scaled_difference(&self, c: f64, other: &Self, d: f64) -> Result<Self> {
-        let (x, y) = (
-            self.f_to_kind(Kind::Double)?,
-            other.f_to_kind(Kind::Double)?,
-        );
-        let diff = x
-            .f_sub(&y)?
-            .f_mul_scalar(c)?
-            .f_add(&y.f_mul_scalar(c - d)?)?;
-        Ok(diff.f_to_kind(self.f_kind()?)?)
-    }
-    fn scale(&self, c: f64) -> Result<Self> {
-        Ok(self.f_mul_scalar(c)?)
     }
 }
 
@@ -100,6 +79,7 @@ fn term<'a, M>(left: Part<'a, M>, scale: f64, right: Part<'a, M>) -> Term<'a, M>
     Term { left, scale, right }
 }
 
+#[cfg(any(feature = "tch", test))]
 /// The terms as one product `L·R`: L = [c₁·L₁ | c₂·L₂ | …], R = [R₁ ; R₂ ; …] (the device path's
 /// GEMM operands; the CPU kernels build their layout from the terms directly, `LowRank::from_terms`).
 pub fn assemble<M: Factor>(terms: &[Term<'_, M>]) -> Result<(M, M)> {
@@ -187,11 +167,11 @@ pub struct Converted<M> {
 }
 
 impl<M: Factor> Converted<M> {
-    pub fn new(
-        a: &Tensor,
-        b: &Tensor,
-        anchor: Option<(&Tensor, &Tensor, f64)>,
-        convert: impl Fn(&Tensor) -> Result<M>,
+    pub fn new<I>(
+        a: &I,
+        b: &I,
+        anchor: Option<(&I, &I, f64)>,
+        convert: impl Fn(&I) -> Result<M>,
     ) -> Result<Self> {
         let anchor = match anchor {
             Some((a0, b0, s0)) => Some((convert(a0)?, convert(b0)?, s0)),

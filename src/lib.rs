@@ -1,6 +1,7 @@
-//! hlora's native kernels: PyO3 bindings only. Each function checks its arguments (view),
-//! builds a job that owns shallow handles to the caller's tensors, and runs it with the GIL
-//! released. The maths lives in one module per kernel family: omega, importance, penalty.
+//! hlora's native kernels: PyO3 bindings only. Each function reads its arguments through the
+//! active provider (`providers`: checked views of the caller's tensors), builds one job per
+//! matrix (`ops`), and runs them where `dispatch` sends them — the CPU kernels with the GIL
+//! released, the CUDA kernels in one launch per op. The maths lives in `cpu/` and `cuda/`.
 
 mod args;
 mod cancellation;
@@ -10,37 +11,33 @@ mod dispatch;
 mod error;
 mod forms;
 mod ops;
-// Links against the interpreter's symbols: not in the `cargo test` executable (tested from Python).
-#[cfg(not(test))]
+mod providers;
+// Links against the interpreter's symbols: not in the `cargo test` executable (tested from
+// Python). Only the tch provider's glue (torch-sys's pybind11) needs it.
+#[cfg(all(feature = "tch", not(test)))]
 mod pycompat;
 mod scalar;
-mod view;
+#[cfg(feature = "tch")]
+mod tch_path;
+mod tensor;
 
 use args::{args_of, given_pair, per_matrix, FactorLists};
 use error::Error;
-use ops::importance::{self, FinalizeJob};
+use ops::importance::{self, FinalizeArgs, FinalizeJob};
 use ops::omega::{OmegaArgs, OmegaJob};
-use ops::penalty::{self, PenaltyJob};
+use ops::penalty::{self, PenaltyArgs, PenaltyJob};
+use providers::{arg, disjoint, opt_arg, Arg};
 use pyo3::prelude::*;
-use pyo3_tch::PyTensor;
 use std::sync::Arc;
-use tch::Device;
-use view::{arg, opt_arg, Arg};
 
-/// The fused CUDA kernels when every tensor of a call is on one CUDA device that can run them.
-fn cuda_route(
-    py: Python<'_>,
-    devices: impl IntoIterator<Item = Device>,
-) -> PyResult<Option<(Arc<cuda::Kernels>, u64)>> {
-    let devices: Vec<Device> = devices.into_iter().collect();
-    match devices.first() {
-        Some(&d) if devices.iter().all(|&x| x == d) => dispatch::cuda_route(py, d),
-        _ => Ok(None),
-    }
+type Grads = (Option<PyObject>, Option<PyObject>);
+
+fn grads_py(py: Python<'_>, grads: Option<(providers::Made, providers::Made)>) -> PyResult<Grads> {
+    Ok(match grads {
+        Some((a, b)) => (Some(a.into_py(py)?), Some(b.into_py(py)?)),
+        None => (None, None),
+    })
 }
-
-/// The libtorch version tch 0.24 links against; Python refuses any other torch.
-const TORCH_VERSION: &str = "2.11.0";
 
 #[pyfunction]
 #[pyo3(signature = (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next, *, lr, scaling, clamp_negative=false))]
@@ -74,16 +71,10 @@ fn accumulate_omega_(
         a_next: &an,
         b_next: &bn,
     };
-    let job = OmegaJob::new(args, lr, scaling, clamp_negative)?;
+    let job = OmegaJob::new(&args, lr, scaling, clamp_negative)?;
     let read = [&ap, &bp, &ga, &gb, &an, &bn].map(Arg::named);
-    view::disjoint(&[o.named()], &read)?;
-    match cuda_route(py, [job.device()])? {
-        Some((k, stream)) => py.allow_threads(move || {
-            cuda::omega_many(&k, stream, &[job.cuda_mat()], clamp_negative)
-        })?,
-        None => py.allow_threads(move || job.run())?,
-    }
-    Ok(())
+    disjoint(&[o.named()], &read)?;
+    ops::omega::run(py, &[args], vec![job], clamp_negative)
 }
 
 #[pyfunction]
@@ -111,19 +102,21 @@ fn accumulate_omega_many_(
     let an = args_of(a_next, "a_next", false, n)?;
     let bn = args_of(b_next, "b_next", false, n)?;
     let scaling = per_matrix(scaling, "scaling", o.len())?;
-    let jobs = (0..o.len())
-        .map(|i| {
-            let args = OmegaArgs {
-                omega: &o[i],
-                a_prev: &ap[i],
-                b_prev: &bp[i],
-                grad_a: &ga[i],
-                grad_b: &gb[i],
-                a_next: &an[i],
-                b_next: &bn[i],
-            };
-            OmegaJob::new(args, lr, scaling[i], clamp_negative)
+    let args: Vec<OmegaArgs> = (0..o.len())
+        .map(|i| OmegaArgs {
+            omega: &o[i],
+            a_prev: &ap[i],
+            b_prev: &bp[i],
+            grad_a: &ga[i],
+            grad_b: &gb[i],
+            a_next: &an[i],
+            b_next: &bn[i],
         })
+        .collect();
+    let jobs = args
+        .iter()
+        .zip(&scaling)
+        .map(|(a, &s)| OmegaJob::new(a, lr, s, clamp_negative))
         .collect::<Result<Vec<_>, Error>>()?;
     let written: Vec<_> = o.iter().map(Arg::named).collect();
     let read: Vec<_> = [&ap, &bp, &ga, &gb, &an, &bn]
@@ -131,15 +124,11 @@ fn accumulate_omega_many_(
         .flatten()
         .map(Arg::named)
         .collect();
-    view::disjoint(&written, &read)?;
-    match cuda_route(py, jobs.iter().map(OmegaJob::device))? {
-        Some((k, stream)) => py.allow_threads(move || {
-            let mats: Vec<_> = jobs.iter().map(OmegaJob::cuda_mat).collect();
-            cuda::omega_many(&k, stream, &mats, clamp_negative)
-        })?,
-        None => py.allow_threads(move || jobs.iter().try_for_each(OmegaJob::run))?,
+    disjoint(&written, &read)?;
+    if o.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    ops::omega::run(py, &args, jobs, clamp_negative)
 }
 
 #[pyfunction]
@@ -155,29 +144,29 @@ fn finalize_importance(
     clamp_negative: bool,
     a_start: Option<&Bound<'_, PyAny>>,
     b_start: Option<&Bound<'_, PyAny>>,
-) -> PyResult<PyTensor> {
+) -> PyResult<PyObject> {
     let (o, a, b) = (
         arg(omega, "omega", false)?,
         arg(a, "a", false)?,
         arg(b, "b", false)?,
     );
     let (a0, b0) = (opt_arg(a_start, "a_start")?, opt_arg(b_start, "b_start")?);
-    let start = given_pair(&a0, &b0, "a_start and b_start")?;
-    let job = FinalizeJob::new(&o, &a, &b, start, scaling, xi, clamp_negative)?;
-    let result = match cuda_route(py, [job.device()])? {
-        Some((k, stream)) => py.allow_threads(move || {
-            let out = cuda::finalize_many(&k, stream, &[job.cuda_mat()], clamp_negative)?;
-            out.omegas
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::value("no result"))
-        })?,
-        None => py.allow_threads(move || job.run())?,
+    let args = FinalizeArgs {
+        omega: &o,
+        a: &a,
+        b: &b,
+        start: given_pair(&a0, &b0, "a_start and b_start")?,
     };
-    Ok(PyTensor(result))
+    let job = FinalizeJob::new(&args, scaling, xi, clamp_negative)?;
+    let (results, _) = importance::run(py, &[args], vec![job], clamp_negative, false)?;
+    results
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::value("internal: no result"))?
+        .into_py(py)
 }
 
-type FinalizeManyResult = (Vec<PyTensor>, PyTensor);
+type FinalizeManyResult = (Vec<PyObject>, PyObject);
 
 /// Ω for every matrix, plus ‖Ω_l‖² per matrix (float64) from the same pass on CUDA.
 #[pyfunction]
@@ -202,61 +191,46 @@ fn finalize_importance_many(
         ("a_start", "b_start"),
     )?;
     let scaling = per_matrix(scaling, "scaling", lists.len())?;
-    let jobs = scaling
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| {
-            let (o, a, b) = (&lists.omega[i], &lists.a[i], &lists.b[i]);
-            FinalizeJob::new(o, a, b, lists.pair(i), s, xi, clamp_negative)
+    let args: Vec<FinalizeArgs> = (0..lists.len())
+        .map(|i| FinalizeArgs {
+            omega: &lists.omega[i],
+            a: &lists.a[i],
+            b: &lists.b[i],
+            start: lists.pair(i),
         })
+        .collect();
+    let jobs = args
+        .iter()
+        .zip(&scaling)
+        .map(|(a, &s)| FinalizeJob::new(a, s, xi, clamp_negative))
         .collect::<Result<Vec<_>, Error>>()?;
-    let out = match cuda_route(py, jobs.iter().map(FinalizeJob::device))? {
-        Some((k, stream)) => py.allow_threads(move || {
-            let mats: Vec<_> = jobs.iter().map(FinalizeJob::cuda_mat).collect();
-            cuda::finalize_many(&k, stream, &mats, clamp_negative)
-        })?,
-        None => py.allow_threads(move || -> Result<cuda::FinalizeOut, Error> {
-            let omegas = jobs
-                .iter()
-                .map(FinalizeJob::run)
-                .collect::<Result<Vec<_>, Error>>()?;
-            let sq: Vec<f64> = omegas
-                .iter()
-                .map(|t| {
-                    Ok(t.f_to_kind(tch::Kind::Double)?
-                        .f_square()?
-                        .f_sum(tch::Kind::Double)?
-                        .f_double_value(&[])?)
-                })
-                .collect::<Result<_, Error>>()?;
-            Ok(cuda::FinalizeOut {
-                omegas,
-                sq_norms: tch::Tensor::f_from_slice(&sq)?,
-            })
-        })?,
-    };
+    let (results, sq) = importance::run(py, &args, jobs, clamp_negative, true)?;
+    let sq = sq.ok_or_else(|| Error::value("internal: no norms"))?;
     Ok((
-        out.omegas.into_iter().map(PyTensor).collect(),
-        PyTensor(out.sq_norms),
+        results
+            .into_iter()
+            .map(|r| r.into_py(py))
+            .collect::<PyResult<Vec<_>>>()?,
+        sq.into_py(py)?,
     ))
 }
 
 #[pyfunction]
 #[pyo3(signature = (norms, *, mode="softmax", temperature=1.0))]
 fn layer_coefficients(
+    py: Python<'_>,
     norms: &Bound<'_, PyAny>,
     mode: &str,
     temperature: f64,
-) -> PyResult<PyTensor> {
+) -> PyResult<PyObject> {
     let n = arg(norms, "norms", false)?;
-    Ok(PyTensor(importance::layer_coefficients(
-        &n,
-        mode,
-        temperature,
-    )?))
+    let (values, dtype) = importance::layer_coefficients(&n, mode, temperature)?;
+    providers::active()
+        .tensor_of_f64s(py, &values, &[values.len()], dtype, tensor::Device::Cpu)?
+        .into_py(py)
 }
 
-type PenaltyResult = (PyTensor, Option<PyTensor>, Option<PyTensor>);
+type PenaltyResult = (PyObject, Option<PyObject>, Option<PyObject>);
 
 #[pyfunction]
 #[pyo3(signature = (omega, a, b, a_ref=None, b_ref=None, *, scaling, scaling_ref=None, weight=1.0, compute_grads=true))]
@@ -279,40 +253,20 @@ fn importance_penalty(
         arg(b, "b", false)?,
     );
     let (ar, br) = (opt_arg(a_ref, "a_ref")?, opt_arg(b_ref, "b_ref")?);
-    let job = PenaltyJob::new(
-        &o,
-        &a,
-        &b,
-        given_pair(&ar, &br, "a_ref and b_ref")?,
-        scaling,
-        scaling_ref,
-    )?;
-    let weight = view::finite(weight, "weight")?;
-    let out = match cuda_route(py, [job.device()])? {
-        Some((k, stream)) => py.allow_threads(move || {
-            let out = cuda::penalty_many(&k, stream, &[job.cuda_mat(weight)], compute_grads)?;
-            let out = penalty::from_cuda(&[(job, weight)], out)?;
-            Ok::<_, Error>(penalty::PenaltyOut {
-                value: out.total,
-                grads: out.grads.and_then(|g| g.into_iter().next()),
-                summed: None,
-            })
-        })?,
-        None => py.allow_threads(move || {
-            let mut job = job;
-            penalty::exact_on_device([&mut job], false)?;
-            let mut out = job.run(weight, compute_grads)?;
-            out.value = scalar::in_kind(out.value, job.result_kind())?;
-            Ok::<_, Error>(out)
-        })?,
+    let args = PenaltyArgs {
+        omega: &o,
+        a: &a,
+        b: &b,
+        reference: given_pair(&ar, &br, "a_ref and b_ref")?,
     };
-    let (ga, gb) = out.grads.map_or((None, None), |(x, y)| {
-        (Some(PyTensor(x)), Some(PyTensor(y)))
-    });
-    Ok((PyTensor(out.value), ga, gb))
+    let job = PenaltyJob::new(&args, scaling, scaling_ref)?;
+    let weight = providers::finite(weight, "weight")?;
+    let out = penalty::run(py, &[args], vec![(job, weight)], compute_grads)?;
+    let (ga, gb) = grads_py(py, out.grads.into_iter().next().flatten())?;
+    Ok((out.total.into_py(py)?, ga, gb))
 }
 
-type PenaltyManyResult = (PyTensor, Vec<Option<PyTensor>>, Vec<Option<PyTensor>>);
+type PenaltyManyResult = (PyObject, Vec<Option<PyObject>>, Vec<Option<PyObject>>);
 
 #[pyfunction]
 #[pyo3(signature = (omega, a, b, a_ref=None, b_ref=None, *, scaling, scaling_ref=None, weights=None, compute_grads=true))]
@@ -336,55 +290,29 @@ fn importance_penalty_many(
         .map(|s| per_matrix(s, "scaling_ref", n))
         .transpose()?;
     let weights = per_matrix(weights.unwrap_or_else(|| vec![1.0]), "weights", n)?;
-    let mut jobs = Vec::with_capacity(n);
-    for i in 0..n {
-        let s_ref = scaling_ref.as_ref().map(|s| s[i]);
-        let w = view::finite(weights[i], &format!("weights[{i}]"))?;
-        let (o, a, b) = (&lists.omega[i], &lists.a[i], &lists.b[i]);
-        jobs.push((
-            PenaltyJob::new(o, a, b, lists.pair(i), scaling[i], s_ref)?,
-            w,
-        ));
-    }
-    if let Some((k, stream)) = cuda_route(py, jobs.iter().map(|(j, _)| j.device()))? {
-        let out = py.allow_threads(move || {
-            let mats: Vec<_> = jobs.iter().map(|(j, w)| j.cuda_mat(*w)).collect();
-            let out = cuda::penalty_many(&k, stream, &mats, compute_grads)?;
-            penalty::from_cuda(&jobs, out)
-        })?;
-        let (grads_a, grads_b) = match out.grads {
-            Some(g) => g
-                .into_iter()
-                .map(|(ga, gb)| (Some(PyTensor(ga)), Some(PyTensor(gb))))
-                .unzip(),
-            None => (
-                (0..n).map(|_| None).collect(),
-                (0..n).map(|_| None).collect(),
-            ),
-        };
-        return Ok((PyTensor(out.total), grads_a, grads_b));
-    }
-    let (total, outs) = py.allow_threads(move || {
-        let mut jobs = jobs;
-        penalty::exact_on_device(
-            jobs.iter_mut().map(|(job, _)| job),
-            cancellation::mixed_signs(&weights),
-        )?;
-        let outs = jobs
-            .iter()
-            .map(|(job, w)| job.run(*w, compute_grads))
-            .collect::<Result<Vec<_>, Error>>()?;
-        Ok::<_, Error>((penalty::total(&jobs, &outs)?, outs))
-    })?;
-    let (grads_a, grads_b) = outs
-        .into_iter()
-        .map(|out| {
-            out.grads.map_or((None, None), |(x, y)| {
-                (Some(PyTensor(x)), Some(PyTensor(y)))
-            })
+    let args: Vec<PenaltyArgs> = (0..n)
+        .map(|i| PenaltyArgs {
+            omega: &lists.omega[i],
+            a: &lists.a[i],
+            b: &lists.b[i],
+            reference: lists.pair(i),
         })
-        .unzip();
-    Ok((PyTensor(total), grads_a, grads_b))
+        .collect();
+    let mut jobs = Vec::with_capacity(n);
+    for (i, a) in args.iter().enumerate() {
+        let s_ref = scaling_ref.as_ref().map(|s| s[i]);
+        let w = providers::finite(weights[i], &format!("weights[{i}]"))?;
+        jobs.push((PenaltyJob::new(a, scaling[i], s_ref)?, w));
+    }
+    let out = penalty::run(py, &args, jobs, compute_grads)?;
+    let mut grads_a = Vec::with_capacity(n);
+    let mut grads_b = Vec::with_capacity(n);
+    for g in out.grads {
+        let (ga, gb) = grads_py(py, g)?;
+        grads_a.push(ga);
+        grads_b.push(gb);
+    }
+    Ok((out.total.into_py(py)?, grads_a, grads_b))
 }
 
 /// Routes CPU tensors through the fused kernels ("fused", the default), the tch path ("tch",
@@ -394,11 +322,11 @@ fn importance_penalty_many(
 #[pyo3(signature = (path, emulator=None))]
 fn set_cpu_path(path: &str, emulator: Option<&str>) -> PyResult<()> {
     match (path, emulator) {
-        ("fused", None) => dispatch::set_cpu_path(false, None),
-        ("tch", None) => dispatch::set_cpu_path(true, None),
+        ("fused", None) => dispatch::set_cpu_path(false, None)?,
+        ("tch", None) => dispatch::set_cpu_path(true, None)?,
         ("cuda-emulator", Some(lib)) => {
             let kernels = cuda::Kernels::emulator(lib)?;
-            dispatch::set_cpu_path(false, Some(Arc::new(kernels)));
+            dispatch::set_cpu_path(false, Some(Arc::new(kernels)))?;
         }
         ("cuda-emulator", None) => {
             return Err(Error::value("path \"cuda-emulator\" needs emulator=<library path>").into())
@@ -439,8 +367,8 @@ fn simd_level() -> &'static str {
 #[pyfunction]
 fn set_cuda_path(path: &str) -> PyResult<()> {
     match path {
-        "fused" => dispatch::set_cuda_path(false),
-        "tch" => dispatch::set_cuda_path(true),
+        "fused" => dispatch::set_cuda_path(false)?,
+        "tch" => dispatch::set_cuda_path(true)?,
         other => {
             return Err(
                 Error::value(format!("path must be \"fused\" or \"tch\", got {other:?}")).into(),
@@ -484,9 +412,32 @@ fn cuda_status(py: Python<'_>, device: i32) -> PyResult<String> {
     })
 }
 
+/// The torch version the tch provider was built against, or None (a view-only build).
 #[pyfunction]
-fn torch_version() -> &'static str {
-    TORCH_VERSION
+fn torch_version() -> Option<&'static str> {
+    #[cfg(feature = "tch")]
+    return Some(providers::tch::TORCH_VERSION);
+    #[cfg(not(feature = "tch"))]
+    None
+}
+
+/// The providers this build has ("tch" first when it has it) and the one in use.
+#[pyfunction(name = "providers")]
+fn provider_names() -> (Vec<&'static str>, &'static str) {
+    (providers::compiled(), providers::active().name())
+}
+
+/// Makes "view" or "tch" the provider of every later call.
+#[pyfunction]
+fn set_provider(name: &str) -> PyResult<()> {
+    Ok(providers::set_active(name)?)
+}
+
+/// Whether CUDA tensors on device `device` run natively (fused kernels, or the tch provider's
+/// path): None, or why not.
+#[pyfunction]
+fn cuda_unavailable(py: Python<'_>, device: i32) -> PyResult<Option<String>> {
+    Ok(dispatch::cuda_runs(py, device)?.err())
 }
 
 /// Threads the CPU kernels use now (torch's setting, or HLORA_NUM_THREADS).
@@ -521,6 +472,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_size_defines, m)?)?;
     m.add_function(wrap_pyfunction!(torch_version, m)?)?;
+    m.add_function(wrap_pyfunction!(provider_names, m)?)?;
+    m.add_function(wrap_pyfunction!(set_provider, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_unavailable, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threading, m)?)?;
     Ok(())

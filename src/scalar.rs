@@ -2,6 +2,7 @@
 //! what the maths runs in (f32, or f64 when any input is f64). Conversions inline to nothing
 //! or to a single instruction, so the kernels stay generic without a cost.
 
+use crate::tensor::Element;
 use half::{bf16, f16};
 use num_traits::Float;
 
@@ -11,25 +12,7 @@ use num_traits::Float;
 /// r = 64 erred by 1e-3 in one random case of 300. At that size float64 costs nothing.
 pub const TINY_MATRIX: usize = 64;
 
-/// The dtype the maths (and its results) run in: float64, or float32.
-pub fn math_kind(f64_math: bool) -> tch::Kind {
-    if f64_math {
-        tch::Kind::Double
-    } else {
-        tch::Kind::Float
-    }
-}
-
-/// `t` in `kind`: itself when it has it already (no dispatcher call on the hot path).
-pub fn in_kind(t: tch::Tensor, kind: tch::Kind) -> Result<tch::Tensor, tch::TchError> {
-    if t.kind() == kind {
-        Ok(t)
-    } else {
-        t.f_to_kind(kind)
-    }
-}
-
-pub trait Storage: Copy + Send + Sync + 'static {
+pub trait Storage: Copy + Send + Sync + Element + 'static {
     fn to_f32(self) -> f32;
     fn to_f64(self) -> f64;
     fn from_f32(x: f32) -> Self;
@@ -116,7 +99,7 @@ storage_half!(bf16, bf16_to_f32);
 storage_half!(f16, f16_to_f32);
 
 /// The precision the maths runs in.
-pub trait Real: Float + Storage + std::iter::Sum + tch::kind::Element + Default {
+pub trait Real: Float + Storage + std::iter::Sum + Default {
     fn load<S: Storage>(x: S) -> Self;
     fn store<S: Storage>(self) -> S;
     fn from_f64_lossy(x: f64) -> Self;

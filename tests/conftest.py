@@ -99,9 +99,12 @@ def cancelling_omega(d: torch.Tensor, cancel: float, seed: int, negative_from_ro
 @pytest.fixture(autouse=True, scope="session")
 def _backend_is_what_ci_asked_for():
     """Under HLORA_BACKEND=rust (what .ci/run exports) the native module must be in use: a broken
-    build must never pass by comparing the reference with itself."""
+    build must never pass by comparing the reference with itself. HLORA_EXPECT_PROVIDER names the
+    provider it must use (the environments of tests/test_versions.py: view)."""
     if os.environ.get("HLORA_BACKEND") == "rust":
         assert hlora.backend() == "rust"
+    if os.environ.get("HLORA_EXPECT_PROVIDER"):
+        assert hlora.backend_info()["provider"] == os.environ["HLORA_EXPECT_PROVIDER"]
     yield
 
 
@@ -136,12 +139,15 @@ EMULATOR_MAX_ENTRIES = 600_000
 
 
 def pytest_collection_modifyitems(config, items):
+    # The tch path exists only with the tch provider (HLORA_PROVIDER=view runs the suite without it).
+    no_tch_path = hlora.backend_info()["provider"] != "tch"
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         shape = params.get("shape")
         too_big = isinstance(shape, tuple) and len(shape) == 3 and shape[0] * shape[1] > EMULATOR_MAX_ENTRIES
-        (drop if params.get("cpu_path") == "cuda-emulator" and too_big else keep).append(item)
+        unavailable = params.get("cpu_path") == "tch" and no_tch_path
+        (drop if (params.get("cpu_path") == "cuda-emulator" and too_big) or unavailable else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -42,7 +42,25 @@ def test_torch_backend_still_computes_the_maths():
     assert proc.stdout.split() == ["torch", "-23.5"]
 
 
-def test_wrong_torch_version_falls_back_with_one_warning_or_fails_when_forced():
+def test_another_torch_keeps_the_native_kernels_on_the_view_provider():
+    # Any torch but the one the tch provider was built for: the view provider, silently — no
+    # warning and no fallback to plain PyTorch.
+    code = """
+        import warnings, torch
+        torch.__version__ = "2.99.0"
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import hlora
+        print(hlora.backend(), hlora.backend_info()["provider"], sum("hlora" in str(x.message) for x in w))
+    """
+    for backend in ("", "rust"):
+        proc = _run(code, HLORA_BACKEND=backend, HLORA_PROVIDER="")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["rust", "view", "0"]
+
+
+@pytest.mark.skipif("tch" not in hlora.backend_info()["providers"], reason="a build without the tch provider")
+def test_the_tch_provider_forced_under_another_torch_fails_by_name():
     code = """
         import warnings, torch
         torch.__version__ = "2.99.0"
@@ -51,12 +69,29 @@ def test_wrong_torch_version_falls_back_with_one_warning_or_fails_when_forced():
             import hlora
         print(hlora.backend(), sum("native kernels unavailable" in str(x.message) for x in w))
     """
-    auto = _run(code, HLORA_BACKEND="")
+    auto = _run(code, HLORA_BACKEND="", HLORA_PROVIDER="tch")
     assert auto.returncode == 0, auto.stderr
     assert auto.stdout.split() == ["torch", "1"]
-    forced = _run(code, HLORA_BACKEND="rust")
+    forced = _run(code, HLORA_BACKEND="rust", HLORA_PROVIDER="tch")
     assert forced.returncode != 0
-    assert "HLORA_BACKEND=rust" in forced.stderr and "2.11.0" in forced.stderr
+    assert "HLORA_PROVIDER=tch" in forced.stderr and "built for torch 2.11.0" in forced.stderr
+
+
+@pytest.mark.skipif(hlora.backend() != "rust", reason="checks the native module's providers")
+def test_hlora_provider_chooses_the_provider_and_backend_info_says_which():
+    code = "import hlora, json; print(json.dumps(hlora.backend_info()))"
+    compiled = hlora.backend_info()["providers"]
+    for provider in compiled:
+        proc = _run(code, HLORA_PROVIDER=provider)
+        assert proc.returncode == 0, proc.stderr
+        import json
+
+        info = json.loads(proc.stdout)
+        assert info["provider"] == provider and info["providers"] == compiled and info["backend"] == "rust"
+        assert info["simd"] in ("avx512", "avx2", "plain") and info["cpu_threading"] in ("openmp", "rayon")
+        assert info["built_for_torch"] == ("2.11.0" if "tch" in compiled else None)
+    bad = _run("import hlora", HLORA_PROVIDER="libtorch", HLORA_BACKEND="rust")
+    assert bad.returncode != 0 and "HLORA_PROVIDER must be 'tch' or 'view'" in bad.stderr
 
 
 def test_invalid_backend_name_is_an_error():

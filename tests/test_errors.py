@@ -272,8 +272,8 @@ def test_device_mismatch_is_reported():
     if not torch.cuda.is_available():
         # The meta device stands in for a second device: same check, no GPU needed.
         s = _step()
-        with pytest.raises(ValueError, match=r"a_prev is on a device other than cpu and cuda \(meta\?\) but omega "
-                                             r"is on cpu; all tensors must be on one device"):
+        with pytest.raises(ValueError, match=r"a_prev is on meta but omega is on cpu; all tensors must be on one "
+                                             r"device"):
             ops.accumulate_omega_(s.omega, s.a0.to("meta"), *s.args()[2:], lr=1e-3, scaling=1.0)
     else:
         s = _step()

@@ -72,7 +72,8 @@ def test_the_lock_pins_every_requirement_within_its_range() -> None:
     pins = {name: version for name, (version,) in pinned_versions(ROOT / "scripts" / "constraints.txt").items()}
     listed = subprocess.run([sys.executable, str(ROOT / "scripts" / "deps.py"), "runtime", "hf", "experiments", "test"],
                             capture_output=True, text=True, check=True).stdout.split()
-    assert "torch==2.11.0" in listed
+    assert "torch==2.11.0" not in listed  # a floor for users...
+    assert pins["torch"] == "2.11.0"  # ...and .venv the torch the tch provider is built against (make)
     for wanted in (Requirement(spec) for spec in [*listed, "pip"]):
         pinned = pins.get(canonicalize_name(wanted.name))
         assert pinned is not None, f"{wanted.name} is not in scripts/constraints.txt (run `make lock`)"
@@ -82,16 +83,18 @@ def test_the_lock_pins_every_requirement_within_its_range() -> None:
 
 @pytest.mark.slow
 def test_pip_builds_a_wheel_that_works_outside_the_source_tree(tmp_path: Path) -> None:
-    # The build behind the README's `pip install --no-build-isolation ./hlora`: pip's PEP 517 build in
-    # an activated environment with torch and no LIBTORCH_USE_PYTORCH exported (.cargo/config.toml
-    # sets it). It reuses the suite's Rust build in target/ (seconds to a minute).
+    # The build behind `pip install --no-build-isolation ./hlora`: pip's PEP 517 build in an
+    # activated environment with torch 2.11.0, where the build backend adds the tch provider, with
+    # no LIBTORCH_USE_PYTORCH exported (it sets it). It reuses the suite's Rust build in target/.
     env = {k: v for k, v in os.environ.items() if k not in ("LIBTORCH_USE_PYTORCH", "PYTHONPATH")}
     env.update(VIRTUAL_ENV=sys.prefix, PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                CARGO_TARGET_DIR=env.get("CARGO_TARGET_DIR", str(ROOT / "target")))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
                             "-w", str(tmp_path / "dist"), str(ROOT)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=1200)
     assert built.returncode == 0, built.stderr[-3000:]
+    said = "hlora: compiling the tch and view providers (torch 2.11.0 in the build environment)"
+    assert said in built.stdout + built.stderr
     (wheel,) = (tmp_path / "dist").glob("hlora-*.whl")
     assert "-abi3-" in wheel.name  # one wheel for every Python that torch 2.11.0 runs on
     with zipfile.ZipFile(wheel) as zipped:
@@ -111,6 +114,7 @@ import hlora, torch
 from hlora import ops, reference
 assert hlora.__file__.startswith(SITE), hlora.__file__
 assert hlora.backend() == "rust", hlora.backend()
+assert hlora.backend_info()["providers"] == ["tch", "view"], hlora.backend_info()
 g = torch.Generator().manual_seed(3)
 omega = torch.rand(37, 29, generator=g, dtype=torch.float64)
 a, b = torch.randn(5, 29, generator=g, dtype=torch.float64), torch.randn(37, 5, generator=g, dtype=torch.float64)

@@ -18,7 +18,7 @@ import torch
 
 from hlora import _checks as check
 from hlora import reference
-from hlora._loader import NATIVE
+from hlora._loader import NATIVE, runs_on_reference
 
 Array = Union[torch.Tensor, np.ndarray]
 Scalars = Union[float, Sequence[float]]
@@ -58,6 +58,11 @@ _OMEGA_ARGS = ("omega", "a_prev", "b_prev", "grad_a", "grad_b", "a_next", "b_nex
 _PENALTY_ARGS = ("Omega", "a", "b", "a_ref", "b_ref")
 
 
+def _first(v: Any) -> Any:
+    """A ``_many`` op's first matrix (its device is the call's), or None."""
+    return v[0] if isinstance(v, (list, tuple)) and v else None
+
+
 def _bump_version(t: Any) -> None:
     # The native kernels write through raw pointers; tell autograd the tensor changed.
     if isinstance(t, torch.Tensor):
@@ -84,7 +89,7 @@ def accumulate_omega_(
     rate and ``scaling`` PEFT's ``s``. ``clamp_negative`` clamps the running ω at 0 (the
     authors' code).
     """
-    if NATIVE is None:
+    if runs_on_reference(omega):
         args = [_torch_view(x, name, written=name == "omega")
                 for x, name in zip((omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), _OMEGA_ARGS)]
         reference.accumulate_omega_(*args, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
@@ -114,7 +119,7 @@ def accumulate_omega_many_(
     Each argument is a list with one entry per matrix; ``scaling`` is one number or one per
     matrix.
     """
-    if NATIVE is None:
+    if runs_on_reference(_first(omega)):
         lists = [[_torch_view(x, n, written=n == "omega") for x in _as_list(v, n)] for v, n in zip(
             (omega, a_prev, b_prev, grad_a, grad_b, a_next, b_next), _OMEGA_ARGS)]
         reference.accumulate_omega_many_(*lists, lr=lr, scaling=scaling, clamp_negative=clamp_negative)
@@ -166,7 +171,7 @@ def finalize_importance(
     Δ² ≲ ξ, and with a small ξ (the authors' 1e-9) those entries dominate Ω — float32 maths (the
     ``torch`` backend's) errs there by up to ~3e-4 of ‖Ω‖, float64 by ~1e-7.
     """
-    if NATIVE is None:
+    if runs_on_reference(omega):
         result = reference.finalize_importance(
             _torch_view(omega, "omega"), _torch_view(a, "a"), _torch_view(b, "b"), scaling=scaling, xi=xi,
             clamp_negative=clamp_negative, a_start=_torch_view(a_start, "a_start"),
@@ -192,7 +197,7 @@ def finalize_importance_many(
     """:func:`finalize_importance` over lists of matrices (one launch on CUDA), plus the
     Frobenius norms ‖Ω_l‖ (float64, on Ω's device) that :func:`layer_coefficients` takes —
     computed in the same pass over ω on CUDA. NumPy ω in, NumPy Ω and norms out."""
-    if NATIVE is None:
+    if runs_on_reference(_first(omega)):
         args = [_torch_views(v, name) for v, name in
                 zip((omega, a, b, a_start, b_start), ("omega", "a", "b", "a_start", "b_start"))]
         results, norms = reference.finalize_importance_many(*args, scaling=scaling, xi=xi,
@@ -214,6 +219,10 @@ def layer_coefficients(norms: Array, *, mode: str = "softmax", temperature: floa
     ``1/L`` each with ``mode="uniform"``. float64 for float64 norms, else float32."""
     if NATIVE is None:
         result = reference.layer_coefficients(_torch_view(norms, "norms"), mode=mode, temperature=temperature)
+    elif isinstance(norms, torch.Tensor) and norms.device.type != "cpu":
+        # L numbers: computed on the host, returned on the norms' device.
+        result = NATIVE.layer_coefficients(norms.detach().cpu(), mode=mode,
+                                           temperature=check.number(temperature, "temperature")).to(norms.device)
     else:
         result = NATIVE.layer_coefficients(norms, mode=mode, temperature=check.number(temperature, "temperature"))
     return result.numpy() if isinstance(norms, np.ndarray) else result
@@ -296,7 +305,7 @@ def importance_penalty(
     # penalty's gradient without a word).
     tracked = _tracked(a, b)
     numpy_result = isinstance(Omega, np.ndarray) and not tracked
-    if NATIVE is None:
+    if runs_on_reference(Omega):
         args = [_torch_view(x, name) for x, name in zip(inputs, _PENALTY_ARGS)]
         result = reference.importance_penalty(*args, scaling=scaling, scaling_ref=scaling_ref)
         return result.detach().numpy() if numpy_result else result
@@ -372,7 +381,7 @@ def importance_penalty_many(
     ``scaling``, ``scaling_ref`` and ``weights`` one number or one per matrix; w_l = 1 unless
     given — the Regularizer passes φ·c_l). Differentiable w.r.t. every ``a[l]`` and ``b[l]``.
     NumPy Ω in, a NumPy 0-d array out — unless a factor is a tensor autograd tracks."""
-    if NATIVE is None:
+    if runs_on_reference(_first(Omega)):
         conv = [_torch_views(v, name) for v, name in zip((Omega, a, b, a_ref, b_ref), _PENALTY_ARGS)]
         result = reference.importance_penalty_many(*conv, scaling=scaling, scaling_ref=scaling_ref, weights=weights)
         numpy_result = _all_numpy(Omega) and not _tracked(*_as_list(a, "a"), *_as_list(b, "b"))

@@ -17,14 +17,6 @@ impl<T: Real> Dense<T> {
         Dense { rows, cols, data }
     }
 
-    pub fn map(&self, f: impl Fn(T) -> T) -> Self {
-        Dense::new(
-            self.rows,
-            self.cols,
-            self.data.iter().map(|&x| f(x)).collect(),
-        )
-    }
-
     pub fn zip(&self, other: &Self, f: impl Fn(T, T) -> T) -> Self {
         debug_assert_eq!((self.rows, self.cols), (other.rows, other.cols));
         let data = self
@@ -36,12 +28,24 @@ impl<T: Real> Dense<T> {
         Dense::new(self.rows, self.cols, data)
     }
 
-    pub fn scaled(&self, s: T) -> Self {
-        self.map(|x| x * s)
-    }
-
     pub fn row(&self, i: usize) -> &[T] {
         &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// What only the tch path's one-GEMM form (`forms::assemble`) and the tests use.
+#[cfg(any(feature = "tch", test))]
+impl<T: Real> Dense<T> {
+    pub fn map(&self, f: impl Fn(T) -> T) -> Self {
+        Dense::new(
+            self.rows,
+            self.cols,
+            self.data.iter().map(|&x| f(x)).collect(),
+        )
+    }
+
+    pub fn scaled(&self, s: T) -> Self {
+        self.map(|x| x * s)
     }
 
     /// [self | other] side by side (same row count).

@@ -13,4 +13,5 @@ pub mod omp;
 pub mod penalty;
 pub mod penalty_avx512;
 pub mod pool;
+pub mod read;
 pub mod simd;

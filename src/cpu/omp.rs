@@ -4,7 +4,8 @@
 //! kernel called right after a torch op (every training step) would otherwise share the cores
 //! with those spinning threads and wake its own sleeping workers; on the same team its work
 //! starts on threads that are already running. `GOMP_parallel` is looked up in the libgomp
-//! libtorch_cpu itself links, so there is one OpenMP runtime and one set of threads.
+//! libtorch_cpu links (torch, loaded before hlora, has it in the process), so there is one OpenMP
+//! runtime and one set of threads.
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::OnceLock;
@@ -27,8 +28,8 @@ fn lookup() -> Option<Team> {
     if std::env::var("HLORA_POOL").is_ok_and(|v| v == "rayon") {
         return None;
     }
-    // SAFETY: RTLD_NOLOAD only returns a library that is already loaded (torch's, which our
-    // own module links); the symbols have libgomp's documented C signatures.
+    // SAFETY: RTLD_NOLOAD only returns a library that is already loaded (torch's, imported before
+    // hlora); the symbols have libgomp's documented C signatures.
     unsafe {
         let lib = libloading::os::unix::Library::open(
             Some("libtorch_cpu.so"),

@@ -34,12 +34,36 @@ pub fn wanted_threads() -> usize {
     {
         return n;
     }
-    let torch_threads = tch::get_num_threads();
-    if torch_threads > 0 {
-        torch_threads as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    match torch_threads() {
+        Some(n) if n > 0 => n as usize,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
+}
+
+/// torch's intra-op thread count (`torch.get_num_threads()`), read from the libtorch already
+/// loaded in the process: `at::get_num_threads()` has had this C++ name in every torch release,
+/// so no build of ours is tied to one.
+fn torch_threads() -> Option<i32> {
+    type GetNumThreads = unsafe extern "C" fn() -> i32;
+    static LOOKUP: std::sync::OnceLock<Option<GetNumThreads>> = std::sync::OnceLock::new();
+    let f = LOOKUP.get_or_init(|| {
+        // SAFETY: RTLD_NOLOAD only returns a library already loaded (torch's); the symbol is
+        // `int at::get_num_threads()`, which takes nothing and only reads torch's setting.
+        unsafe {
+            let lib = libloading::os::unix::Library::open(
+                Some("libtorch_cpu.so"),
+                libc::RTLD_NOLOAD | libc::RTLD_LAZY,
+            )
+            .ok()?;
+            let f = *lib
+                .get::<GetNumThreads>(b"_ZN2at15get_num_threadsEv\0")
+                .ok()?;
+            std::mem::forget(lib); // torch stays loaded for the life of the process
+            Some(f)
+        }
+    });
+    // SAFETY: see above.
+    f.map(|f| unsafe { f() })
 }
 
 /// The pool of `helpers` workers for this process, built on first use (and again after a fork

@@ -11,10 +11,7 @@ mod cache;
 mod ops;
 mod tables;
 
-pub use ops::{
-    finalize_many, omega_many, penalty_many, FinalizeMat, FinalizeOut, OmegaMat, PenaltyManyOut,
-    PenaltyMat,
-};
+pub use ops::{finalize_many, omega_many, penalty_many, FinalizeMat, OmegaMat, PenaltyMat};
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as drv, sys as dsys};

@@ -1,22 +1,25 @@
 //! The three op families on the CUDA kernels: parameter tables filled from the jobs' tensors
 //! (their own device pointers), one launch per dtype group of up to `MAX_MATS` matrices.
 //! Inputs the kernels cannot read directly (a strided tensor, factors of mixed dtypes) are
-//! made contiguous / converted through tch first — rare, and never the (out, in) maths.
+//! made contiguous / converted by the provider first — rare, and never the (out, in) maths.
+//! Everything here runs with the GIL held (the provider may call torch from Python); the
+//! launches themselves are asynchronous, on torch's current stream.
 
 use super::tables::{self, *};
 use super::Kernels;
 use crate::error::{Error, Result};
-use crate::scalar::{in_kind, math_kind};
+use crate::providers::{Arg, Made, Provider};
+use crate::tensor::{math_dtype, DType, Device, TensorRef};
+use pyo3::Python;
 use std::ffi::c_void;
-use tch::{Device, Kind, Tensor};
 
-fn kind_tag(kind: Kind) -> Result<&'static str> {
-    match kind {
-        Kind::Float => Ok("f32"),
-        Kind::Double => Ok("f64"),
-        Kind::BFloat16 => Ok("bf16"),
-        Kind::Half => Ok("f16"),
-        other => Err(Error::type_(format!("no CUDA kernel for dtype {other:?}"))),
+fn dtype_tag(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::F64 => Ok("f64"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::Other(name) => Err(Error::type_(format!("no CUDA kernel for dtype {name}"))),
     }
 }
 
@@ -25,36 +28,58 @@ fn dim(x: usize, what: &str) -> Result<i32> {
         .map_err(|_| Error::value(format!("{what} = {x} is too large for the CUDA kernels")))
 }
 
-fn ptr(t: &Tensor) -> Ptr {
-    t.data_ptr() as Ptr
+fn ptr(t: &TensorRef) -> Ptr {
+    t.ptr as Ptr
 }
 
-fn ptr_mut(t: &Tensor) -> PtrMut {
-    t.data_ptr()
+fn ptr_mut(t: &TensorRef) -> PtrMut {
+    t.ptr as PtrMut
+}
+
+/// A tensor a kernel reads: the caller's when it can (no copy), or the provider's converted copy.
+enum Input {
+    Caller(TensorRef),
+    Copy(Made),
+}
+
+impl Input {
+    fn view(&self) -> &TensorRef {
+        match self {
+            Input::Caller(v) => v,
+            Input::Copy(m) => &m.view,
+        }
+    }
+}
+
+/// `arg` contiguous in `dtype`: itself when it is (no provider call), else a converted copy.
+fn readable(py: Python<'_>, p: &dyn Provider, arg: &Arg, dtype: DType) -> Result<Input> {
+    if arg.view.dtype == dtype && arg.view.is_contiguous() {
+        Ok(Input::Caller(arg.view.clone()))
+    } else {
+        Ok(Input::Copy(p.converted(py, arg, dtype)?))
+    }
 }
 
 /// Factors a kernel can read: contiguous, one shared dtype (else all converted to `math`).
 /// float64 maths always reads float64 factors: the kernels' maths type follows the factors'.
-fn factor_set(factors: &[&Tensor], math: Kind) -> Result<(Vec<Tensor>, Kind)> {
-    let kind = factors[0].f_kind()?;
-    let same = factors.iter().all(|f| f.f_kind().ok() == Some(kind));
-    let target = if same && math != Kind::Double {
-        kind
+fn factor_set(
+    py: Python<'_>,
+    p: &dyn Provider,
+    factors: &[&Arg],
+    math: DType,
+) -> Result<(Vec<Input>, DType)> {
+    let dtype = factors[0].view.dtype;
+    let same = factors.iter().all(|f| f.view.dtype == dtype);
+    let target = if same && math != DType::F64 {
+        dtype
     } else {
         math
     };
-    // Only a conversion needs a new tensor (and detaching first, so it records no graph): a
-    // model's ~100 factors are usually ready, and each dispatched op costs microseconds of CPU
-    // per call, while the GPU waits for the launch.
+    // Only a conversion needs a new tensor: a model's ~100 factors are usually ready, and each
+    // provider call costs microseconds of CPU per call, while the GPU waits for the launch.
     let out = factors
         .iter()
-        .map(|f| {
-            if f.f_kind()? == target {
-                contiguous(f)
-            } else {
-                Ok(f.f_detach()?.f_to_kind(target)?.f_contiguous()?)
-            }
-        })
+        .map(|f| readable(py, p, f, target))
         .collect::<Result<Vec<_>>>()?;
     Ok((out, target))
 }
@@ -68,15 +93,6 @@ fn launches(names: &[&str]) -> Vec<Vec<usize>> {
         .chunk_by(|&x, &y| names[x] == names[y])
         .flat_map(|group| group.chunks(MAX_MATS).map(<[usize]>::to_vec))
         .collect()
-}
-
-/// `t` itself when contiguous (no dispatched op), else a contiguous copy.
-fn contiguous(t: &Tensor) -> Result<Tensor> {
-    Ok(if t.is_contiguous() {
-        t.shallow_clone()
-    } else {
-        t.f_contiguous()?
-    })
 }
 
 fn ceil_div(a: usize, b: usize) -> usize {
@@ -99,54 +115,58 @@ impl Workspace {
         self.bytes += bytes.div_ceil(256) * 256;
         at
     }
-    fn allocate(&self, device: Device) -> Result<Tensor> {
-        Ok(Tensor::f_empty(
-            [self.bytes.max(256) as i64],
-            (Kind::Uint8, device),
-        )?)
+    /// Float64 elements enough for the reserved bytes (the providers make no byte tensors).
+    fn allocate(&self, py: Python<'_>, p: &dyn Provider, device: Device) -> Result<Made> {
+        p.empty(py, &[self.bytes.max(256).div_ceil(8)], DType::F64, device)
     }
 }
 
-fn at(base: &Tensor, offset: usize) -> PtrMut {
+fn at(base: &Made, offset: usize) -> PtrMut {
     // SAFETY (of later use): `offset` lies inside `base`, reserved by `Workspace`.
-    (base.data_ptr() as *mut u8).wrapping_add(offset) as PtrMut
+    (base.view.ptr as *mut u8).wrapping_add(offset) as PtrMut
 }
 
-/// One ω update: the tensors of `accumulate_omega_`.
-pub struct OmegaMat<'a> {
-    pub omega: &'a Tensor,
-    pub factors: [&'a Tensor; 6], // a0, b0, ga, gb, a1, b1
+/// One ω update: the arguments of `accumulate_omega_`.
+pub struct OmegaMat<'a, 'py> {
+    pub omega: &'a Arg<'py>,
+    pub factors: [&'a Arg<'py>; 6], // a0, b0, ga, gb, a1, b1
     pub lr: f64,
     pub scaling: f64,
     pub f64_math: bool,
 }
 
 /// ω ← ω − g~ ⊙ dθ for every matrix, in place.
-pub fn omega_many(k: &Kernels, stream: u64, mats: &[OmegaMat], clamp: bool) -> Result<()> {
+pub fn omega_many(
+    py: Python<'_>,
+    p: &dyn Provider,
+    k: &Kernels,
+    stream: u64,
+    mats: &[OmegaMat],
+    clamp: bool,
+) -> Result<()> {
     k.enter()?;
-    struct Prepared {
+    struct Prepared<'m> {
         name: String,
-        omega: Tensor, // contiguous (a copy when the caller's is strided)
-        factors: Vec<Tensor>,
-        copy_back: Option<Tensor>,
+        omega: Input, // contiguous (a copy when the caller's is strided)
+        factors: Vec<Input>,
+        copy_back: Option<&'m Arg<'m>>,
         lr: f64,
         scaling: f64,
     }
     let mut prepared = Vec::new();
     for m in mats {
-        let (out, inn) = (m.omega.size()[0] as usize, m.omega.size()[1] as usize);
+        let Some((out, inn)) = m.omega.view.dims2() else {
+            continue;
+        };
         if out == 0 || inn == 0 {
             continue;
         }
-        let (factors, fkind) = factor_set(&m.factors, math_kind(m.f64_math))?;
-        let w = m.omega.f_kind()?;
-        let (omega, copy_back) = if m.omega.is_contiguous() {
-            (m.omega.shallow_clone(), None)
-        } else {
-            (m.omega.f_contiguous()?, Some(m.omega.shallow_clone()))
-        };
+        let (factors, fdtype) = factor_set(py, p, &m.factors, math_dtype(m.f64_math))?;
+        let w = m.omega.view.dtype;
+        let omega = readable(py, p, m.omega, w)?;
+        let copy_back = matches!(omega, Input::Copy(_)).then_some(m.omega);
         prepared.push(Prepared {
-            name: format!("omega_{}_{}", kind_tag(fkind)?, kind_tag(w)?),
+            name: format!("omega_{}_{}", dtype_tag(fdtype)?, dtype_tag(w)?),
             omega,
             factors,
             copy_back,
@@ -159,28 +179,28 @@ pub fn omega_many(k: &Kernels, stream: u64, mats: &[OmegaMat], clamp: bool) -> R
         let mut table = tables::zeroed::<OmegaTable>();
         let mut blocks = 0usize;
         for (slot, &i) in chunk.iter().enumerate() {
-            let p = &prepared[i];
-            let size = p.omega.size();
-            let (out, inn) = (size[0] as usize, size[1] as usize);
-            let r = p.factors[0].size()[0] as usize;
+            let pr = &prepared[i];
+            let omega = pr.omega.view();
+            let (out, inn) = (omega.sizes[0], omega.sizes[1]);
+            let f: Vec<&TensorRef> = pr.factors.iter().map(Input::view).collect();
+            let r = f[0].sizes[0];
             let tiles_col = ceil_div(inn, TILE_COLS);
-            let f = &p.factors;
             table.m[slot] = OmegaEntry {
-                omega: ptr_mut(&p.omega),
-                a0: ptr(&f[0]),
-                b0: ptr(&f[1]),
-                ga: ptr(&f[2]),
-                gb: ptr(&f[3]),
-                a1: ptr(&f[4]),
-                b1: ptr(&f[5]),
+                omega: ptr_mut(omega),
+                a0: ptr(f[0]),
+                b0: ptr(f[1]),
+                ga: ptr(f[2]),
+                gb: ptr(f[3]),
+                a1: ptr(f[4]),
+                b1: ptr(f[5]),
                 out: dim(out, "out")?,
                 inn: dim(inn, "in")?,
                 r: dim(r, "r")?,
                 tiles_col: dim(tiles_col, "tiles")?,
                 first_block: dim(blocks, "blocks")?,
                 pad: 0,
-                lr: p.lr,
-                scaling: p.scaling,
+                lr: pr.lr,
+                scaling: pr.scaling,
             };
             blocks += ceil_div(out, OMEGA_ROWS) * tiles_col;
         }
@@ -190,33 +210,35 @@ pub fn omega_many(k: &Kernels, stream: u64, mats: &[OmegaMat], clamp: bool) -> R
         let name = &prepared[chunk[0]].name;
         k.launch(name, dim(blocks, "blocks")? as u32, stream, &mut params)?;
     }
-    for p in prepared {
-        if let Some(mut dst) = p.copy_back {
-            dst.f_copy_(&p.omega)?;
+    for pr in prepared {
+        if let (Some(dst), Input::Copy(updated)) = (pr.copy_back, &pr.omega) {
+            p.copy_into(py, dst, updated)?;
         }
     }
     Ok(())
 }
 
-/// One finalization: the tensors of `finalize_importance`.
-pub struct FinalizeMat<'a> {
-    pub omega: &'a Tensor,
-    pub a: &'a Tensor,
-    pub b: &'a Tensor,
-    pub start: Option<(&'a Tensor, &'a Tensor)>,
+/// One finalization: the arguments of `finalize_importance`.
+pub struct FinalizeMat<'a, 'py> {
+    pub omega: &'a Arg<'py>,
+    pub a: &'a Arg<'py>,
+    pub b: &'a Arg<'py>,
+    pub start: Option<(&'a Arg<'py>, &'a Arg<'py>)>,
     pub scaling: f64,
     pub xi: f64,
     pub f64_math: bool,
 }
 
 pub struct FinalizeOut {
-    pub omegas: Vec<Tensor>,
+    pub omegas: Vec<Made>,
     /// ‖Ω‖² per matrix (float64, on the device).
-    pub sq_norms: Tensor,
+    pub sq_norms: Made,
 }
 
 /// Ω = max(ω, 0)/(Δ² + ξ) for every matrix, and ‖Ω‖² per matrix from the same pass.
 pub fn finalize_many(
+    py: Python<'_>,
+    p: &dyn Provider,
     k: &Kernels,
     stream: u64,
     mats: &[FinalizeMat],
@@ -225,26 +247,26 @@ pub fn finalize_many(
     k.enter()?;
     let device = mats
         .first()
-        .map(|m| m.omega.device())
+        .map(|m| m.omega.view.device)
         .ok_or_else(|| Error::value("omega must hold at least one matrix"))?;
-    let sq_norms = Tensor::f_zeros([mats.len() as i64], (Kind::Double, device))?;
+    let sq_norms = p.zeros(py, &[mats.len()], DType::F64, device)?;
     let mut results = Vec::with_capacity(mats.len());
     let mut prepared = Vec::new(); // (index, name, omega, factors)
     for (i, m) in mats.iter().enumerate() {
-        let omega = contiguous(m.omega)?;
-        results.push(Tensor::f_empty(omega.size(), (omega.f_kind()?, device))?);
-        if omega.numel() == 0 {
+        let omega = readable(py, p, m.omega, m.omega.view.dtype)?;
+        results.push(p.empty(py, &m.omega.view.sizes, m.omega.view.dtype, device)?);
+        if omega.view().numel() == 0 {
             continue;
         }
         let mut fs = vec![m.a, m.b];
         if let Some((a0, b0)) = m.start {
             fs.extend([a0, b0]);
         }
-        let (factors, fkind) = factor_set(&fs, math_kind(m.f64_math))?;
+        let (factors, fdtype) = factor_set(py, p, &fs, math_dtype(m.f64_math))?;
         let name = format!(
             "finalize_{}_{}",
-            kind_tag(fkind)?,
-            kind_tag(omega.f_kind()?)?
+            dtype_tag(fdtype)?,
+            dtype_tag(omega.view().dtype)?
         );
         prepared.push((i, name, omega, factors));
     }
@@ -254,36 +276,36 @@ pub fn finalize_many(
         let tiles: Vec<usize> = chunk
             .iter()
             .map(|&p| {
-                let s = prepared[p].2.size();
-                ceil_div(s[0] as usize, FINALIZE_ROWS) * ceil_div(s[1] as usize, TILE_COLS)
+                let s = &prepared[p].2.view().sizes;
+                ceil_div(s[0], FINALIZE_ROWS) * ceil_div(s[1], TILE_COLS)
             })
             .collect();
         let blocks: usize = tiles.iter().sum();
-        let partial = Tensor::f_empty([blocks as i64], (Kind::Double, device))?;
+        let partial = p.empty(py, &[blocks], DType::F64, device)?;
         let mut table = tables::zeroed::<FinalizeTable>();
         let mut sums = tables::zeroed::<SumTable>();
         let mut first = 0usize;
-        for (slot, &p) in chunk.iter().enumerate() {
-            let (i, _, omega, f) = &prepared[p];
-            let size = omega.size();
-            let (out, inn) = (size[0] as usize, size[1] as usize);
+        for (slot, &pi) in chunk.iter().enumerate() {
+            let (i, _, omega, f) = &prepared[pi];
+            let omega = omega.view();
+            let (out, inn) = (omega.sizes[0], omega.sizes[1]);
             let m = &mats[*i];
             let (a_start, b_start) = if f.len() == 4 {
-                (ptr(&f[2]), ptr(&f[3]))
+                (ptr(f[2].view()), ptr(f[3].view()))
             } else {
                 (std::ptr::null(), std::ptr::null())
             };
             table.m[slot] = FinalizeEntry {
                 omega: ptr(omega),
-                result: ptr_mut(&results[*i]),
-                a: ptr(&f[0]),
-                b: ptr(&f[1]),
+                result: ptr_mut(&results[*i].view),
+                a: ptr(f[0].view()),
+                b: ptr(f[1].view()),
                 a_start,
                 b_start,
-                sq_partial: (partial.data_ptr() as *mut f64).wrapping_add(first),
+                sq_partial: (partial.view.ptr as *mut f64).wrapping_add(first),
                 out: dim(out, "out")?,
                 inn: dim(inn, "in")?,
-                r: dim(f[0].size()[0] as usize, "r")?,
+                r: dim(f[0].view().sizes[0], "r")?,
                 tiles_col: dim(ceil_div(inn, TILE_COLS), "tiles")?,
                 first_block: dim(first, "blocks")?,
                 pad: 0,
@@ -305,18 +327,17 @@ pub fn finalize_many(
             stream,
             &mut params,
         )?;
-        let out = Tensor::f_empty([chunk.len() as i64 + 1], (Kind::Double, device))?;
-        let (mut pp, mut op) = (partial.data_ptr(), out.data_ptr());
+        let out = p.empty(py, &[chunk.len() + 1], DType::F64, device)?;
+        let (mut pp, mut op) = (partial.view.ptr as PtrMut, out.view.ptr as PtrMut);
         let mut params = [
             &mut *sums as *mut SumTable as *mut c_void,
             &mut pp as *mut PtrMut as *mut c_void,
             &mut op as *mut PtrMut as *mut c_void,
         ];
         k.launch("segment_sums_f64", 1, stream, &mut params)?;
-        let index: Vec<i64> = chunk.iter().map(|&p| prepared[p].0 as i64).collect();
-        let index = Tensor::f_from_slice(&index)?.f_to_device(device)?;
-        let mut sq = sq_norms.shallow_clone();
-        let _ = sq.f_index_copy_(0, &index, &out.f_narrow(0, 0, chunk.len() as i64)?)?;
+        // The chunk's sums (its first chunk.len() elements) into their matrices' places.
+        let index: Vec<i64> = chunk.iter().map(|&pi| prepared[pi].0 as i64).collect();
+        p.index_copy(py, &sq_norms, &index, &out)?;
     }
     Ok(FinalizeOut {
         omegas: results,
@@ -324,27 +345,30 @@ pub fn finalize_many(
     })
 }
 
-/// One penalty term: the tensors of `importance_penalty`.
-pub struct PenaltyMat<'a> {
-    pub omega: &'a Tensor,
-    pub a: &'a Tensor,
-    pub b: &'a Tensor,
-    pub reference: Option<(&'a Tensor, &'a Tensor)>,
+/// One penalty term: the arguments of `importance_penalty`.
+pub struct PenaltyMat<'a, 'py> {
+    pub omega: &'a Arg<'py>,
+    pub a: &'a Arg<'py>,
+    pub b: &'a Arg<'py>,
+    pub reference: Option<(&'a Arg<'py>, &'a Arg<'py>)>,
     pub scaling: f64,
     pub scaling_ref: f64,
     pub weight: f64,
     pub f64_math: bool,
+    /// The dtype of this term's gradients (float32 also where a tiny matrix ran float64 maths).
+    pub result: DType,
 }
 
 pub struct PenaltyManyOut {
-    /// Σ weight·P over all matrices, a 0-d tensor in compute precision.
-    pub total: Tensor,
-    /// weight·(∂P/∂A, ∂P/∂B) per matrix, in compute precision.
-    pub grads: Option<Vec<(Tensor, Tensor)>>,
+    /// Σ weight·P over all matrices, a 0-d tensor: float64 if any term's results are.
+    pub total: Made,
+    /// weight·(∂P/∂A, ∂P/∂B) per matrix, in each term's result dtype.
+    pub grads: Option<Vec<(Made, Made)>>,
 }
-
 /// Σ_l w_l·P_l and every w_l·∂P_l in one pass over each Ω (plus a small reduction launch).
 pub fn penalty_many(
+    py: Python<'_>,
+    p: &dyn Provider,
     k: &Kernels,
     stream: u64,
     mats: &[PenaltyMat],
@@ -354,9 +378,8 @@ pub fn penalty_many(
     let first = mats
         .first()
         .ok_or_else(|| Error::value("Omega must hold at least one matrix"))?;
-    let device = first.omega.device();
-    let any_f64 = mats.iter().any(|m| m.f64_math);
-    let total_kind = math_kind(any_f64);
+    let device = first.omega.view.device;
+    let total_dtype = math_dtype(mats.iter().any(|m| m.result == DType::F64));
     // Weights of both signs: the matrices' values can cancel each other, so every block sums
     // its value from D in double.
     let weights: Vec<f64> = mats.iter().map(|m| m.weight).collect();
@@ -366,24 +389,24 @@ pub fn penalty_many(
     struct Prepared {
         index: usize,
         name: String,
-        omega: Tensor,
-        factors: Vec<Tensor>,
+        omega: Input,
+        factors: Vec<Input>,
         mode: i32,
-        mkind: Kind,
+        mdtype: DType,
     }
     let mut prepared = Vec::new();
     for (index, m) in mats.iter().enumerate() {
-        let mkind = math_kind(m.f64_math);
-        let (out, r, inn) = (m.b.size()[0], m.a.size()[0], m.a.size()[1]);
+        let mdtype = math_dtype(m.f64_math);
+        let (out, r, inn) = (m.b.view.sizes[0], m.a.view.sizes[0], m.a.view.sizes[1]);
         let empty = out == 0 || inn == 0;
         if grads {
             // The grads kernel writes every element; only an empty Ω leaves them at zero.
-            let new = |shape: [i64; 2]| -> Result<Tensor> {
-                Ok(if empty {
-                    Tensor::f_zeros(shape, (mkind, device))?
+            let new = |shape: [usize; 2]| -> Result<Made> {
+                if empty {
+                    p.zeros(py, &shape, mdtype, device)
                 } else {
-                    Tensor::f_empty(shape, (mkind, device))?
-                })
+                    p.empty(py, &shape, mdtype, device)
+                }
             };
             grad_out.push((new([r, inn])?, new([out, r])?));
         }
@@ -402,12 +425,12 @@ pub fn penalty_many(
                 }
             }
         };
-        let (factors, fkind) = factor_set(&fs, mkind)?;
-        let omega = contiguous(m.omega)?;
+        let (factors, fdtype) = factor_set(py, p, &fs, mdtype)?;
+        let omega = readable(py, p, m.omega, m.omega.view.dtype)?;
         let name = format!(
             "penalty_{}_{}",
-            kind_tag(fkind)?,
-            kind_tag(omega.f_kind()?)?
+            dtype_tag(fdtype)?,
+            dtype_tag(omega.view().dtype)?
         );
         prepared.push(Prepared {
             index,
@@ -415,23 +438,23 @@ pub fn penalty_many(
             omega,
             factors,
             mode,
-            mkind,
+            mdtype,
         });
     }
     let names: Vec<&str> = prepared.iter().map(|p| p.name.as_str()).collect();
     for chunk in &launches(&names) {
-        let mkind = prepared[chunk[0]].mkind;
-        let f64_math = mkind == Kind::Double;
+        let mdtype = prepared[chunk[0]].mdtype;
+        let f64_math = mdtype == DType::F64;
         let elem = if f64_math { 8 } else { 4 };
         let rows_per_tile = penalty_rows(f64_math);
         // Layout: per matrix its gB and gA partials, then one value partial and one flag per block.
         let mut ws = Workspace::new();
         let mut blocks = 0usize;
         let mut shapes = Vec::new();
-        for &p in chunk {
-            let s = prepared[p].omega.size();
-            let (out, inn) = (s[0] as usize, s[1] as usize);
-            let r = prepared[p].factors[0].size()[0] as usize;
+        for &pi in chunk {
+            let s = &prepared[pi].omega.view().sizes;
+            let (out, inn) = (s[0], s[1]);
+            let r = prepared[pi].factors[0].view().sizes[0];
             let (tr, tc) = (ceil_div(out, rows_per_tile), ceil_div(inn, TILE_COLS));
             let (gb_bytes, ga_bytes) = if grads {
                 (tc * out * r * elem, tr * r * inn * elem)
@@ -445,25 +468,25 @@ pub fn penalty_many(
         }
         let values_at = ws.reserve(blocks * 8);
         let flags_at = ws.reserve(blocks * 4);
-        let base = ws.allocate(device)?;
+        let base = ws.allocate(py, p, device)?;
         let mut table = tables::zeroed::<PenaltyTable>();
         let mut gtable = tables::zeroed::<GradTable>();
         let mut sums = tables::zeroed::<SumTable>();
         let mut grad_blocks = 0usize;
-        for (slot, &p) in chunk.iter().enumerate() {
-            let pr = &prepared[p];
+        for (slot, &pi) in chunk.iter().enumerate() {
+            let pr = &prepared[pi];
             let m = &mats[pr.index];
             let (out, inn, r, tr, tc, gb_at, ga_at, first) = shapes[slot];
-            let f = &pr.factors;
+            let f: Vec<&TensorRef> = pr.factors.iter().map(Input::view).collect();
             let (a_ref, b_ref) = if f.len() == 4 {
-                (ptr(&f[2]), ptr(&f[3]))
+                (ptr(f[2]), ptr(f[3]))
             } else {
                 (std::ptr::null(), std::ptr::null())
             };
             table.m[slot] = PenaltyEntry {
-                omega: ptr(&pr.omega),
-                a: ptr(&f[0]),
-                b: ptr(&f[1]),
+                omega: ptr(pr.omega.view()),
+                a: ptr(f[0]),
+                b: ptr(f[1]),
                 a_ref,
                 b_ref,
                 gb_part: at(&base, gb_at),
@@ -486,8 +509,8 @@ pub fn penalty_many(
                 gtable.m[slot] = GradEntry {
                     gb_part: at(&base, gb_at),
                     ga_part: at(&base, ga_at),
-                    grad_b: ptr_mut(gb),
-                    grad_a: ptr_mut(ga),
+                    grad_b: ptr_mut(&gb.view),
+                    grad_a: ptr_mut(&ga.view),
                     out: dim(out, "out")?,
                     inn: dim(inn, "in")?,
                     r: dim(r, "r")?,
@@ -520,8 +543,8 @@ pub fn penalty_many(
                 &mut params,
             )?;
         }
-        let values = Tensor::f_empty([n as i64 + 1], (Kind::Double, device))?;
-        let (mut pp, mut op) = (at(&base, values_at), values.data_ptr());
+        let values = p.empty(py, &[n + 1], DType::F64, device)?;
+        let (mut pp, mut op) = (at(&base, values_at), values.view.ptr as PtrMut);
         let mut params = [
             &mut *table as *mut PenaltyTable as *mut c_void,
             &mut *sums as *mut SumTable as *mut c_void,
@@ -530,21 +553,28 @@ pub fn penalty_many(
         ];
         let sname = name.replacen("penalty_", "penalty_sums_", 1);
         k.launch(&sname, 1, stream, &mut params)?;
-        totals.push(values.f_select(0, n as i64)?);
+        totals.push(p.select(py, &values, n)?);
     }
     // The groups' totals (float64) added, then rounded once.
     let mut total = match totals.pop() {
-        None => Tensor::f_zeros([], (Kind::Double, device))?,
+        None => p.zeros(py, &[], DType::F64, device)?,
         Some(t) => t,
     };
     for t in totals {
-        total = total.f_add(&t)?;
+        total = p.add(py, &total, &t)?;
     }
-    let total = in_kind(total, total_kind)?;
-    Ok(PenaltyManyOut {
-        total,
-        grads: grads.then_some(grad_out),
-    })
+    let total = p.cast(py, total, total_dtype)?;
+    // Each term's gradients in its result dtype (a tiny matrix ran float64 maths).
+    let grads = if grads {
+        let mut out = Vec::with_capacity(grad_out.len());
+        for ((ga, gb), m) in grad_out.into_iter().zip(mats) {
+            out.push((p.cast(py, ga, m.result)?, p.cast(py, gb, m.result)?));
+        }
+        Some(out)
+    } else {
+        None
+    };
+    Ok(PenaltyManyOut { total, grads })
 }
 
 #[cfg(test)]

@@ -2,28 +2,23 @@
 
 use crate::cpu::lowrank::LowRank;
 use crate::cpu::omega::update_rows;
-use crate::dispatch::{path_for, Path};
+use crate::cpu::read::{factor_rows, FactorRows};
+use crate::dispatch::{self, Route};
 use crate::error::{Error, Result};
-use crate::forms::{assemble, d_theta, g_tilde};
-use crate::scalar::{math_kind, Real, Storage, TINY_MATRIX};
-use crate::view::{
-    factor_rows, finite, same_device, slice_mut, wants_f64, Arg, FactorRows, FACTOR_KINDS,
-    OMEGA_KINDS,
-};
-use tch::{Kind, Tensor};
+use crate::forms::{d_theta, g_tilde};
+use crate::providers::{self, finite, same_device, wants_f64, Arg};
+use crate::scalar::{Real, Storage, TINY_MATRIX};
+use crate::tensor::{DType, Device, TensorRef, FACTOR_DTYPES, OMEGA_DTYPES};
+use pyo3::prelude::*;
 
-/// One matrix's update, validated and detached from Python (safe to run without the GIL).
+/// One matrix's update, validated, its tensors as views (safe to run without the GIL while
+/// the arguments they came from stay alive).
 pub struct OmegaJob {
-    omega: Tensor,
-    a_prev: Tensor,
-    b_prev: Tensor,
-    grad_a: Tensor,
-    grad_b: Tensor,
-    a_next: Tensor,
-    b_next: Tensor,
-    lr: f64,
-    scaling: f64,
-    clamp_negative: bool,
+    /// ω, then A0, B0, gA, gB, A1, B1.
+    views: [TensorRef; 7],
+    pub lr: f64,
+    pub scaling: f64,
+    pub clamp_negative: bool,
     f64_math: bool,
 }
 
@@ -37,20 +32,26 @@ pub struct OmegaArgs<'a, 'py> {
     pub b_next: &'a Arg<'py>,
 }
 
+impl<'a, 'py> OmegaArgs<'a, 'py> {
+    /// A0, B0, gA, gB, A1, B1, in this order.
+    pub fn factors(&self) -> [&'a Arg<'py>; 6] {
+        [
+            self.a_prev,
+            self.b_prev,
+            self.grad_a,
+            self.grad_b,
+            self.a_next,
+            self.b_next,
+        ]
+    }
+}
+
 impl OmegaJob {
-    pub fn new(args: OmegaArgs, lr: f64, scaling: f64, clamp_negative: bool) -> Result<Self> {
-        let omega_kind = args.omega.kind(OMEGA_KINDS)?;
-        let factors = [
-            args.a_prev,
-            args.b_prev,
-            args.grad_a,
-            args.grad_b,
-            args.a_next,
-            args.b_next,
-        ];
-        let mut kinds = vec![omega_kind];
+    pub fn new(args: &OmegaArgs, lr: f64, scaling: f64, clamp_negative: bool) -> Result<Self> {
+        let mut dtypes = vec![args.omega.dtype(OMEGA_DTYPES)?];
+        let factors = args.factors();
         for f in factors {
-            kinds.push(f.kind(FACTOR_KINDS)?);
+            dtypes.push(f.dtype(FACTOR_DTYPES)?);
         }
         let (out, inn) = args.omega.dims2()?;
         let (rank, a_in) = args.a_prev.dims2()?;
@@ -76,42 +77,25 @@ impl OmegaJob {
         let mut all = vec![args.omega];
         all.extend(factors);
         same_device(&all)?;
+        let [a0, b0, ga, gb, a1, b1] = factors.map(|f| f.view.clone());
         Ok(OmegaJob {
-            omega: args.omega.share(),
-            a_prev: args.a_prev.share(),
-            b_prev: args.b_prev.share(),
-            grad_a: args.grad_a.share(),
-            grad_b: args.grad_b.share(),
-            a_next: args.a_next.share(),
-            b_next: args.b_next.share(),
+            views: [args.omega.view.clone(), a0, b0, ga, gb, a1, b1],
             lr: finite(lr, "lr")?,
             scaling: finite(scaling, "scaling")?,
             clamp_negative,
-            f64_math: wants_f64(&kinds),
+            f64_math: wants_f64(&dtypes),
         })
     }
 
-    pub fn device(&self) -> tch::Device {
-        self.omega.device()
+    pub fn device(&self) -> Device {
+        self.views[0].device
     }
 
-    /// A0, B0, gA, gB, A1, B1, in this order.
-    fn factors(&self) -> [&Tensor; 6] {
-        [
-            &self.a_prev,
-            &self.b_prev,
-            &self.grad_a,
-            &self.grad_b,
-            &self.a_next,
-            &self.b_next,
-        ]
-    }
-
-    /// The same update for the fused CUDA kernels.
-    pub fn cuda_mat(&self) -> crate::cuda::OmegaMat<'_> {
+    /// The same update for the fused CUDA kernels, on the arguments it was made from.
+    pub fn cuda_mat<'a, 'py>(&self, args: &OmegaArgs<'a, 'py>) -> crate::cuda::OmegaMat<'a, 'py> {
         crate::cuda::OmegaMat {
-            omega: &self.omega,
-            factors: self.factors(),
+            omega: args.omega,
+            factors: args.factors(),
             lr: self.lr,
             scaling: self.scaling,
             f64_math: self.maths_in_f64(),
@@ -121,23 +105,22 @@ impl OmegaJob {
     /// Whether the maths runs in float64: float64 inputs, or a matrix of a few elements
     /// (`TINY_MATRIX`: here the float32 rounding of the folded factor A0 − η·gA, magnified
     /// where gB·A0 ≈ −B0·gA).
-    fn maths_in_f64(&self) -> bool {
-        self.f64_math || self.omega.numel() <= TINY_MATRIX
+    pub fn maths_in_f64(&self) -> bool {
+        self.f64_math || self.views[0].numel() <= TINY_MATRIX
     }
 
-    pub fn run(&self) -> Result<()> {
-        tch::no_grad(|| match path_for(self.omega.device()) {
-            Path::Tch => self.run_tch(),
-            Path::Fused => match (self.omega.f_kind()?, self.maths_in_f64()) {
-                (Kind::Double, _) => self.run_fused::<f64, f64>(),
-                (_, true) => self.run_fused::<f32, f64>(),
-                _ => self.run_fused::<f32, f32>(),
-            },
-        })
+    /// The fused CPU kernel.
+    pub fn run_cpu(&self) -> Result<()> {
+        match (self.views[0].dtype, self.maths_in_f64()) {
+            (DType::F64, _) => self.run_fused::<f64, f64>(),
+            (_, true) => self.run_fused::<f32, f64>(),
+            _ => self.run_fused::<f32, f32>(),
+        }
     }
 
     fn run_fused<S: Storage, T: Real>(&self) -> Result<()> {
-        let [a0, b0, ga, gb, a1, b1] = self.factors().map(factor_rows::<T>);
+        let [_, a0, b0, ga, gb, a1, b1] = &self.views;
+        let [a0, b0, ga, gb, a1, b1] = [a0, b0, ga, gb, a1, b1].map(factor_rows::<T>);
         let (a0, b0, ga, gb, a1, b1) = (a0?, b0?, ga?, gb?, a1?, b1?);
         let (lr, s) = (self.lr, self.scaling);
         let layouts = || {
@@ -147,51 +130,55 @@ impl OmegaJob {
             Ok((g, d))
         };
         // A strided ω is updated through a contiguous copy, then written back.
-        let contiguous = self.omega.is_contiguous();
-        let mut target = if contiguous {
-            self.omega.shallow_clone()
-        } else {
-            self.omega.f_contiguous()?
-        };
-        // SAFETY: contiguous CPU tensor of dtype S (checked in `new`), exclusively ours here.
-        let omega = unsafe { slice_mut::<S>(&target) };
-        let size = self.omega.size();
-        let (rows, cols) = (size[0] as usize, size[1] as usize);
-        update_rows(omega, rows, cols, layouts, self.clamp_negative)?;
-        if !contiguous {
-            let mut dst = self.omega.shallow_clone();
-            dst.f_copy_(&target)?;
-            target = dst;
+        let omega = &self.views[0];
+        crate::tensor::expect_cpu(omega, S::DTYPE)?;
+        let (rows, cols) = omega.dims2().unwrap_or((0, 0));
+        if omega.is_contiguous() {
+            // SAFETY: a contiguous CPU matrix of dtype S (checked), written by this call alone:
+            // `disjoint` refused any overlap with the inputs.
+            let target = unsafe { omega.slice_mut::<S>() };
+            return update_rows(target, rows, cols, layouts, self.clamp_negative);
         }
-        drop(target);
+        // SAFETY: a CPU matrix of dtype S whose elements do not overlap (refused when written).
+        let mut copy = unsafe { omega.gather::<S>() };
+        update_rows(&mut copy, rows, cols, layouts, self.clamp_negative)?;
+        unsafe { omega.scatter(&copy) };
         Ok(())
     }
+}
 
-    fn run_tch(&self) -> Result<()> {
-        let kind = math_kind(self.maths_in_f64());
-        let c = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_kind(kind)?) };
-        let (a0, b0, ga, gb) = (
-            c(&self.a_prev)?,
-            c(&self.b_prev)?,
-            c(&self.grad_a)?,
-            c(&self.grad_b)?,
-        );
-        let (a1, b1) = (c(&self.a_next)?, c(&self.b_next)?);
-        let (gl, gr) = assemble(&g_tilde(&a0, &b0, &ga, &gb, self.lr, self.scaling)?)?;
-        let (dl, dr) = assemble(&d_theta(&a0, &b0, &a1, &b1, self.scaling)?)?;
-        // ω += (−g~)·dθ: two rank-2r GEMMs and one in-place addcmul.
-        let neg_g = gl.f_neg()?.f_mm(&gr)?;
-        let d = dl.f_mm(&dr)?;
-        let mut omega = self.omega.shallow_clone();
-        if omega.f_kind()? == kind {
-            let _ = omega.f_addcmul_(&neg_g, &d)?;
-        } else {
-            let updated = omega.f_to_kind(kind)?.f_addcmul(&neg_g, &d)?;
-            omega.f_copy_(&updated)?;
+/// Runs the updates of one call where `dispatch` sends them.
+pub fn run(py: Python<'_>, args: &[OmegaArgs], jobs: Vec<OmegaJob>, clamp: bool) -> PyResult<()> {
+    let device = super::one_device(
+        jobs.iter()
+            .zip(args)
+            .map(|(j, a)| (j.device(), a.omega.name.as_str())),
+    )?;
+    match dispatch::route(py, device)? {
+        Route::Cpu => py.allow_threads(move || jobs.iter().try_for_each(OmegaJob::run_cpu))?,
+        Route::Cuda(k, stream) => {
+            let mats: Vec<_> = jobs.iter().zip(args).map(|(j, a)| j.cuda_mat(a)).collect();
+            crate::cuda::omega_many(py, providers::active(), &k, stream, &mats, clamp)?
         }
-        if self.clamp_negative {
-            let _ = omega.f_clamp_min_(0.0)?;
+        #[cfg(feature = "tch")]
+        Route::Tch => {
+            let works = jobs
+                .iter()
+                .zip(args)
+                .map(|(j, a)| {
+                    crate::tch_path::OmegaTch::new(
+                        a.omega,
+                        a.factors(),
+                        j.lr,
+                        j.scaling,
+                        clamp,
+                        j.maths_in_f64(),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            py.allow_threads(move || works.iter().try_for_each(crate::tch_path::OmegaTch::run))?
         }
-        Ok(())
+        Route::Meta => {}
     }
+    Ok(())
 }
