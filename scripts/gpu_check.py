@@ -224,18 +224,21 @@ def time_ops(device: str, models: List[str], repeats: int, out: Lines) -> None:
             print(f"timing {name}: {op}", file=sys.stderr, flush=True)
             t_fused = timed(fused, device, repeats)
             t_ref = timed(ref, device, max(3, repeats // 3))
-            path = _native.cuda_path() if device == "cuda" else _native.cpu_path()
-            if device == "cuda":
-                _native.set_cuda_path("tch")
-            else:
-                _native.set_cpu_path("tch")
-            t_tch = timed(fused, device, repeats)
-            if device == "cuda":
-                _native.set_cuda_path(path)
-            else:
-                _native.set_cpu_path(path, emulator=EMULATOR[0] if path == "cuda-emulator" else None)
+            t_tch = None  # the tch path: the tch provider's only
+            if hlora.backend_info()["provider"] == "tch":
+                path = _native.cuda_path() if device == "cuda" else _native.cpu_path()
+                if device == "cuda":
+                    _native.set_cuda_path("tch")
+                else:
+                    _native.set_cpu_path("tch")
+                t_tch = timed(fused, device, repeats)
+                if device == "cuda":
+                    _native.set_cuda_path(path)
+                else:
+                    _native.set_cpu_path(path, emulator=EMULATOR[0] if path == "cuda-emulator" else None)
             floor = max(nbytes / bw, nflops / flops)
-            out.append(f"| {name} | {op} | {t_fused * 1e3:.3f} ms | {t_ref * 1e3:.3f} ms | {t_tch * 1e3:.3f} ms | "
+            tch_cell = "—" if t_tch is None else f"{t_tch * 1e3:.3f} ms"
+            out.append(f"| {name} | {op} | {t_fused * 1e3:.3f} ms | {t_ref * 1e3:.3f} ms | {tch_cell} | "
                        f"{floor * 1e3:.3f} ms | {t_fused / floor:.2f} | {t_ref / t_fused:.1f}× |")
         del steps, cases
         if device == "cuda":
@@ -270,7 +273,10 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, kernels' emulator, small shapes")
     parser.add_argument("--out", default=None, help="also write the report (markdown) here")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--providers", default=",".join(hlora.backend_info()["providers"]),
+                        help="the providers to check, each in turn (default: every one this build has: %(default)s)")
     args = parser.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
     out: Lines = []
     if args.dry_run:
         import cuda_emulator
@@ -302,7 +308,8 @@ def main(argv: List[str] | None = None) -> int:
         where = f"{platform.processor() or 'CPU'}; dry run, CPU path {_native.cpu_path()}"
     command = "python scripts/gpu_check.py" + (" --dry-run" if args.dry_run else "")
     out += [f"# hlora GPU check — {time.strftime('%Y-%m-%d')}", "",
-            f"{where}; torch {torch.__version__}; hlora {hlora.__version__} (backend {hlora.backend()}); "
+            f"{where}; torch {torch.__version__}; hlora {hlora.__version__} (backend {hlora.backend()}, "
+            f"providers {', '.join(providers)}); "
             f"command: `{command}`", ""]
     t0 = time.perf_counter()
     shown = 0
@@ -316,18 +323,24 @@ def main(argv: List[str] | None = None) -> int:
         if args.out:
             write_text_atomic(args.out, "\n".join(out) + "\n")
 
-    ok = check_ops(device, shapes, out)
-    report()
-    try:
-        time_ops(device, models, repeats, out)
-    except Exception as exc:  # keep the correctness table and go on to the overhead
-        traceback.print_exc()
-        out += [f"Timings stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", ""]
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    report()
-    if not args.skip_overhead:
-        overhead(device, training, out)
+    ok = True
+    for provider in providers:
+        # Each provider in turn: the same checks and timings (the view provider reads tensors
+        # through Python, the tch provider through libtorch).
+        hlora._loader.set_provider(provider)
+        out += [f"# Provider: {provider}", ""]
+        ok = check_ops(device, shapes, out) and ok
+        report()
+        try:
+            time_ops(device, models, repeats, out)
+        except Exception as exc:  # keep the correctness table and go on to the overhead
+            traceback.print_exc()
+            out += [f"Timings stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", ""]
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        report()
+        if not args.skip_overhead:
+            overhead(device, training, out)
     out.append(f"Total {time.perf_counter() - t0:.0f} s. Correctness: {'all within tolerance' if ok else 'FAILURES'}.")
     report()
     return 0 if ok else 1

@@ -30,6 +30,22 @@ def test_bench_rows_cover_every_op_and_shape():
     assert ceilings.count("\n") == 3 and "ceiling" in ceilings and "odd (5x3)" in ceilings
 
 
+def test_bench_times_each_provider_the_build_has():
+    before = hlora.backend_info()["provider"]
+    rows = bench.run_providers(threads=1, repeats=2, shapes=[("tiny", 9, 13, 1), ("three", 4, 4, 3)])
+    providers = hlora.backend_info()["providers"]
+    assert [(r["shape"], r["op"]) for r in rows] == [
+        ("tiny (9x13)", "omega update"), ("tiny (9x13)", "penalty fwd+bwd"),
+        ("three", "omega update"), ("three", "penalty fwd+bwd")]
+    for r in rows:
+        assert all(r[f"{p}_ms"] > 0 for p in providers)
+        if len(providers) == 2:
+            assert r["view_over_tch"] == pytest.approx(r["view_ms"] / r["tch_ms"])
+    table = bench.format_providers(rows)
+    assert table.count("\n") == len(rows) + 1 and all(f"{p} (ms)" in table for p in providers)
+    assert hlora.backend_info()["provider"] == before  # the caller's provider restored
+
+
 def test_no_work_function_passes_on_the_kernels_gradients():
     """The bench's floor is the penalty's autograd round trip with the same results: the value and
     the gradients that reach a and b are hlora's own (scaled by the incoming gradient)."""
@@ -193,11 +209,13 @@ def test_summary_only_of_a_folder_without_runs_is_an_error(capsys, tmp_path):
     assert not missing.exists()
 
 
-def test_version_names_the_backend_and_torch(capsys):
+def test_version_names_the_backend_the_provider_and_torch(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip() == (f"hlora {hlora.__version__} (backend {hlora.backend()}, "
+    provider = hlora.backend_info()["provider"]
+    said = f", provider {provider}" if provider else ""
+    assert capsys.readouterr().out.strip() == (f"hlora {hlora.__version__} (backend {hlora.backend()}{said}, "
                                                f"torch {torch.__version__})")
 
 

@@ -284,8 +284,11 @@ SEED_HELP = "data order and adapter initialization (default: %(default)s)"
 def build_parser() -> argparse.ArgumentParser:
     """The ``hlora`` parser: one sub-command each, every option with a help line (and its default)."""
     parser = argparse.ArgumentParser(prog="hlora", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", help="hlora's version, its backend and torch's version",
-                        version=f"hlora {hlora.__version__} (backend {hlora.backend()}, torch {torch.__version__})")
+    provider = hlora.backend_info()["provider"]
+    parser.add_argument("--version", action="version",
+                        help="hlora's version, its backend (and provider) and torch's version",
+                        version=f"hlora {hlora.__version__} (backend {hlora.backend()}"
+                                f"{f', provider {provider}' if provider else ''}, torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the whole comparison on the defaults (SmolLM2, one domain, one seed)")
     demo.add_argument("--out", default="out/demo", help="folder for results.json and the plots (default: %(default)s)")

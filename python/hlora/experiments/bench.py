@@ -13,6 +13,8 @@ could gain here (the "ceiling" printed below the table).
 
     python -m hlora.experiments.bench [--threads 2] [--repeats 21] [--device cpu|cuda] [--json out.json]
 
+A last table times hlora's calls under each provider the build has (tch, view), alternately.
+
 The reference's CPU times depend on glibc's allocator state (torch does not cache CPU memory, so
 its large temporaries may be mapped and page-faulted in on every call); run with
 MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912 for the reference at its best.
@@ -170,6 +172,88 @@ def run(threads: int = 2, repeats: int = 21, device: str = "cpu", rank: int = 8,
     return rows
 
 
+#: Where the providers are compared: SmolLM2's shapes and LLaMA-3.2-3B's v_proj, one matrix per
+#: call, and one `_many` call over 56 small matrices, where what is timed is mostly the call's
+#: fixed cost (reading 7 tensors per matrix, making the results) rather than the kernels.
+PROVIDER_SHAPES = [("SmolLM2 q_proj", 576, 576, 1), ("SmolLM2 v_proj", 192, 576, 1),
+                   ("LLaMA-3.2-3B v_proj", 1024, 3072, 1), ("56 matrices of 16x16, one _many call", 16, 16, 56)]
+
+
+def _many_calls(mats: List[Dict[str, torch.Tensor]], s: float = 4.0, lr: float = 8e-4) -> Dict[str, Callable]:
+    """The ω update and the penalty (forward + backward) as one `_many` call over ``mats``."""
+    a = [x["a1"].clone().requires_grad_() for x in mats]
+    b = [x["b1"].clone().requires_grad_() for x in mats]
+
+    def lists(*keys: str) -> List[List[torch.Tensor]]:
+        return [[x[k] for x in mats] for k in keys]
+
+    def accumulate():
+        ops.accumulate_omega_many_(*lists("omega", "a0", "b0", "ga", "gb", "a1", "b1"), lr=lr, scaling=s)
+
+    def penalty():
+        for t in (*a, *b):
+            t.grad = None
+        ops.importance_penalty_many(lists("omega")[0], a, b, *lists("a0", "b0"), scaling=s).backward()
+
+    return {"omega update": accumulate, "penalty fwd+bwd": penalty}
+
+
+def run_providers(threads: int = 2, repeats: int = 21, device: str = "cpu", rank: int = 8,
+                  shapes: Optional[List[Tuple[str, int, int, int]]] = None) -> List[Row]:
+    """hlora's calls under each provider this build has, timed alternately call by call (one
+    provider, then the other), medians: what reading tensors through Python attributes (view)
+    costs against reading them through libtorch (tch)."""
+    from hlora import _loader
+
+    providers = hlora.backend_info()["providers"]
+    if not providers:
+        return []
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    before = hlora.backend_info()["provider"]
+    rows: List[Row] = []
+    try:
+        for name, out, inn, count in shapes or PROVIDER_SHAPES:
+            mats = [_inputs(out + i % 3, inn, rank, dev) for i in range(count)]
+            if count == 1:
+                calls = {op: fn for op, fn in _op_calls(ops, mats[0]).items() if op != "finalize"}
+            else:
+                calls = _many_calls(mats)
+            for op, fn in calls.items():
+                times: Dict[str, List[float]] = {p: [] for p in providers}
+                for i in range(repeats + 2):
+                    for p in providers:
+                        _loader.set_provider(p)
+                        t = _seconds(fn, dev)
+                        if i >= 2:  # warm-up
+                            times[p].append(t)
+                row: Row = {"shape": name if count > 1 else f"{name} ({out}x{inn})", "op": op}
+                for p in providers:
+                    row[f"{p}_ms"] = statistics.median(times[p]) * 1e3
+                if len(providers) == 2:
+                    row["view_minus_tch_ms"] = row["view_ms"] - row["tch_ms"]
+                    row["view_over_tch"] = row["view_ms"] / row["tch_ms"]
+                rows.append(row)
+    finally:
+        _loader.set_provider(before)
+    return rows
+
+
+def format_providers(rows: List[Row]) -> str:
+    if not rows:
+        return "(the plain-PyTorch backend has no providers)"
+    both = "view_minus_tch_ms" in rows[0]
+    providers = [k[:-3] for k in rows[0] if k.endswith("_ms") and k != "view_minus_tch_ms"]
+    head = "| shape | op | " + " | ".join(f"{p} (ms)" for p in providers) + (" | view − tch (ms) | view / tch |"
+                                                                              if both else " |")
+    lines = [head, "|---|---|" + "---:|" * (len(providers) + (2 if both else 0))]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{p}_ms']:.3f}" for p in providers)
+        extra = f" | {r['view_minus_tch_ms']:+.3f} | {r['view_over_tch']:.2f} |" if both else " |"
+        lines.append(f"| {r['shape']} | {r['op']} | {cells}{extra}")
+    return "\n".join(lines)
+
+
 def format_table(rows: List[Row]) -> str:
     lines = ["| shape | op | reference (ms) | hlora (ms) | speed-up | hlora GB/s | copy GB/s | % of copy |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -221,9 +305,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     require_device(parser, args.device)
     threading = ""
     if hlora.backend() == "rust":
-        from hlora import _native
-
-        threading = f" cpu-threads-on={_native.cpu_threading()} simd={_native.simd_level()}"
+        info = hlora.backend_info()
+        threading = (f" provider={info['provider']} (built: {', '.join(info['providers'])})"
+                     f" cpu-threads-on={info['cpu_threading']} simd={info['simd']}")
     print(f"hlora {hlora.__version__} backend={hlora.backend()} torch {torch.__version__} "
           f"device={args.device} threads={args.threads}{threading} r={args.rank} repeats={args.repeats} (medians)")
     # Ratios differ between machines of one kind (the reference's GEMMs use what the CPU has).
@@ -237,8 +321,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\n{DIFFERENTIABLE}: an autograd.Function that does no work, timed after the reference's calls as "
           "hlora's are; reference / its time is the most a differentiable penalty can gain here.")
     print(format_ceilings(rows))
+    provider_rows = run_providers(args.threads, args.repeats, args.device, args.rank)
+    print("\nPer call, by provider (the providers alternating call by call):")
+    print(format_providers(provider_rows))
     if args.json:
-        write_json_atomic(args.json, rows)
+        write_json_atomic(args.json, rows + provider_rows)
     return 0
 
 
