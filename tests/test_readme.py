@@ -128,3 +128,15 @@ def test_the_readme_stays_short() -> None:
     # Users read it to the end; detail goes to docs/.
     lines = len((REPO / "README.md").read_text().splitlines())
     assert lines <= 300, f"README.md is {lines} lines"
+
+
+def test_every_environment_variable_is_on_the_configuration_page() -> None:
+    used = set()
+    for folder in ("src", "python", "scripts", "tests"):
+        for path in (REPO / folder).rglob("*"):
+            if path.suffix in (".rs", ".py", ".sh", ".cu", ".cpp"):
+                used |= set(re.findall(r"\bHLORA_[A-Z_]+\b", path.read_text(errors="replace")))
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert {"HLORA_BACKEND", "HLORA_PROVIDER", "HLORA_SIMD"} <= used  # the search found them
+    missing = sorted(v for v in used if f"`{v}`" not in page)
+    assert not missing, f"docs/configuration.md does not describe {missing}"
