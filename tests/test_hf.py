@@ -83,7 +83,15 @@ def test_importance_callback_equals_recomputation_from_what_the_optimizer_saw(tm
     assert all(torch.equal(on_disk.matrices[n], cb.importance.matrices[n]) for n in on_disk.names)
 
 
-def _finetune(tmp_path, importance, phi, mixin=False, gas=1, bs=4, steps=8, seed_model=40, callbacks=(), **kw):
+def _swap_lora_parameters(model) -> None:
+    """What FSDP2's fully_shard (in accelerate's prepare) does to every parameter: a new object."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".lora_A." in name or ".lora_B." in name):
+            module.weight = torch.nn.Parameter(module.weight.detach().clone())
+
+
+def _finetune(tmp_path, importance, phi, mixin=False, gas=1, bs=4, steps=8, seed_model=40, callbacks=(),
+              swap_before_training=False, **kw):
     model = tiny_lora_model(seed=seed_model)
     # continue the ν adapter: load its reference factors into the fresh model
     with torch.no_grad():
@@ -96,6 +104,8 @@ def _finetune(tmp_path, importance, phi, mixin=False, gas=1, bs=4, steps=8, seed
     if mixin:
         trainer = HLoRATrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks),
                                hlora_regularizer=hlora.Regularizer(model, importance, phi=phi))
+        if swap_before_training:
+            _swap_lora_parameters(model)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=data,
                           callbacks=[RegularizationCallback(importance, phi=phi), *callbacks])
@@ -155,6 +165,18 @@ def test_mixin_refuses_a_regularizer_it_could_not_apply(tmp_path, recorded):
         trainer.hlora_regularizer = hlora.Regularizer(other, recorded)
     trainer.hlora_regularizer = hlora.Regularizer(model, recorded)  # set later, as the docstring allows
     assert trainer.hlora_regularizer.matrices[0].a is find_adapted(model)[0].a
+
+
+def test_mixin_follows_parameters_replaced_after_the_regularizer_was_built(tmp_path, recorded):
+    # accelerate's FSDP2 prepare replaces every parameter after HLoRATrainer got its regularizer;
+    # a penalty on the old objects would regularize nothing. Here the swap on one process.
+    want, _ = _finetune(tmp_path / "plain", recorded, phi=1e6, mixin=True)
+    swapped, trainer = _finetune(tmp_path / "swapped", recorded, phi=1e6, mixin=True, swap_before_training=True)
+    assert trainer.hlora_regularizer.uses_parameters_of(swapped)
+    for got, expect in zip(find_adapted(swapped), find_adapted(want)):
+        assert torch.equal(got.a, expect.a) and torch.equal(got.b, expect.b), got.name
+    free, _ = _finetune(tmp_path / "free", recorded, phi=0.0, mixin=True)
+    assert _weighted_drift(swapped, recorded) < 0.1 * _weighted_drift(free, recorded)
 
 
 def test_gradient_accumulation_applies_the_penalty_once_per_step(tmp_path, recorded):
@@ -287,9 +309,13 @@ def test_resume_without_recorder_state_is_refused(tmp_path):
         trainer.train(resume_from_checkpoint=True)
 
 
-def test_sharded_training_is_refused():
-    with pytest.raises(ValueError, match="FSDP"):
-        refuse_sharded_training(SimpleNamespace(fsdp="full_shard", deepspeed=None))
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        refuse_sharded_training(SimpleNamespace(fsdp="", fsdp_config=None, deepspeed="ds.json"))
-    refuse_sharded_training(SimpleNamespace(fsdp="", fsdp_config=None, deepspeed=None))
+def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(monkeypatch):
+    # transformers 5 reads the version from fsdp_config, 4.x leaves it to accelerate (FSDP_VERSION)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    refuse_sharded_training(SimpleNamespace(fsdp=True, fsdp_config={"version": 2}, deepspeed=None))  # FSDP2: fine
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="does not support FSDP1.*FSDP2"):
+        refuse_sharded_training(SimpleNamespace(fsdp=True, fsdp_config={"version": 1}, deepspeed=None))
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO.*FSDP2"):
+        refuse_sharded_training(SimpleNamespace(fsdp=None, fsdp_config=None, deepspeed="ds.json"))
+    refuse_sharded_training(SimpleNamespace(fsdp="", fsdp_config=None, deepspeed=None))  # no sharding

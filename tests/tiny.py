@@ -10,16 +10,17 @@ VOCAB = 96
 SEQ = 16
 
 
-def tiny_base_model(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
-    """The tiny Llama without an adapter."""
+def tiny_base_model(seed: int = 0, dtype=torch.float32, heads: int = 4, kv_heads: int = 2) -> LlamaForCausalLM:
+    """The tiny Llama without an adapter (v_proj has kv_heads · 32/heads rows: 16 by default)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 8, rslora: bool = False, dtype=torch.float32):
-    base = tiny_base_model(seed, dtype)
+def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 8, rslora: bool = False, dtype=torch.float32,
+                    heads: int = 4, kv_heads: int = 2):
+    base = tiny_base_model(seed, dtype, heads, kv_heads)
     lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       use_rslora=rslora)
     return get_peft_model(base, lora)

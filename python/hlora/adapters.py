@@ -13,20 +13,30 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from hlora._sharding import RowBlock, row_block
+
 
 @dataclass(frozen=True)
 class AdaptedMatrix:
     """One LoRA-adapted weight: its module name (as ``model.named_modules()`` gives it), its
-    factors (the live parameters) and PEFT's scaling."""
+    factors (the live parameters) and PEFT's scaling. Under FSDP2 the factors are DTensors and
+    ``rows`` is the block of the weight's rows this rank holds (B's local rows)."""
 
     name: str
     a: torch.nn.Parameter
     b: torch.nn.Parameter
     scaling: float
+    rows: Optional[RowBlock] = None
 
     @property
     def shape(self) -> tuple:
+        """The whole weight's (out, in)."""
         return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def local_shape(self) -> tuple:
+        """The (rows, in) of ω and Ω this rank holds: the whole shape unless sharded."""
+        return self.shape if self.rows is None else (self.rows.count, self.a.shape[1])
 
 
 def unwrap(model: Any) -> Any:
@@ -48,6 +58,7 @@ def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[Adapt
     Plain LoRA only: a variant whose weight change is not s·B·A (DoRA, and PEFT's other
     ``lora_variant``s) is refused, and embedding adapters — which no penalty would cover — are
     named in a warning."""
+    _refuse_fsdp1(model)
     found, embeddings = [], []
     for name, module in unwrap(model).named_modules():
         if adapter in (getattr(module, "lora_embedding_A", None) or {}):
@@ -63,7 +74,7 @@ def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[Adapt
         a, b = lora_a[adapter].weight, lora_b[adapter].weight
         if a.dim() != 2 or b.dim() != 2:
             raise ValueError(f"{name}: hlora supports LoRA on linear layers only (got A {tuple(a.shape)})")
-        found.append(AdaptedMatrix(name, a, b, float(module.scaling[adapter])))
+        found.append(AdaptedMatrix(name, a, b, float(module.scaling[adapter]), row_block(b, f"{name}.lora_B")))
     if embeddings:
         warnings.warn(f"hlora covers LoRA on linear layers only; the embedding adapters of {embeddings} are "
                       "trained without importance or penalty", stacklevel=2)
@@ -73,6 +84,19 @@ def find_adapted(model: torch.nn.Module, adapter: str = "default") -> List[Adapt
         hint = f"; adapters present: {adapters}" if adapters else "; is this a PEFT LoRA model?"
         raise ValueError(f"model has no LoRA-adapted matrices for adapter {adapter!r}{hint}")
     return found
+
+
+def _refuse_fsdp1(model: torch.nn.Module) -> None:
+    """FSDP1 flattens parameters into one buffer per wrapped module and shards that, cutting the
+    factors' rows apart; FSDP2 (``fully_shard``) keeps whole rows, which hlora follows."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError("model is wrapped in FSDP1 (FullyShardedDataParallel), which flattens the LoRA factors and "
+                         "cuts their rows apart; hlora supports FSDP2: torch.distributed.fsdp.fully_shard, or "
+                         "Trainer with TrainingArguments(fsdp=True, fsdp_config={\"version\": 2})")
 
 
 def adapter_config(model: torch.nn.Module, adapter: str = "default") -> Dict[str, Any]:

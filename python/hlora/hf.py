@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hlora._io import write_json_atomic
-from hlora.importance import Importance, check_save_dtype
+from hlora.importance import Importance, check_save_dtype, read_header
 from hlora.recorder import DEFAULT_XI, ImportanceRecorder, check_recorder_options
 from hlora.regularizer import DEFAULT_PHI, Regularizer, check_regularizer_options
 
@@ -43,23 +43,46 @@ __all__ = ["ImportanceCallback", "RegularizationCallback", "RegularizedTrainerMi
            "RECORDER_STATE_FILE", "REGULARIZER_STATE_FILE"]
 
 
+SUPPORTED = ("Supported: single-process, DDP (torchrun / torch.distributed) and FSDP2 (fully_shard; "
+             "TrainingArguments(fsdp=True, fsdp_config={\"version\": 2}))")
+
+
+def fsdp_version(args: Any) -> Optional[int]:
+    """The FSDP version a Trainer's arguments ask for (None: no FSDP). transformers 5 reads
+    ``fsdp_config["version"]`` (default 2); 4.x leaves it to accelerate, which reads
+    ``FSDP_VERSION`` (``accelerate launch --fsdp_version 2``; default 1)."""
+    if not getattr(args, "fsdp", None):
+        return None
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
 def refuse_sharded_training(args: Any) -> None:
-    """hlora needs every rank to hold whole LoRA factors and their gradients."""
-    if getattr(args, "fsdp", None):
-        raise ValueError("hlora does not support FSDP: it needs whole LoRA factors and gradients on every rank. "
-                         "Supported: single-process and DDP (torchrun / torch.distributed) training.")
+    """FSDP2 shards each LoRA factor by whole rows, which hlora follows (ω, Ω and B_ref as each
+    rank's rows). FSDP1 and DeepSpeed ZeRO flatten parameters, cutting rows apart (and DeepSpeed
+    runs the optimizer step inside backward, so a callback never sees the gradients first)."""
+    version = fsdp_version(args)
+    if version is not None and version != 2:
+        raise ValueError(f"hlora does not support FSDP{version}: it flattens the LoRA factors, cutting their rows "
+                         f"apart. {SUPPORTED}.")
     if getattr(args, "deepspeed", None):
-        raise ValueError("hlora does not support DeepSpeed ZeRO: it needs whole LoRA factors and gradients on "
-                         "every rank. Supported: single-process and DDP (torchrun / torch.distributed) training.")
+        raise ValueError(f"hlora does not support DeepSpeed ZeRO: it flattens the LoRA factors and steps the "
+                         f"optimizer inside backward. {SUPPORTED}.")
 
 
-def _load_importance(importance: Union[Importance, str, os.PathLike]) -> Importance:
+def _check_importance(importance: Union[Importance, str, os.PathLike]) -> Union[Importance, str]:
+    """An Importance, or the path of a saved one after checking it is one (its tensors are read
+    when training begins: under FSDP2 each rank reads only its rows)."""
     if isinstance(importance, Importance):
         return importance
     if not isinstance(importance, (str, os.PathLike)):
         raise TypeError(f"importance must be an hlora.Importance or the path of a saved one, "
                         f"got {type(importance).__name__}")
-    return Importance.load(os.fspath(importance))
+    read_header(os.fspath(importance))
+    return os.fspath(importance)
 
 
 class ImportanceCallback(TrainerCallback):
@@ -92,9 +115,9 @@ class ImportanceCallback(TrainerCallback):
         self.recorder = ImportanceRecorder(model, optimizer, adapter=self.adapter, xi=self.xi, clamp=self.clamp)
         if state.global_step > 0:  # resuming: the Trainer restored step, model and optimizer
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RECORDER_STATE_FILE)
-            if not os.path.isfile(path):
+            if not os.path.isfile(self.recorder.state_path(path)):
                 raise FileNotFoundError(f"resuming at step {state.global_step}, but the checkpoint has no hlora "
-                                        f"recorder state ({path}); Ω cannot be continued")
+                                        f"recorder state ({self.recorder.state_path(path)}); Ω cannot be continued")
             self.recorder.load_state(path)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -106,14 +129,16 @@ class ImportanceCallback(TrainerCallback):
         self.recorder.after_step(skipped=bool(getattr(optimizer, "step_was_skipped", False)))
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        # Under FSDP2 every rank saves its rows (a file each); otherwise the state is the same
+        # on every rank and rank 0 writes it.
+        if state.is_world_process_zero or self.recorder.group is not None:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self.recorder.save_state(os.path.join(folder, RECORDER_STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.importance = self.recorder.finalize()
-        if self.save_path and state.is_world_process_zero:
-            self.importance.save(self.save_path, dtype=self.save_dtype)
+        if self.save_path and (state.is_world_process_zero or self.importance.is_sharded):
+            self.importance.save(self.save_path, dtype=self.save_dtype)  # sharded: every rank together
 
 
 class _PenaltyLog:
@@ -129,9 +154,10 @@ class _PenaltyLog:
         self.total = value if self.total is None else self.total + value
         self.count += 1
 
-    def drain_into(self, logs: dict) -> None:
+    def drain_into(self, logs: dict, regularizer: Optional[Regularizer]) -> None:
         if self.count and self.total is not None and "loss" in logs:
-            logs["hlora/penalty"] = float(self.total) / self.count
+            total = regularizer.total(self.total) if regularizer is not None else self.total  # FSDP2: all ranks'
+            logs["hlora/penalty"] = float(total) / self.count
             logs["hlora/task_loss"] = logs["loss"]
             self.total, self.count = None, 0
 
@@ -148,7 +174,9 @@ class RegularizationCallback(TrainerCallback):
                  layer_weighting: str = "softmax", temperature: Union[str, float] = "auto",
                  adapter: str = "default", anchor: str = "auto") -> None:
         check_regularizer_options(phi, layer_weighting, temperature, anchor)  # now, not at train begin
-        self.importance = _load_importance(importance)
+        self._source = _check_importance(importance)
+        #: The importance the penalty uses (read from its file when training begins).
+        self.importance: Optional[Importance] = importance if isinstance(importance, Importance) else None
         self.options = dict(phi=phi, layer_weighting=layer_weighting, temperature=temperature, adapter=adapter,
                             anchor=anchor)
         self.regularizer: Optional[Regularizer] = None
@@ -162,6 +190,8 @@ class RegularizationCallback(TrainerCallback):
             if state.global_step > 0 and options["anchor"] == "auto" and os.path.isfile(saved):
                 with open(saved) as f:
                     options["anchor"] = json.load(f)["anchor"]
+            if self.importance is None:
+                self.importance = Importance.load(self._source, shard_for=model, adapter=options["adapter"])
             self.regularizer = Regularizer(model, self.importance, **options)
 
     def on_save(self, args, state, control, **kwargs):
@@ -177,7 +207,7 @@ class RegularizationCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        self._log.drain_into(logs)
+        self._log.drain_into(logs, self.regularizer)
         # Trainer.log appended its own copy to log_history before calling us: extend that entry.
         if state.log_history and "hlora/penalty" in logs:
             state.log_history[-1].update({k: v for k, v in logs.items() if k.startswith("hlora/")})
@@ -210,15 +240,21 @@ class RegularizedTrainerMixin:
         if regularizer is not None:
             if not isinstance(regularizer, Regularizer):
                 raise TypeError(f"hlora_regularizer must be an hlora.Regularizer, got {type(regularizer).__name__}")
-            trained = {id(p) for p in self.model.parameters()}
-            if not all(id(m.a) in trained and id(m.b) in trained for m in regularizer.matrices):
+            if not regularizer.uses_parameters_of(self.model):
                 raise ValueError("hlora_regularizer was built on another model than the one this Trainer trains: "
                                  "build it with hlora.Regularizer(trainer_model, importance)")
         self._hlora_regularizer = regularizer
+        self._hlora_model: Optional[torch.nn.Module] = None  # the model training_step last checked it against
 
     def training_step(self, model, inputs, *args, **kwargs):
         # Passed through as given: Trainer.training_step's arguments have changed between releases.
         loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.hlora_regularizer is not None and model is not self._hlora_model:
+            # Under FSDP2, accelerate's prepare replaced every parameter (with sharded DTensors)
+            # after the regularizer was built: rebuild it on the parameters being trained.
+            if not self.hlora_regularizer.uses_parameters_of(model):
+                self._hlora_regularizer = self.hlora_regularizer.rebuilt_for(model)
+            self._hlora_model = model
         if self.hlora_regularizer is not None and self.accelerator.sync_gradients:
             value = self.hlora_regularizer.penalty()
             self.accelerator.backward(value)
@@ -226,7 +262,7 @@ class RegularizedTrainerMixin:
         return loss
 
     def log(self, logs, *args, **kwargs):
-        self._hlora_log.drain_into(logs)
+        self._hlora_log.drain_into(logs, self.hlora_regularizer)
         return super().log(logs, *args, **kwargs)
 
 

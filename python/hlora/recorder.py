@@ -1,5 +1,9 @@
 """Recording element-wise importance during LoRA training on general data (Eq. 7–13).
 
+Under FSDP2 (``fully_shard``) every rank records the rows of each matrix it holds: ω, Ω and the
+reference B are that row block, A is gathered whole (it is r × in). Every rank calls the same
+methods at the same steps (they gather and all-reduce).
+
 Use it in any training loop::
 
     recorder = hlora.ImportanceRecorder(model, optimizer, xi=1e-3)
@@ -16,13 +20,14 @@ Use it in any training loop::
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from hlora import _checks as check
-from hlora import _io, ops
+from hlora import _io, _sharding, ops
 from hlora.adapters import AdaptedMatrix, adapter_config, find_adapted, model_fingerprint
 from hlora.importance import Importance
 
@@ -51,26 +56,29 @@ class _Copies:
     def __init__(self) -> None:
         self._signature: List[Tuple[torch.device, torch.dtype, torch.Size]] = []
         self.flats: List[torch.Tensor] = []
+        #: Which of the alternating tensors (0: the 1st, 3rd, … — A; 1: the others — B) each flat holds.
+        self.parts: List[int] = []
         self.views: List[torch.Tensor] = []
         self._groups: List[Tuple[List[int], List[torch.Tensor]]] = []
 
     def _allocate(self, tensors: Sequence[torch.Tensor]) -> None:
-        by_kind: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        by_kind: Dict[Tuple[torch.device, torch.dtype, int], List[int]] = {}
         for i, t in enumerate(tensors):
-            by_kind.setdefault((t.device, t.dtype), []).append(i)
+            by_kind.setdefault((t.device, t.dtype, i % 2), []).append(i)
         views: List[Optional[torch.Tensor]] = [None] * len(tensors)
-        self.flats, self._groups = [], []
-        for (device, dtype), idx in by_kind.items():
+        self.flats, self.parts, self._groups = [], [], []
+        for (device, dtype, part), idx in by_kind.items():
             flat = torch.empty(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
-            for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-                views[i] = part.view(tensors[i].shape)
+            for i, view in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                views[i] = view.view(tensors[i].shape)
             self.flats.append(flat)
+            self.parts.append(part)
             self._groups.append((idx, [views[i] for i in idx]))  # type: ignore[misc]
         self.views = views  # type: ignore[assignment]
 
     def take(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Copies `tensors` into the buffers (made anew when shapes, dtypes or devices change)
-        and returns the copies."""
+        """Copies `tensors` — pairs such as (A, B) or (gA, gB), kept in separate buffers — into
+        the buffers (made anew when shapes, dtypes or devices change) and returns the copies."""
         signature = [(t.device, t.dtype, t.shape) for t in tensors]
         if signature != self._signature:
             self._allocate(tensors)
@@ -108,15 +116,17 @@ class ImportanceRecorder:
                 raise ValueError("give a model or an explicit list of matrices")
             matrices = find_adapted(model, adapter)
         self.matrices: List[AdaptedMatrix] = list(matrices)
+        #: The process group FSDP2 shards the factors over (None: every rank has whole factors).
+        self.group = _sharding.group_of([m.rows for m in self.matrices])
         self.optimizer = optimizer
         self.xi, self.clamp, self.adapter = xi, clamp, adapter
         self._adapter_config = adapter_config(model, adapter) if model is not None else {}
         self._fingerprint = model_fingerprint(model) if model is not None else None
         self.omega: List[torch.Tensor] = [
-            torch.zeros(m.shape, device=m.a.device,
+            torch.zeros(m.local_shape, device=m.a.device,
                         dtype=torch.float64 if m.a.dtype == torch.float64 else torch.float32)
             for m in self.matrices]
-        self._start = [(m.a.detach().clone(), m.b.detach().clone()) for m in self.matrices]
+        self._start = self._pairs(clone=True)
         self.steps = 0
         self.skipped = 0
         self._pending: Optional[Tuple] = None
@@ -124,6 +134,32 @@ class ImportanceRecorder:
         self._warned_split_lr = False
 
     # ---- per step ----
+
+    def _factors(self, clone: bool = False, grads: bool = False,
+                 all_of: Optional[bool] = None) -> Tuple[List[torch.Tensor], Optional[bool]]:
+        """A, B (and with ``grads`` gA, gB) of each matrix as the ω update reads them, flat in
+        that order per matrix, detached (copies with ``clone``): A and gA whole — under FSDP2
+        gathered for every matrix in one collective, which also carries ``all_of`` (see
+        :func:`hlora._sharding.gathered_many`) — B and gB the rows held here, zeros where a factor
+        has no gradient."""
+        count = len(self.matrices)
+        wanted = [m.a for m in self.matrices] + ([m.a.grad for m in self.matrices] if grads else [])
+        whole, agreed = _sharding.gathered_many(wanted, all_of=all_of)
+        out = []
+        for i, m in enumerate(self.matrices):
+            a, b = whole[i].detach(), _sharding.local_data(m.b)
+            out += [a.clone(), b.clone()] if clone else [a, b]
+            if grads:
+                ga, gb = whole[count + i], _sharding.local_grad(m.b)
+                out += [ga.detach() if ga is not None else torch.zeros(m.a.shape, dtype=m.a.dtype, device=m.a.device),
+                        gb if gb is not None else torch.zeros(m.local_shape[0], m.b.shape[1], dtype=m.b.dtype,
+                                                              device=m.b.device)]
+        return out, agreed
+
+    def _pairs(self, clone: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(A whole, B's rows held here) of each matrix (see :meth:`_factors`)."""
+        flat, _ = self._factors(clone=clone)
+        return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(self.matrices))]
 
     def _learning_rates(self) -> List[float]:
         if self.optimizer is None:
@@ -159,13 +195,13 @@ class ImportanceRecorder:
         backward and any clipping/unscaling, right before ``optimizer.step()``)."""
         lrs = [float(lr)] * len(self.matrices) if lr is not None else self._learning_rates()
         self._follow_model()
-        factors = self._before.take([t for m in self.matrices for t in (m.a, m.b)])
-        grads = self._grads.take([g for m in self.matrices
-                                  for g in (m.a.grad if m.a.grad is not None else torch.zeros_like(m.a),
-                                            m.b.grad if m.b.grad is not None else torch.zeros_like(m.b))])
+        taken, _ = self._factors(grads=True)
+        factors = self._before.take([t for i in range(len(self.matrices)) for t in taken[4 * i:4 * i + 2]])
+        grads = self._grads.take([t for i in range(len(self.matrices)) for t in taken[4 * i + 2:4 * i + 4]])
         snapshot = [(factors[2 * i], factors[2 * i + 1], grads[2 * i], grads[2 * i + 1])
                     for i in range(len(self.matrices))]
-        # One check (one wait for a GPU) for all gradients, not one per matrix.
+        # One check (one wait for a GPU) for all gradients, not one per matrix. Under FSDP2 the
+        # ranks agree in after_step (each holds other rows of gB).
         checks = [torch.isfinite(flat).all() for flat in self._grads.flats]
         finite = all(bool(c) for c in checks) if len({c.device for c in checks}) != 1 \
             else bool(torch.stack(checks).all())
@@ -179,8 +215,17 @@ class ImportanceRecorder:
             raise RuntimeError("after_step() called without before_step() for this step")
         snapshot, lrs, finite = self._pending
         self._pending = None
-        now = self._after.take([t for m in self.matrices for t in (m.a, m.b)])
-        unchanged = all(torch.equal(x, y) for x, y in zip(self._before.flats, self._after.flats))
+        # Every rank skips a step any rank saw non-finite gradients in: agreed in the same
+        # collective that gathers A.
+        taken, finite = self._factors(all_of=finite)
+        now = self._after.take(taken)
+        same = [torch.equal(x, y) for x, y in zip(self._before.flats, self._after.flats)]
+        a_same = all(eq for eq, part in zip(same, self._after.parts) if part == 0)
+        b_same = all(eq for eq, part in zip(same, self._after.parts) if part == 1)
+        unchanged = a_same and b_same
+        if a_same and self.group is not None:
+            # A is whole on every rank, so every rank is here: agree on the rows of B each holds.
+            unchanged = _sharding.all_true(b_same, self.group, self.omega[0].device)
         if skipped or not finite or unchanged:
             self.skipped += 1
             return False
@@ -208,7 +253,7 @@ class ImportanceRecorder:
                           "so a penalty built on it is 0", stacklevel=2)
         self._follow_model()
         matrices, references, scalings = {}, {}, {}
-        factors = [(m.a.detach(), m.b.detach()) for m in self.matrices]
+        factors = self._pairs()
         results, _ = ops.finalize_importance_many(
             self.omega, [a for a, _ in factors], [b for _, b in factors],
             [a0 for a0, _ in self._start], [b0 for _, b0 in self._start],
@@ -222,9 +267,10 @@ class ImportanceRecorder:
                 "base_model_fingerprint": self._fingerprint, "tasks": 1}
         for om in self.omega:
             om.zero_()
-        self._start = [(m.a.detach().clone(), m.b.detach().clone()) for m in self.matrices]
+        self._start = self._pairs(clone=True)
         self.steps = self.skipped = 0
-        return Importance(matrices, references, scalings, meta)
+        rows = {m.name: (m.rows.start, m.rows.stop, m.rows.rows) for m in self.matrices if m.rows is not None}
+        return Importance(matrices, references, scalings, meta, rows=rows, group=self.group)
 
     # ---- resume ----
 
@@ -235,8 +281,12 @@ class ImportanceRecorder:
             tensors[f"a_start/{m.name}"] = a0
             tensors[f"b_start/{m.name}"] = b0
         meta = {"names": [m.name for m in self.matrices], "steps": self.steps, "skipped": self.skipped,
-                "xi": self.xi, "clamp": self.clamp}
+                "xi": self.xi, "clamp": self.clamp, "rows": self._rows()}
         return {"tensors": tensors, "meta": meta}
+
+    def _rows(self) -> Dict[str, List[int]]:
+        """Each sharded matrix's rows held here: [start, stop, rows] (empty when not sharded)."""
+        return {m.name: [m.rows.start, m.rows.stop, m.rows.rows] for m in self.matrices if m.rows is not None}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         meta, tensors = state["meta"], state["tensors"]
@@ -247,17 +297,31 @@ class ImportanceRecorder:
         if (meta["xi"], meta["clamp"]) != (self.xi, self.clamp):
             raise ValueError(f"recorder state was made with xi={meta['xi']}, clamp={meta['clamp']!r}; "
                              f"this recorder has xi={self.xi}, clamp={self.clamp!r}")
+        if meta.get("rows", {}) != self._rows():
+            raise ValueError("recorder state holds other rows than this rank's (saved at another world size, or "
+                             "sharded differently): resume with the sharding it was saved with")
         for i, m in enumerate(self.matrices):
             self.omega[i].copy_(tensors[f"omega/{m.name}"])
             self._start[i] = (tensors[f"a_start/{m.name}"].to(m.a.device, m.a.dtype),
                               tensors[f"b_start/{m.name}"].to(m.b.device, m.b.dtype))
         self.steps, self.skipped = int(meta["steps"]), int(meta["skipped"])
 
+    def state_path(self, path: str) -> str:
+        """Where this rank's state goes: ``path`` itself, or under FSDP2 one file per rank beside it
+        (``state.rank00001-of-00004.safetensors``)."""
+        if self.group is None:
+            return path
+        rank, world = _sharding.rank_and_world(self.group)
+        stem, ext = os.path.splitext(path)
+        return f"{stem}.rank{rank:05d}-of-{world:05d}{ext}"
+
     def save_state(self, path: str) -> None:
-        """Writes the running state atomically (a checkpoint beside the model's)."""
+        """Writes the running state atomically (a checkpoint beside the model's); under FSDP2 every
+        rank writes its own rows (see :meth:`state_path`)."""
         state = self.state_dict()
-        _io.save_atomic(path, state["tensors"], {"format": STATE_FORMAT, "meta": json.dumps(state["meta"])})
+        _io.save_atomic(self.state_path(path), state["tensors"],
+                        {"format": STATE_FORMAT, "meta": json.dumps(state["meta"])})
 
     def load_state(self, path: str) -> None:
-        tensors, meta = _io.load_checked(path, STATE_FORMAT)
+        tensors, meta = _io.load_checked(self.state_path(path), STATE_FORMAT)
         self.load_state_dict({"tensors": tensors, "meta": json.loads(meta["meta"])})

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hlora import _checks as check
-from hlora import ops
+from hlora import _sharding, ops
 from hlora.adapters import find_adapted
 from hlora.importance import Importance, cast_omega
 
@@ -79,9 +79,13 @@ class Regularizer:
         if not isinstance(importance, Importance):
             raise TypeError(f"importance must be an hlora.Importance (ImportanceRecorder.finalize(), "
                             f"Importance.load(path)), got {type(importance).__name__}")
+        self.matrices = find_adapted(model, adapter)
+        #: The process group FSDP2 shards the factors over (None: every rank has whole factors).
+        self.group = _sharding.group_of([m.rows for m in self.matrices])
+        if self.group is not None and not importance.is_sharded:
+            importance = importance.shard_for(model, adapter)  # this rank's rows of a whole Ω
         # The reference factors matter only as the anchor (anchor "zero" reads none of them).
         importance.check(model, adapter, references=False)
-        self.matrices = find_adapted(model, adapter)
         self.phi = phi
         self.layer_weighting = layer_weighting
         device = self.matrices[0].a.device
@@ -98,7 +102,10 @@ class Regularizer:
             self.a_ref = [a for a, _ in padded]
             self.b_ref = [b for _, b in padded]
             self.scaling_ref = [float(importance.scalings.get(m.name, m.scaling)) for m in self.matrices]
-        norms = torch.tensor([float(torch.linalg.vector_norm(om.float())) for om in self.omegas], dtype=torch.float64)
+        # ‖Ω_l‖ over the whole matrix: under FSDP2 the ranks' sums of squares added up.
+        squares = torch.tensor([float(torch.linalg.vector_norm(om.double()) ** 2) for om in self.omegas],
+                               dtype=torch.float64)
+        norms = _sharding.all_sum(squares, self.group).sqrt()
         if omega_dtype is not None:
             self.omegas = [cast_omega(om, omega_dtype, m.name) for om, m in zip(self.omegas, self.matrices)]
         if not bool(norms.any()):
@@ -113,6 +120,23 @@ class Regularizer:
                                                                  temperature=self.temperature)
         self._weights = [self.phi * float(c) for c in self.coefficients]
         self._last: Optional[torch.Tensor] = None
+        # What rebuilt_for needs: the importance as given and the options as resolved.
+        self._importance = importance
+        self._options = dict(phi=phi, layer_weighting=layer_weighting, temperature=temperature, adapter=adapter,
+                             anchor=self.anchor, omega_dtype=omega_dtype)
+
+    def uses_parameters_of(self, model: torch.nn.Module) -> bool:
+        """Whether the factors this penalty differentiates are ``model``'s parameters."""
+        params = {id(p) for p in model.parameters()}
+        return all(id(m.a) in params and id(m.b) in params for m in self.matrices)
+
+    def rebuilt_for(self, model: torch.nn.Module) -> Regularizer:
+        """The same penalty (importance, φ, weighting, anchor) on ``model``'s current parameters.
+
+        For a model whose parameters were replaced after this Regularizer was built: accelerate's
+        FSDP2 ``prepare`` (``Trainer`` with ``fsdp_config={"version": 2}``) swaps every parameter
+        for a sharded DTensor, and the penalty then follows each rank's rows."""
+        return Regularizer(model, self._importance, **self._options)
 
     def _follow_model(self) -> None:
         """Moves Ω and the reference factors to where the model now is. A Regularizer passed to
@@ -131,11 +155,17 @@ class Regularizer:
                 raise ValueError("anchor='reference' but the importance holds no reference factors")
             return anchor
         refs = importance.references
-        if refs and all(torch.equal(refs[m.name][0].to(m.a.device, m.a.dtype), m.a.detach())  # False for another rank
-                        and torch.equal(refs[m.name][1].to(m.b.device, m.b.dtype), m.b.detach())
-                        for m in self.matrices):
+        device = self.matrices[0].a.device
+        whole_a, _ = _sharding.gathered_many([m.a for m in self.matrices])
+        factors = [(a.detach(), _sharding.local_data(m.b)) for m, a in zip(self.matrices, whole_a)]
+        def same(ref: torch.Tensor, x: torch.Tensor) -> bool:  # False for another rank than the recorded one
+            return ref.shape == x.shape and torch.equal(ref.to(x.device, x.dtype), x)
+
+        continued = bool(refs) and all(m.name in refs and same(refs[m.name][0], a) and same(refs[m.name][1], b)
+                                       for m, (a, b) in zip(self.matrices, factors))
+        if _sharding.all_true(continued, self.group, device):  # every rank decides alike
             return "reference"
-        if all(not bool(m.b.detach().any()) for m in self.matrices):
+        if _sharding.all_true(all(not bool(b.any()) for _, b in factors), self.group, device):
             return "zero"
         raise ValueError("cannot tell how the adapter relates to the importance's reference factors: "
                          "pass anchor='reference' (continue the general-task adapter) or anchor='zero' "
@@ -149,10 +179,15 @@ class Regularizer:
         return {m.name: float(c) for m, c in zip(self.matrices, self.coefficients)}
 
     def penalty(self) -> torch.Tensor:
-        """φ·Σ_l c_l·P_l as a 0-d tensor, differentiable w.r.t. every LoRA factor."""
+        """φ·Σ_l c_l·P_l as a 0-d tensor, differentiable w.r.t. every LoRA factor.
+
+        Under FSDP2 it is this rank's part — the sum over the rows it holds, from its rows of B and
+        the whole A — so a backward on every rank gives each factor the gradient of the whole
+        penalty (A's partial gradients are summed over the ranks on the way back); :meth:`total`
+        adds the parts up for reporting."""
         self._follow_model()
-        a = [m.a for m in self.matrices]
-        b = [m.b for m in self.matrices]
+        a = _sharding.gathered_differentiable([m.a for m in self.matrices])  # one collective for all
+        b = [_sharding.local(m.b) for m in self.matrices]
         refs = {}
         if self.anchor == "reference":
             refs = {"a_ref": self.a_ref, "b_ref": self.b_ref, "scaling_ref": self.scaling_ref}
@@ -163,6 +198,11 @@ class Regularizer:
                                             weights=self._weights, **refs)
         self._last = value.detach()
         return value
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """A :meth:`penalty` value summed over the ranks (itself when not sharded; a collective
+        under FSDP2: every rank calls it). For reporting: it carries no gradient."""
+        return _sharding.all_sum(value.detach().reshape(1).double(), self.group)[0].to(value.dtype)
 
     @property
     def last_value(self) -> Optional[float]:
