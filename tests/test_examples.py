@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import hlora
+
 from conftest import REPO
 from tiny import save_tiny_model_folder
 
@@ -55,3 +57,21 @@ def test_the_plain_loop_example_records_then_regularizes(inputs, tmp_path) -> No
     assert [s.split(":")[0] for s in steps] == ["step 0", "step 2"]
     assert float(steps[-1].rsplit("penalty", 1)[1]) > 0  # the adapter moved away from its reference
     assert (tmp_path / "out" / "importance.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_fsdp2_example_runs_under_torchrun(inputs, tmp_path) -> None:
+    args = [*inputs, "--out", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(EXAMPLES / "fsdp2.py"), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    held = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(held) == 2 and all("recorded 3 steps over 4 matrices" in line for line in held)
+    parts = [line.rsplit("holds ", 1)[1].split() for line in held]  # "<held> of Ω's <whole> bytes"
+    assert int(parts[0][0]) + int(parts[1][0]) == int(parts[0][3]) and int(parts[0][0]) < int(parts[0][3])
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert [s.split(":")[0] for s in steps] == ["step 0", "step 2"] and float(steps[-1].rsplit("penalty", 1)[1]) > 0
+    whole = hlora.Importance.load(str(tmp_path / "out" / "importance.safetensors"))  # both ranks' rows
+    assert len(whole.names) == 4 and not whole.is_sharded

@@ -140,3 +140,22 @@ def test_every_environment_variable_is_on_the_configuration_page() -> None:
     assert {"HLORA_BACKEND", "HLORA_PROVIDER", "HLORA_SIMD"} <= used  # the search found them
     missing = sorted(v for v in used if f"`{v}`" not in page)
     assert not missing, f"docs/configuration.md does not describe {missing}"
+
+
+def test_the_fsdp2_memory_tables_are_the_scripts_numbers() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("omega_memory", REPO / "scripts" / "omega_memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    page = (REPO / "docs" / "scaling.md").read_text()
+    block = re.search(r"<!-- omega_memory table.*?-->\n(.*?)\n<!-- end omega_memory table -->", page, flags=re.S)
+    assert block is not None and block.group(1) == memory.table()
+    # The README's excerpt: q_proj + v_proj at 1, 8 and 64 ranks.
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| (LLaMA-3-\w+), (float32|bfloat16) \| (.*?) \|$", readme, flags=re.M)
+    assert len(rows) == 3
+    for model, dtype, cells in rows:
+        size = dict(memory.DTYPES)[dtype]
+        want = [memory.human(memory.bytes_per_rank(model, ("q_proj", "v_proj"), w, size)) for w in (1, 8, 64)]
+        assert cells.split(" | ") == want, model
