@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
+
 try:
     from torch.distributed.fsdp import fully_shard  # torch >= 2.6
 except ImportError:  # torch 2.4 and 2.5
