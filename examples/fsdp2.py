@@ -69,8 +69,12 @@ def main(argv=None) -> None:
     importance.save(os.path.join(args.out, "importance.safetensors"))  # every rank, together
     held = sum(om.numel() * om.element_size() for om in importance.matrices.values())
     whole = sum(importance.rows[n][2] * om.shape[1] * om.element_size() for n, om in importance.matrices.items())
-    print(f"rank {rank}: recorded {importance.meta['steps']} steps over {len(importance.names)} matrices; "
-          f"holds {held} of Ω's {whole} bytes")
+    line = (f"rank {rank}: recorded {importance.meta['steps']} steps over {len(importance.names)} matrices; "
+            f"holds {held} of Ω's {whole} bytes")
+    lines: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)  # rank 0 prints them all: ranks' prints would interleave
+    if rank == 0:
+        print("\n".join(str(each) for each in lines), flush=True)
 
     # 2. Domain data: each rank's penalty covers its rows; backward gives every factor the
     #    gradient of the whole penalty, and total() adds the ranks' parts up for the log.
