@@ -34,8 +34,8 @@ from typing import Dict, List
 
 from hlora._io import atomic_path, write_text_atomic
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "python", "hlora", "data", "files")
-DEBS = ["dict-jargon", "dict-devil", "cfi-en"]
+OUT = os.path.join(os.path.dirname(__file__), "..", "python", "hlora", "experiments", "data", "files")
+DEBS = ["dict-jargon", "dict-devil", "cfi-en", "wordnet-base"]
 
 
 def _bucket(text: str) -> float:
@@ -150,6 +150,54 @@ def medical(rng: random.Random) -> List[Dict]:
     return items
 
 
+def general_knowledge(root: str, rng: random.Random, min_count: int = 10) -> List[Dict]:
+    """"Which word means '<definition>'?" for common English nouns, from WordNet 3.0 (Debian
+    wordnet-base): each noun's most frequent sense (index.noun lists senses by frequency) when the
+    sense-tagged corpus counts it at least ``min_count`` times (cntlist.rev); distractors are other
+    such nouns, never a synonym of the answer (another word of its synset)."""
+    folder = os.path.join(root, "usr/share/wordnet")
+    counts: Dict[str, int] = {}
+    with open(os.path.join(folder, "cntlist.rev"), encoding="latin-1") as f:
+        for line in f:
+            key, sense, count = line.split()
+            lemma, ss_type = key.split("%")[0], key.split("%")[1][0]
+            if ss_type == "1" and sense == "1":
+                counts[lemma] = int(count)
+    first_synset: Dict[str, str] = {}
+    with open(os.path.join(folder, "index.noun"), encoding="latin-1") as f:
+        for line in f:
+            if line.startswith(" "):
+                continue  # the licence header
+            fields = line.split()
+            lemma, synsets = fields[0], int(fields[2])
+            if re.fullmatch(r"[a-z]{3,}", lemma) and counts.get(lemma, 0) >= min_count:
+                first_synset[lemma] = fields[-synsets]
+    wanted = set(first_synset.values())
+    glosses: Dict[str, tuple] = {}
+    with open(os.path.join(folder, "data.noun"), encoding="latin-1") as f:
+        for line in f:
+            if line[:8] in wanted:
+                head, gloss = line.split(" | ", 1)
+                fields = head.split()
+                words = {fields[4 + 2 * i] for i in range(int(fields[3], 16))}
+                definition = gloss.split('"')[0].strip().rstrip(";").strip()
+                glosses[line[:8]] = (definition, words)
+    # Proper nouns (index.noun lowercases them: "france") are not vocabulary.
+    pool = sorted(lemma for lemma, synset in first_synset.items() if lemma in glosses[synset][1])
+    items = []
+    for lemma in pool:
+        definition, words = glosses[first_synset[lemma]]
+        synonyms = {w.lower() for w in words}
+        if len(definition) < 12:
+            continue
+        others = [w for w in pool if w not in synonyms]
+        options = rng.sample(others, 3) + [lemma]
+        rng.shuffle(options)
+        items.append({"question": f"Which word means '{definition}'?", "options": options,
+                      "answer": options.index(lemma), "source": "WordNet 3.0"})
+    return items
+
+
 def split_items(items: List[Dict], test: int, val: int) -> Dict[str, List[Dict]]:
     """Disjoint by question, without items whose question contains the answer; test first (as
     large as asked, where the source allows)."""
@@ -167,13 +215,37 @@ def split_items(items: List[Dict], test: int, val: int) -> Dict[str, List[Dict]]
     return {"test": unique[:test], "val": unique[test:test + val], "train": unique[test + val:]}
 
 
+WORDNET_LICENCE = ("WordNet 3.0 (Debian wordnet-base), WordNet 3.0 licence: WordNet 3.0 Copyright 2006 by "
+                   "Princeton University. All rights reserved. THIS SOFTWARE AND DATABASE IS PROVIDED \"AS IS\" "
+                   "AND PRINCETON UNIVERSITY MAKES NO REPRESENTATIONS OR WARRANTIES, EXPRESS OR IMPLIED.")
+
+
+def _write_items(name: str, rows: List[Dict], manifest: Dict[str, Dict], licence: str) -> None:
+    write_text_atomic(os.path.join(OUT, name), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    manifest[name] = {"items": len(rows), "licence": licence}
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("general_knowledge",),
+                        help="build one set and update its manifest entries, leaving the others as they are")
+    args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     manifest: Dict[str, Dict] = {}
+    if args.only:
+        with open(os.path.join(OUT, "MANIFEST.json")) as f:
+            manifest = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
         root = _extract_debs(tmp)
-        for split, paras in general_text(root).items():
-            name = f"general_{split}.txt.gz"
+        items = general_knowledge(root, random.Random("hlora-general-knowledge"))
+        # Evaluation only (forgetting beyond perplexity): no training split is shipped.
+        split = split_items(items, 300, 100)
+        for which in ("test", "val"):
+            _write_items(f"general_knowledge_{which}.jsonl", split[which], manifest, WORDNET_LICENCE)
+        for split_name, paras in ([] if args.only else general_text(root).items()):
+            name = f"general_{split_name}.txt.gz"
             path = os.path.join(OUT, name)
             # The gzip header names the file: the final name, not the temporary one written.
             with atomic_path(path) as part, open(part, "wb") as raw, \
@@ -181,6 +253,9 @@ def main() -> None:
                 f.write("\n\n".join(paras).encode())
             manifest[name] = {"paragraphs": len(paras), "licence": "public domain",
                               "sources": "Debian dict-jargon, dict-devil, cfi-en"}
+    if args.only:
+        _finish(manifest, [f"general_knowledge_{which}.jsonl" for which in ("test", "val")])
+        return
     sizes = {"science": (200, 60), "physical": (120, 40), "medical": (600, 200)}
     builders = {"science": science, "physical": physical, "medical": medical}
     licences = {"science": "mendeleev (MIT)", "physical": "pint 0.25.3 (BSD-3-Clause)",
@@ -188,10 +263,13 @@ def main() -> None:
     for domain, build in builders.items():
         items = build(random.Random(f"hlora-{domain}"))
         for split, rows in split_items(items, *sizes[domain]).items():
-            name = f"{domain}_{split}.jsonl"
-            write_text_atomic(os.path.join(OUT, name), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-            manifest[name] = {"items": len(rows), "licence": licences[domain]}
-    for name in manifest:
+            _write_items(f"{domain}_{split}.jsonl", rows, manifest, licences[domain])
+    _finish(manifest, list(manifest))
+
+
+def _finish(manifest: Dict[str, Dict], written: List[str]) -> None:
+    """Checksums of the files written, then the manifest (atomically)."""
+    for name in written:
         with open(os.path.join(OUT, name), "rb") as f:
             manifest[name]["sha256"] = hashlib.sha256(f.read()).hexdigest()
     write_text_atomic(os.path.join(OUT, "MANIFEST.json"), json.dumps(manifest, indent=1, sort_keys=True))

@@ -46,6 +46,18 @@ def test_domain_splits_are_disjoint_and_valid(domain):
         assert len(splits["test"]) >= 500
 
 
+def test_the_general_knowledge_set_is_valid_and_its_splits_disjoint():
+    test, val = data.general_knowledge("test"), data.general_knowledge("val")
+    assert len(test) == 300 and len(val) == 100
+    assert not {it["question"] for it in test} & {it["question"] for it in val}
+    for item in test + val:
+        answer = item["options"][item["answer"]]
+        assert len(set(item["options"])) == 4 and answer.isalpha() and answer.islower()
+        assert not re.search(r"\b" + re.escape(answer) + r"\b", item["question"].lower())
+    with pytest.raises(ValueError, match="no training split"):
+        data.general_knowledge("train")
+
+
 def test_general_test_text_is_never_trained_on():
     train = set(data.general_text("train").split("\n\n"))
     test = data.general_text("test").split("\n\n")

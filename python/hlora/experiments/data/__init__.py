@@ -76,6 +76,16 @@ def mcq(domain: str, split: str = "test") -> List[MCQItem]:
     return load_mcq_file(os.path.join(FILES, f"{domain}_{split}.jsonl"))
 
 
+def general_knowledge(split: str = "test") -> List[MCQItem]:
+    """Common English nouns from their WordNet definitions ("Which word means '…'?"): a second
+    measure of forgetting beside general perplexity, for evaluation only (``test`` and ``val``;
+    nothing trains on it)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val' (the general-knowledge set has no training split), "
+                         f"got {split!r}")
+    return load_mcq_file(os.path.join(FILES, f"general_knowledge_{split}.jsonl"))
+
+
 def training_text(item: MCQItem) -> tuple:
     """(prompt, answer) for fine-tuning: the question, then the correct answer (loss on the answer)."""
     return prompt(item), " " + str(item["options"][item["answer"]])
