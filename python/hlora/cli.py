@@ -2,6 +2,7 @@
 
     hlora demo         the whole comparison on the embedded defaults (SmolLM2, one domain, one seed)
     hlora experiment   the multi-seed grid, resumable, with t-tests and violin plots
+    hlora fronts       forgetting-accuracy fronts of HLoRA and the baselines, resumable
     hlora record       LoRA on general text, recording importance
     hlora finetune     fine-tune an adapter on domain MCQ data, optionally regularized
     hlora evaluate     general perplexity and domain accuracy of a model or adapter
@@ -151,6 +152,36 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         return 0
     grid.run_grid(args.out, args.domains, seeds, budget, model_name=args.model)
     print(grid.summarize(args.out))
+    return 0
+
+
+def cmd_fronts(args: argparse.Namespace) -> int:
+    from hlora.experiments import experiment, fronts, fronts_summary
+
+    if args.summary_only:
+        if not os.path.isdir(args.out):  # a mistyped --out, not an empty summary
+            raise ValueError(f"--summary-only: no such folder {args.out}")
+        print(fronts_summary.summarize(args.out))
+        return 0
+    seeds = args.seeds or [fronts.SEEDS[d] for d in args.domains]
+    if len(seeds) == 1:
+        seeds = seeds * len(args.domains)
+    if len(seeds) != len(args.domains):
+        raise ValueError(f"--seeds needs one count, or one per domain: {len(seeds)} for {len(args.domains)}")
+    budget = experiment.Budget(threads=args.threads, eval_items=args.eval_items)
+    knowledge = None  # every general-knowledge item of the split
+    if args.quick:  # for tests: the same study at a toy budget
+        budget = experiment.Budget(nu_steps=2, nu_batch=2, seq_len=32, mu_steps=2, mu_batch=2, ppl_blocks=2,
+                                   eval_items=4, threads=args.threads)
+        knowledge = 4
+    print(f"fronts study — {budget.describe()}")
+    if args.validation_only:
+        chosen = fronts.validate(args.out, budget, args.model, knowledge_items=knowledge)
+        print(fronts_summary.summarize(args.out))
+        print(f"test values: {chosen['values']}")
+        return 0
+    fronts.study(args.out, budget, args.domains, seeds, model_name=args.model, knowledge_items=knowledge)
+    print(fronts_summary.summarize(args.out))
     return 0
 
 
@@ -314,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test items per evaluation (default: %(default)s)")
     exp.add_argument("--phi", type=non_negative_float, default=DEFAULT_PHI,
                      help="HLoRA's penalty weight φ (default: %(default)g)")
-    exp.add_argument("--lam", type=non_negative_float, default=1e3,
+    exp.add_argument("--lam", type=non_negative_float, default=1e4,
                      help="EWC-LoRA's penalty weight λ (default: %(default)g)")
     exp.add_argument("--selection", type=existing_file, default=None,
                      help="take φ and λ from scripts/select_hyperparameters.py's output (out/selection.json)")
@@ -322,6 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
     exp.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")
     exp.set_defaults(func=cmd_experiment)
+    fr = sub.add_parser("fronts", help="forgetting-accuracy fronts: HLoRA against the baselines, each over its knob "
+                                       "(resumable; hours)")
+    fr.add_argument("--out", default="out/fronts",
+                    help="folder for validation.json, each run's results, summary.md and the plots; finished runs "
+                         "in it are kept (default: %(default)s)")
+    fr.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS,
+                    help="the fine-tuning tasks of the test pass (default: all three)")
+    fr.add_argument("--seeds", nargs="+", type=positive_int, default=None,
+                    help="test seeds per domain, in --domains' order, or one count for all (default: medical 3, "
+                         "science 2, physical 2)")
+    fr.add_argument("--eval-items", type=positive_int, default=200,
+                    help="domain items per evaluation (default: %(default)s)")
+    fr.add_argument("--validation-only", action="store_true",
+                    help="only the validation pass that fixes every knob's test values")
+    fr.add_argument("--summary-only", action="store_true", help="only rebuild summary.md and the plots")
+    fr.add_argument("--model", default=None, help=MODEL_HELP)
+    fr.add_argument("--threads", type=positive_int, default=2, help=THREADS_HELP)
+    fr.add_argument("--quick", action="store_true", help="a toy budget (for tests)")
+    fr.set_defaults(func=cmd_fronts)
 
     def common(p, steps, lr=8e-4):
         p.add_argument("--model", default=None, help=MODEL_HELP)

@@ -103,3 +103,26 @@ def violins(per_method: Dict[str, List[float]], path: str, ylabel: str, tests: D
     ax.set_ylabel(ylabel)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def fronts(means: Dict[str, List[Dict[str, float]]], path: str, title: str, target: float = None) -> str:
+    """Every method's front (seed means, bars: sd over seeds): forgetting against domain accuracy,
+    general perplexity rise on the left, general-knowledge accuracy drop on the right; single-point
+    methods as large markers, HLoRA bold; the dotted line is the matched accuracy."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, (key, label) in zip(axes, (("rise", "general PPL rise over ν ↓"),
+                                       ("drop", "general-knowledge accuracy drop ↓"))):
+        for i, (method, points) in enumerate(means.items()):
+            style = {"marker": "o" if len(points) > 1 else "*", "markersize": 5 if len(points) > 1 else 12,
+                     "linewidth": 2.5 if method == "HLoRA" else 1.2, "color": f"C{i % 10}",
+                     "linestyle": "--" if method.startswith("WiSE") else "-"}
+            ax.errorbar([p["acc"] for p in points], [p[key] for p in points],
+                        xerr=[p.get("acc_sd", 0.0) for p in points], yerr=[p.get(f"{key}_sd", 0.0) for p in points],
+                        label=method, capsize=2, elinewidth=0.6, **style)
+        if target is not None:
+            ax.axvline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="domain accuracy (test) ↑", ylabel=label)
+    axes[0].set_title(f"{title}: forgetting vs domain accuracy")
+    axes[1].legend(fontsize=7, loc="best", ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
