@@ -30,11 +30,13 @@ hlora's three objects on the real model that works offline here, **SmolLM2-135M-
 per layer, per entry, as a matrix, through the layer weights — compares Ω from two different texts, and
 ends with a short fine-tune with and without the penalty. About 7 minutes on 2 CPU cores
 (`HLORA_NOTEBOOK_SCALE=ci` runs it in seconds, as the test suite does: then the numbers are noise)."""),
-    new_code_cell("""import os
-import warnings
+    new_code_cell("""import warnings
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's text bars are fine here
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
+# Before the imports that raise them: tqdm's text bars are fine here (no ipywidgets needed), and
+# transformers' deprecation notes are not about this notebook.
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", category=FutureWarning)"""),
+    new_code_cell("""import os
 
 import matplotlib.pyplot as plt
 import torch

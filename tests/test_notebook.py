@@ -38,7 +38,7 @@ def test_the_committed_notebook_shows_the_outputs_of_its_current_code() -> None:
     assert stamp.get("version") == hlora.__version__
     code = [c for c in committed.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # one run, top to bottom
-    assert all(c.outputs for c in code)
+    assert all(c.outputs for c in code[1:])  # all but the first (it only quiets two warnings)
     outputs = _outputs(committed)
     assert not [o for o in outputs if o.get("output_type") == "error"]
     pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
