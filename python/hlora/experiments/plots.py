@@ -114,7 +114,7 @@ def fronts(means: Dict[str, List[Dict[str, float]]], path: str, title: str, targ
                                        ("drop", "general-knowledge accuracy drop ↓"))):
         for i, (method, points) in enumerate(means.items()):
             style = {"marker": "o" if len(points) > 1 else "*", "markersize": 5 if len(points) > 1 else 12,
-                     "linewidth": 2.5 if method == "HLoRA" else 1.2, "color": f"C{i % 10}",
+                     "linewidth": 2.5 if method == "HLoRA" else 1.2, "color": plt.cm.tab20(i % 20),
                      "linestyle": "--" if method.startswith("WiSE") else "-"}
             ax.errorbar([p["acc"] for p in points], [p[key] for p in points],
                         xerr=[p.get("acc_sd", 0.0) for p in points], yerr=[p.get(f"{key}_sd", 0.0) for p in points],
