@@ -134,6 +134,16 @@ def lora_state(model) -> Dict[str, tuple]:
     return {m.name: (m.a.detach().clone(), m.b.detach().clone()) for m in find_adapted(model)}
 
 
+def state_tensors(state: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    """An adapter state as flat tensors for a file: ``a/<name>`` and ``b/<name>`` per matrix."""
+    return {f"{k}/{n}": t for n, (a, b) in state.items() for k, t in (("a", a), ("b", b))}
+
+
+def tensors_state(tensors: Dict[str, torch.Tensor], names: List[str]) -> Dict[str, tuple]:
+    """The adapter state ``state_tensors`` flattened, matrices in the order of ``names``."""
+    return {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in names}
+
+
 def load_lora_state(model, state: Dict[str, tuple]) -> None:
     with torch.no_grad():
         for m in find_adapted(model):
@@ -522,15 +532,14 @@ class Progress:
         self.sweep = saved.get("phi_sweep", [])
         if NU in cmp.results:
             tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
-            cmp.nu_state = {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in json.loads(meta["names"])}
+            cmp.nu_state = tensors_state(tensors, json.loads(meta["names"]))
             cmp.importance = hlora.Importance.load(self._file("importance.safetensors"))
         log(f"  resumed from {self.folder}: {', '.join(cmp.results)} done earlier")
 
     def _save_nu(self, cmp: Comparison) -> None:
         """The ν adapter and importance, before the progress that says the ν phase is done."""
         os.makedirs(self.folder, exist_ok=True)
-        tensors = {f"{k}/{n}": t for n, (a, b) in cmp.nu_state.items() for k, t in (("a", a), ("b", b))}
-        _io.save_atomic(self._file("nu_adapter.safetensors"), tensors,
+        _io.save_atomic(self._file("nu_adapter.safetensors"), state_tensors(cmp.nu_state),
                         {"format": self.NU_FORMAT, "names": json.dumps(list(cmp.nu_state))})
         cmp.importance.save(self._file("importance.safetensors"))
 

@@ -15,6 +15,7 @@ Two passes, both resumable run by run (``experiment.Progress``: a crash loses th
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
@@ -147,17 +148,16 @@ class Run:
 
     def _save_end(self, name: str) -> None:
         state = experiment.lora_state(self.cmp.model)
-        tensors = {f"{k}/{n}": t for n, (a, b) in state.items() for k, t in (("a", a), ("b", b))}
         os.makedirs(self.progress.folder, exist_ok=True)
-        _io.save_atomic(self._end_file(name), tensors, {"format": END_FORMAT, "run": name})
+        _io.save_atomic(self._end_file(name), experiment.state_tensors(state),
+                        {"format": END_FORMAT, "run": name, "names": json.dumps(list(state))})
 
     def _end_file(self, name: str) -> str:
         return os.path.join(self.progress.folder, _safe(name) + ".end.safetensors")
 
     def _load_end(self, name: str) -> Dict[str, tuple]:
-        tensors, _ = _io.load_checked(self._end_file(name), END_FORMAT)
-        names = {key.split("/", 1)[1] for key in tensors}
-        return {n: (tensors[f"a/{n}"], tensors[f"b/{n}"]) for n in names}
+        tensors, meta = _io.load_checked(self._end_file(name), END_FORMAT)
+        return experiment.tensors_state(tensors, json.loads(meta["names"]))
 
     def finish(self, extra: Dict) -> Dict:
         """The run's file (atomically), its progress folder removed; returns what the file holds."""
