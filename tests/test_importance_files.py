@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import hlora
 from hlora import Importance
+from hlora.importance import read_header
 
 from tiny import TokenData, batches, tiny_lora_model
 
@@ -87,6 +88,17 @@ def test_truncated_corrupted_and_foreign_files_are_clear_errors(recorded, tmp_pa
         Importance.load(str(tmp_path / "other.safetensors"))
     with pytest.raises(FileNotFoundError):
         Importance.load(str(tmp_path / "missing.safetensors"))
+    # The early check (the hf callbacks', before any training) refuses them alike, reading no tensor.
+    assert read_header(str(path))["format"] == "hlora-importance"
+    (tmp_path / "head.safetensors").write_bytes(data[:4])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_header(str(tmp_path / "head.safetensors"))
+    with pytest.raises(ValueError, match="not an hlora-importance file"):
+        read_header(str(tmp_path / "other.safetensors"))
+    with pytest.raises(FileNotFoundError):
+        read_header(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        read_header(str(tmp_path))
 
 
 def test_other_format_version_is_refused(recorded, tmp_path, monkeypatch):

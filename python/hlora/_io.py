@@ -161,10 +161,10 @@ def write_json_atomic(path: str, payload: object, default: Callable[[object], ob
     write_text_atomic(path, json.dumps(payload, indent=1, default=default))
 
 
-def load_checked(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and metadata of a file written by :func:`save_atomic`. FileNotFoundError (or
-    IsADirectoryError) when ``path`` is not a file; ValueError when it is truncated, corrupted or
-    not an hlora file of ``kind``."""
+def read_metadata(path: str, kind: str) -> Dict[str, str]:
+    """The metadata of a file written by :func:`save_atomic`, checked to be an hlora file of
+    ``kind``; no tensor is read (for failing early). FileNotFoundError (or IsADirectoryError) when
+    ``path`` is not a file; ValueError when it is not a readable safetensors file of ``kind``."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; give the path of the {kind} file")
     if not os.path.isfile(path):
@@ -174,11 +174,21 @@ def load_checked(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[st
 
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
     if metadata.get("format") != kind:
         raise ValueError(f"{path} is not an {kind} file (format={metadata.get('format')!r})")
+    return metadata
+
+
+def load_checked(path: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and metadata of a file written by :func:`save_atomic` (:func:`read_metadata`'s
+    checks, then its checksum: ValueError when it does not match)."""
+    metadata = read_metadata(path, kind)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
     if metadata.get("checksum") != _checksum(tensors):
         raise ValueError(f"{path} is corrupted: its checksum does not match its contents")
     return tensors, metadata

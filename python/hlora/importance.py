@@ -42,20 +42,7 @@ SAVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def read_header(path: str) -> Dict[str, str]:
     """The metadata of an importance file, checked to be one (no tensor read): for failing early."""
-    from safetensors import safe_open
-
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder; give the path of the {FORMAT} file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r})")
-    return meta
+    return _io.read_metadata(path, FORMAT)
 
 
 def check_save_dtype(dtype: Optional[torch.dtype], name: str) -> None:
