@@ -40,16 +40,9 @@ def build(name: str, shard: bool):
         base = AutoModelForCausalLM.from_pretrained(resolve(None), dtype=torch.float32)
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     if shard:
-        from torch.distributed.device_mesh import init_device_mesh
-        try:
-            from torch.distributed.fsdp import fully_shard  # torch >= 2.6
-        except ImportError:  # torch 2.4 and 2.5
-            from torch.distributed._composable.fsdp import fully_shard
+        from tiny import fsdp2_shard  # the test suite's wrapping: each decoder layer, then the model
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fsdp2_shard(model)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 

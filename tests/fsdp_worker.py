@@ -30,31 +30,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hlora  # noqa: E402
 from hlora import _sharding  # noqa: E402
 
-from tiny import TokenData, tiny_lora_model  # noqa: E402
+from tiny import TokenData, fsdp2_shard, tiny_lora_model  # noqa: E402
 
 GLOBAL_BATCH = 6  # sequences per optimizer step, split evenly over 1, 2 or 3 ranks
 LR = 5e-3
 STEPS = 4  # recorded steps of the callbacks scenario (the test's record runs pass theirs)
 
 
-def shard(model) -> None:
-    """FSDP2 as accelerate applies it: each decoder layer, then the whole model."""
-    from torch.distributed.device_mesh import init_device_mesh
-    try:
-        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
-    except ImportError:  # torch 2.4 and 2.5
-        from torch.distributed._composable.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
 def model_and_optimizer(sharded: bool):
     model = tiny_lora_model(seed=7, heads=16, kv_heads=1)
     if sharded:
-        shard(model)
+        fsdp2_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=LR)
 
@@ -168,7 +154,7 @@ def trainer_callbacks(model, optimizer, out: str, rank: int, world: int) -> dict
     fresh = tiny_lora_model(seed=8, heads=16, kv_heads=1)  # a fresh adapter against the recorded one
     built_before = hlora.Regularizer(fresh, hlora.Importance.load(path), phi=10.0, anchor="reference")
     if world > 1:
-        shard(fresh)
+        fsdp2_shard(fresh)
         assert not built_before.uses_parameters_of(fresh)  # fully_shard replaced every parameter
     rebuilt = built_before.rebuilt_for(fresh)
     assert rebuilt.uses_parameters_of(fresh)

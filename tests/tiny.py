@@ -71,3 +71,19 @@ def save_tiny_model_folder(folder, seed: int = 0) -> str:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return str(folder)
+
+
+def fsdp2_shard(model) -> None:
+    """FSDP2 as accelerate applies it, on the CPU (gloo): each decoder layer of a PEFT-wrapped
+    Llama, then the whole model, over every rank of the default process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # torch 2.4 and 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
