@@ -151,10 +151,11 @@ def medical(rng: random.Random) -> List[Dict]:
 
 
 def general_knowledge(root: str, rng: random.Random, min_count: int = 10) -> List[Dict]:
-    """"Which word means '<definition>'?" for common English nouns, from WordNet 3.0 (Debian
-    wordnet-base): each noun's most frequent sense (index.noun lists senses by frequency) when the
-    sense-tagged corpus counts it at least ``min_count`` times (cntlist.rev); distractors are other
-    such nouns, never a synonym of the answer (another word of its synset)."""
+    """"Which word means '<definition>'?" (scored after "The word for '<definition>' is") for common
+    English nouns, from WordNet 3.0 (Debian wordnet-base): each noun's most frequent sense (index.noun
+    lists senses by frequency) when the sense-tagged corpus counts it at least ``min_count`` times
+    (cntlist.rev); distractors are other such nouns, never a synonym of the answer (another word of
+    its synset)."""
     folder = os.path.join(root, "usr/share/wordnet")
     counts: Dict[str, int] = {}
     with open(os.path.join(folder, "cntlist.rev"), encoding="latin-1") as f:
@@ -193,8 +194,10 @@ def general_knowledge(root: str, rng: random.Random, min_count: int = 10) -> Lis
         others = [w for w in pool if w not in synonyms]
         options = rng.sample(others, 3) + [lemma]
         rng.shuffle(options)
-        items.append({"question": f"Which word means '{definition}'?", "options": options,
-                      "answer": options.index(lemma), "source": "WordNet 3.0"})
+        # Scored after the prose "prompt", not "Question: …\nAnswer:": training on the domain sets
+        # teaches that frame and would raise this score (docs/experiments.md, "Fronts").
+        items.append({"question": f"Which word means '{definition}'?", "prompt": f"The word for '{definition}' is",
+                      "options": options, "answer": options.index(lemma), "source": "WordNet 3.0"})
     return items
 
 

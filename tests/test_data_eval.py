@@ -54,6 +54,9 @@ def test_the_general_knowledge_set_is_valid_and_its_splits_disjoint():
         answer = item["options"][item["answer"]]
         assert len(set(item["options"])) == 4 and answer.isalpha() and answer.islower()
         assert not re.search(r"\b" + re.escape(answer) + r"\b", item["question"].lower())
+        # Scored in prose, not in the Question/Answer frame domain training teaches.
+        definition = re.fullmatch(r"Which word means '(.+)'\?", item["question"]).group(1)
+        assert data.prompt(item) == f"The word for '{definition}' is"
     with pytest.raises(ValueError, match="no training split"):
         data.general_knowledge("train")
 
@@ -129,6 +132,9 @@ def test_mcq_file_errors(tmp_path):
         data.load_mcq_file(str(bad))
     bad.write_text('{"question": "q", "options": ["a", "b"], "answer": true}\n')  # was read as option 1
     with pytest.raises(ValueError, match="'answer' must be the index"):
+        data.load_mcq_file(str(bad))
+    bad.write_text('{"question": "q", "prompt": 3, "options": ["a", "b"], "answer": 0}\n')
+    with pytest.raises(ValueError, match="'prompt', where given, must be a string"):
         data.load_mcq_file(str(bad))
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match=":1: not valid JSON"):
@@ -210,10 +216,13 @@ def test_mcq_scores_match_unpadded_scoring():
     model = tiny_lora_model(seed=71)
     tok = CharTokenizer()
     items = [{"question": "Which?", "options": ["a", "bbb", "cc", "dddd"], "answer": 1},
-             {"question": "A much longer question here?", "options": ["x", "yy"], "answer": 0}]
+             {"question": "A much longer question here?", "options": ["x", "yy"], "answer": 0},
+             {"question": "Not what is scored?", "prompt": "Scored after this prose", "options": ["p", "qq"],
+              "answer": 1}]
     scores = metrics.option_logprobs(model, tok, items, batch_size=3)
     for item, s in zip(items, scores):
-        ctx = tok(data.prompt(item)).input_ids
+        # An item's own "prompt" replaces the Question/Answer frame.
+        ctx = tok(item.get("prompt", f"Question: {item['question']}\nAnswer:")).input_ids
         for option, value in zip(item["options"], s):
             cont = tok(" " + option).input_ids
             with torch.no_grad():
@@ -221,7 +230,7 @@ def test_mcq_scores_match_unpadded_scoring():
             want = sum(float(logp[len(ctx) - 1 + k, c]) for k, c in enumerate(cont))
             assert value == pytest.approx(want, abs=1e-4)
     acc = metrics.mcq_accuracy(model, tok, items)
-    assert acc["n"] == 2 and 0 <= acc["acc"] <= 1 and 0 <= acc["acc_norm"] <= 1
+    assert acc["n"] == 3 and 0 <= acc["acc"] <= 1 and 0 <= acc["acc_norm"] <= 1
 
 
 def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():

@@ -4,7 +4,8 @@ multiple-choice tasks (stand-ins for SciQ, PiQA and MedMCQA), built by
 checksums in ``files/MANIFEST.json``); plus loaders for the paper's hub datasets by name.
 
 MCQ items are dicts ``{"question": str, "options": [str, ...], "answer": int}`` — the JSONL
-schema ``hlora evaluate --mcq FILE`` reads (one item per line).
+schema ``hlora evaluate --mcq FILE`` reads (one item per line) — with an optional ``"prompt"``: the
+text each option is scored after, in place of ``Question: <question>\nAnswer:``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def validate_item(item: MCQItem, where: str = "item") -> MCQItem:
     options = item.get("options")
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
         raise ValueError(f"{where}: 'options' must be a list of at least two strings")
+    if "prompt" in item and not isinstance(item["prompt"], str):
+        raise ValueError(f"{where}: 'prompt', where given, must be a string")
     answer = item.get("answer")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):  # true is not 1
         raise ValueError(f"{where}: 'answer' must be the index of the correct option (0..{len(options) - 1})")
@@ -77,9 +80,10 @@ def mcq(domain: str, split: str = "test") -> List[MCQItem]:
 
 
 def general_knowledge(split: str = "test") -> List[MCQItem]:
-    """Common English nouns from their WordNet definitions ("Which word means '…'?"): a second
-    measure of forgetting beside general perplexity, for evaluation only (``test`` and ``val``;
-    nothing trains on it)."""
+    """Common English nouns from their WordNet definitions: a second measure of forgetting beside
+    general perplexity, for evaluation only (``test`` and ``val``; nothing trains on it). Each word
+    is scored in plain prose ("The word for '…' is"), not the domain sets' ``Question:/Answer:``
+    frame, which domain training teaches (docs/experiments.md, "Fronts")."""
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val' (the general-knowledge set has no training split), "
                          f"got {split!r}")
@@ -92,6 +96,10 @@ def training_text(item: MCQItem) -> tuple:
 
 
 def prompt(item: MCQItem) -> str:
+    """The text an item's options are scored after (and trained after): its own ``"prompt"`` where
+    it has one, else ``Question: <question>\nAnswer:``."""
+    if "prompt" in item:
+        return str(item["prompt"])
     return f"Question: {item['question']}\nAnswer:"
 
 
