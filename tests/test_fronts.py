@@ -82,17 +82,23 @@ def test_replay_batches_hold_the_stated_share_of_general_tokens():
             mask[i, :n] = 1
         ids = torch.randint(60, 90, (len(lengths), width), generator=g) * mask
         domain.append({"input_ids": ids, "labels": torch.where(mask.bool(), ids, -100), "attention_mask": mask})
-    for p in (0.1, 0.25, 0.5):
+    for p in (0.1, 0.25, 0.5, 0.75, 0.9):
         for before, after in zip(domain, replay_batches(iter(domain), blocks, p, pad_id=0, seed=1)):
-            t = int(before["attention_mask"].sum())
-            general = int(after["attention_mask"][-1].sum())
-            assert after["input_ids"].shape[0] == before["input_ids"].shape[0] + 1
-            assert general == round(p / (1 - p) * t)
-            assert abs(general / (general + t) - p) < 1 / t
-            row = after["input_ids"][-1, :general]
-            assert bool(((row >= 5) & (row < 50)).all())  # drawn from the general blocks
-            assert torch.equal(after["labels"][-1, :general], row)
-            assert torch.equal(after["input_ids"][:-1, :before["input_ids"].shape[1]], before["input_ids"])
+            t, rows = int(before["attention_mask"].sum()), before["input_ids"].shape[0]
+            mask = after["attention_mask"][rows:]
+            general = int(mask.sum())
+            want = round(p / (1 - p) * t)
+            # Every general token is kept but a last lone one (a one-token row predicts nothing).
+            assert general == want - (want % 32 == 1)
+            assert abs(general / (general + t) - p) < 1.5 / t
+            # Rows no longer than the general blocks (32 tokens), each filled from its start.
+            assert mask.shape[0] == -(-general // 32) and bool((mask.sum(1) <= 32).all())
+            assert torch.equal(mask, (torch.arange(mask.shape[1]) < mask.sum(1, keepdim=True)).long())
+            tokens = after["input_ids"][rows:][mask.bool()]
+            assert bool(((tokens >= 5) & (tokens < 50)).all())  # drawn from the general blocks
+            assert torch.equal(after["labels"][rows:][mask.bool()], tokens)
+            assert bool((after["labels"][rows:][~mask.bool()] == -100).all())
+            assert torch.equal(after["input_ids"][:rows, :before["input_ids"].shape[1]], before["input_ids"])
     assert [b["input_ids"].shape for b in replay_batches(iter(domain), blocks, 0.0, 0, 1)] == \
         [b["input_ids"].shape for b in domain]
     with pytest.raises(ValueError, match="fraction must be in"):

@@ -20,29 +20,35 @@ def token_stream(blocks: torch.Tensor, seed: int) -> Iterator[int]:
 
 def replay_batches(batches: Iterator[Dict[str, torch.Tensor]], general_blocks: torch.Tensor, fraction: float,
                    pad_id: int, seed: int) -> Iterator[Dict[str, torch.Tensor]]:
-    """Each domain batch with one more row: G general tokens, G = round(p / (1 − p) · T) for the
-    batch's T domain tokens (attention mask), so that G / (T + G) = p; the loss covers every general
-    token (and, as before, the domain answers). Rows are widened with padding as needed."""
+    """Each domain batch with G general tokens added, G = round(p / (1 − p) · T) for the batch's T
+    domain tokens (attention mask), so that G / (T + G) = p; the loss covers every general token
+    (and, as before, the domain answers). The general tokens fill rows no longer than the general
+    blocks (the ν phase's sequence length): one row of G tokens at p = 75 % made every row of the
+    batch that wide — 25× a step's compute and 19 GB of activations."""
     fraction = check.non_negative(fraction, "fraction")
     if fraction >= 1:
         raise ValueError(f"fraction must be in [0, 1): the share of each step's tokens that is general text, "
                          f"got {fraction}")
+    row_len = general_blocks.shape[1]
     stream = token_stream(general_blocks, seed)
     for batch in batches:
         domain_tokens = int(batch["attention_mask"].sum())
         count = round(fraction / (1 - fraction) * domain_tokens)
-        if count < 2:  # a row of one token predicts nothing
+        # Rows of row_len tokens, the last holding the rest; a row of one token predicts nothing.
+        lengths = [row_len] * (count // row_len) + ([count % row_len] if count % row_len >= 2 else [])
+        if not lengths:
             yield batch
             continue
-        ids = torch.tensor([next(stream) for _ in range(count)], dtype=torch.long)
         rows, width = batch["input_ids"].shape
-        width = max(width, count)
-        out = {"input_ids": torch.full((rows + 1, width), pad_id, dtype=torch.long),
-               "labels": torch.full((rows + 1, width), -100, dtype=torch.long),
-               "attention_mask": torch.zeros((rows + 1, width), dtype=torch.long)}
+        width = max(width, lengths[0])
+        out = {"input_ids": torch.full((rows + len(lengths), width), pad_id, dtype=torch.long),
+               "labels": torch.full((rows + len(lengths), width), -100, dtype=torch.long),
+               "attention_mask": torch.zeros((rows + len(lengths), width), dtype=torch.long)}
         for key in out:
             out[key][:rows, :batch[key].shape[1]] = batch[key]
-        out["input_ids"][rows, :count] = ids
-        out["labels"][rows, :count] = ids
-        out["attention_mask"][rows, :count] = 1
+        for row, n in enumerate(lengths, start=rows):
+            ids = torch.tensor([next(stream) for _ in range(n)], dtype=torch.long)
+            out["input_ids"][row, :n] = ids
+            out["labels"][row, :n] = ids
+            out["attention_mask"][row, :n] = 1
         yield out
