@@ -232,6 +232,9 @@ def main() -> None:
             hlora._io.save_atomic = dies_after_writing
         importance.save(sys.argv[3])
     torch.save(result, os.path.join(out, f"{scenario}-rank{rank}.pt"))
+    # Every rank done with its messages before any tears down (gloo aborted a rank whose
+    # peer closed first: "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -266,27 +266,40 @@ def test_the_study_validates_runs_and_resumes_on_the_real_model(tmp_path, monkey
     assert chosen["selected"]["HLoRA"] in (1e1, 1e8)
     assert fronts.validate(out, TOY, knobs=knobs, knowledge_items=3) == chosen  # read, not rerun
 
-    crashes = {"left": 1}
-    real = fronts.train_point
+    real, trained = fronts.train_point, []
 
-    def crash_once_at_replay(cmp, method, value=None):
-        if method == "Replay" and crashes["left"]:
-            crashes["left"] -= 1
-            raise RuntimeError("killed")
-        return real(cmp, method, value)
+    def crash_at(after: int):
+        def train_point(cmp, method, value=None):
+            if method == "Replay" and trained.count("Replay") == after:
+                raise RuntimeError("killed")
+            trained.append(method)
+            return real(cmp, method, value)
+        return train_point
 
-    monkeypatch.setattr(fronts, "train_point", crash_once_at_replay)
     methods = ["LoRA(mu)", "LoRA(nu+mu)", "HLoRA", "Replay", "KL"]
+    partial = fronts.test_path(out, "medical", 0) + ".partial"
+    monkeypatch.setattr(fronts, "train_point", crash_at(0))
     with pytest.raises(RuntimeError, match="killed"):
         fronts.run_test(out, "medical", 0, chosen, TOY, methods=methods, knowledge_items=3, progress_bars=False)
-    done_before = set(experiment.read_json(os.path.join(fronts.test_path(out, "medical", 0) + ".partial",
-                                                        "progress.json"))["results"])
-    assert {"LoRA(mu)", "LoRA(nu+mu)", fronts.point("HLoRA", 1e1)} <= done_before
-    trained = []
-    monkeypatch.setattr(fronts, "train_point", lambda cmp, m, v=None: trained.append(m) or real(cmp, m, v))
+    done_before = experiment.read_json(os.path.join(partial, "progress.json"))["results"]
+    assert {"LoRA(mu)", "LoRA(nu+mu)", fronts.point("HLoRA", 1e1)} <= set(done_before)
+    trained.clear()
+    monkeypatch.setattr(fronts, "train_point", crash_at(1))
+    with pytest.raises(RuntimeError, match="killed"):
+        fronts.run_test(out, "medical", 0, chosen, TOY, methods=methods, knowledge_items=3, progress_bars=False)
+    assert trained == ["Replay"]  # resumed after the finished points, then killed again
+    # A fresh clone holds the committed progress.json, not the ν adapter, Ω and end adapters beside
+    # it: the ν phase and the ends WiSE needs are trained again and reproduce what was recorded.
+    for name in os.listdir(partial):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(partial, name))
+    trained.clear()
+    monkeypatch.setattr(fronts, "train_point", crash_at(-1))
     run = fronts.run_test(out, "medical", 0, chosen, TOY, methods=methods, knowledge_items=3, progress_bars=False)
-    assert "LoRA(mu)" not in trained and trained.count("Replay") == 2  # resumed after the finished points
+    assert sorted(trained) == sorted(["Replay", "KL", "KL", "LoRA(mu)", "LoRA(nu+mu)", "HLoRA"])
     results = run["results"]
+    for name in ("LoRA(mu)", "LoRA(nu+mu)", fronts.point("HLoRA", 1e1), experiment.NU):
+        assert results[name]["ppl"] == done_before[name]["ppl"], name  # recorded, not the rerun's
     for label in ("WiSE LoRA(nu+mu)", "WiSE LoRA(mu)", "WiSE HLoRA"):
         assert all(fronts.point(label, m) in results for m in fronts.WISE_M), label
     assert all(0 <= r["extra"]["knowledge_acc"] <= 1 and r["extra"]["eval_s"] > 0 for r in results.values())

@@ -455,6 +455,8 @@ class Progress:
         self.budget, self.model_name, self.run_id = budget, model_name, {"domain": domain, "seed": seed}
         #: The φ sweep's rows so far (the demo's ``--sweep``).
         self.sweep: List[Dict[str, float]] = []
+        #: The ν result a progress file recorded without its ν adapter: the rerun must match it.
+        self.recorded_nu: Optional[Result] = None
         if os.path.isfile(self._file("progress.json")):
             check_settings(self._file("progress.json"), budget, model_name, **self.run_id)
 
@@ -499,10 +501,14 @@ class Progress:
         of several φ, say). The ν phase (``"after ν"``) also keeps the ν adapter and importance."""
         if name in cmp.results:
             return
+        costs = dict(cmp.costs)
         result = work()
         if isinstance(result, Result) and result.method != name:
             cmp.results[name] = cmp.results.pop(result.method)
         if name == NU:
+            if self.recorded_nu is not None:  # rebuilt for its tensors: the recorded numbers stay
+                check_reproduced(self.recorded_nu, cmp.results[NU], self.folder)
+                cmp.results[NU], cmp.costs = self.recorded_nu, costs
             self._save_nu(cmp)
         self._save(cmp)
 
@@ -530,7 +536,12 @@ class Progress:
                                        r.get("extra", {}))
         cmp.costs.update(saved["costs"])
         self.sweep = saved.get("phi_sweep", [])
-        if NU in cmp.results:
+        if NU in cmp.results and not os.path.isfile(self._file("nu_adapter.safetensors")):
+            # progress.json is small enough to commit; the ν adapter and Ω beside it are not (a
+            # fresh clone has only the former): the ν phase runs again and must reproduce its result.
+            self.recorded_nu = cmp.results.pop(NU)
+            log(f"  {self.folder} keeps no ν adapter: the ν phase runs again")
+        elif NU in cmp.results:
             tensors, meta = _io.load_checked(self._file("nu_adapter.safetensors"), self.NU_FORMAT)
             cmp.nu_state = tensors_state(tensors, json.loads(meta["names"]))
             cmp.importance = hlora.Importance.load(self._file("importance.safetensors"))
@@ -549,6 +560,16 @@ class Progress:
                                                 "results": results_payload(cmp.results if results is None else results,
                                                                            history=True),
                                                 "costs": cmp.costs, "phi_sweep": self.sweep})
+
+
+def check_reproduced(recorded: Result, rerun: Result, folder: str) -> None:
+    """A phase run again because its saved tensors are gone (``rerun``) must give what the progress
+    recorded: the results kept after it were measured from the first run's tensors."""
+    if abs(rerun.ppl - recorded.ppl) > 1e-4 * abs(recorded.ppl) or abs(rerun.acc - recorded.acc) > 1e-9:
+        raise RuntimeError(f"{recorded.method} run again gives PPL {rerun.ppl:.6g}, accuracy {rerun.acc:.4f}; "
+                           f"{folder} recorded {recorded.ppl:.6g}, {recorded.acc:.4f}: this machine does not "
+                           f"reproduce the run, so its later results cannot be mixed with new ones; remove "
+                           f"{folder} to start it over")
 
 
 def finite(x: float) -> bool:

@@ -120,6 +120,9 @@ class Run:
     def __init__(self, path: str, cmp: experiment.Comparison, progress: experiment.Progress,
                  log: Callable[[str], None]) -> None:
         self.path, self.cmp, self.progress, self.log = path, cmp, progress, log
+        #: How each kept end adapter was trained: (method, knob value), to train it again where a
+        #: committed progress file came without it.
+        self.end_recipes: Dict[str, tuple] = {}
 
     def start(self) -> None:
         self.progress.resume(self.cmp, self.log)
@@ -127,6 +130,9 @@ class Run:
         self.progress.phase(self.cmp, NU, self.cmp.run_nu)
 
     def train(self, name: str, method: str, value: Optional[float] = None, keep_end: bool = False) -> None:
+        if keep_end:
+            self.end_recipes[name] = (method, value)
+
         def work() -> experiment.Result:
             result = train_point(self.cmp, method, value)
             if keep_end:  # before the phase is marked done: WiSE reads it
@@ -137,6 +143,10 @@ class Run:
 
     def wise(self, label: str, source: str, m: float) -> None:
         cmp = self.cmp
+
+        if point(label, m) in cmp.results:
+            return
+        self._ensure_end(source)
 
         def work() -> experiment.Result:
             end = self._load_end(source)
@@ -151,6 +161,19 @@ class Run:
         os.makedirs(self.progress.folder, exist_ok=True)
         _io.save_atomic(self._end_file(name), experiment.state_tensors(state),
                         {"format": END_FORMAT, "run": name, "names": json.dumps(list(state))})
+
+    def _ensure_end(self, name: str) -> None:
+        """The end adapter of the finished point ``name``, trained again if its file is gone (the
+        progress was committed without it); the retrained point must reproduce the recorded one."""
+        if os.path.isfile(self._end_file(name)):
+            return
+        method, value = self.end_recipes[name]
+        self.log(f"  the end adapter of {name} is not kept here: {name} is trained again")
+        recorded = dict(self.cmp.results)
+        rerun = train_point(self.cmp, method, value)
+        self.cmp.results = recorded  # the recorded numbers stay; the rerun only rebuilds the adapter
+        experiment.check_reproduced(recorded[name], rerun, self.progress.folder)
+        self._save_end(name)
 
     def _end_file(self, name: str) -> str:
         return os.path.join(self.progress.folder, _safe(name) + ".end.safetensors")
