@@ -49,6 +49,9 @@ def main(out: str) -> None:
     cb.importance.save(os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"saves{rank}.json"), "w") as f:
         json.dump({"saves": saves, "world": world, "steps": cb.importance.meta["steps"]}, f)
+    if torch.distributed.is_initialized():  # the Trainer leaves its group up: torn down together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
