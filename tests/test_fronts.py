@@ -250,6 +250,25 @@ def test_summary_of_synthetic_runs_reports_the_known_matched_values(tmp_path):
     assert "**10**" in text  # the selected strength
 
 
+def test_summary_shows_every_validation_point_and_its_matched_reading(tmp_path):
+    def res(ppl, acc, known):
+        return {"ppl": ppl, "acc": acc, "acc_norm": acc, "seconds": 60.0, "extra": {"knowledge_acc": known}}
+
+    results = {experiment.NU: res(40.0, 0.40, 0.90), "LoRA(nu+mu)": res(100.0, 0.60, 0.70),
+               "LoRA(mu)": res(120.0, 0.62, 0.60)}
+    for phi, (rise, acc, known) in zip((1e1, 1e2, 1e3), ((50.0, 0.60, 0.80), (20.0, 0.55, 0.85), (5.0, 0.45, 0.90))):
+        results[fronts.point("HLoRA", phi)] = res(40.0 + rise, acc, known)
+    experiment.save_json(fronts.validation_path(str(tmp_path)),
+                         {"seed": 1000, "results": results, "values": {"HLoRA": [1e2, 1e3]},
+                          "selected": {"HLoRA": 1e2}})
+    text = fronts_summary.summarize(str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| HLoRA | (10: "))
+    # Matched accuracy 0.58: 0.4 of the way from (0.60, 50, drop 0.10) to (0.55, 20, drop 0.05).
+    assert "**100: 0.550 / 20.0 / +0.050**" in row and row.endswith("| 38.0, +0.080 |")
+    assert "| LoRA(mu) | 0.620 / 80.0 / +0.300 | never |" in text  # one point, above the target: no crossing
+    assert (tmp_path / "validation_fronts.png").stat().st_size > 10_000
+
+
 # ---------------------------------------------------------------- the study on the real model (toy budget)
 
 TOY = experiment.Budget(nu_steps=2, nu_batch=2, seq_len=32, mu_steps=2, mu_batch=2, ppl_blocks=2, eval_items=3,

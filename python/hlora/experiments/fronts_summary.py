@@ -138,6 +138,45 @@ def domain_section(domain: str, runs: List[Dict], out: str) -> List[str]:
     return lines
 
 
+def validation_section(chosen: Dict, out: str) -> List[str]:
+    """Every point the validation pass trained (medical, validation items, one seed): each method
+    over all its candidate values — the fronts the test values were chosen from — with one seed's
+    forgetting at matched accuracy, and their PNG."""
+    results = chosen["results"]
+    run = {**chosen, "values": {m: [v for v in knob.candidates if fronts.point(m, v) in results]
+                                for m, knob in fronts.KNOBS.items()}}
+    front = seed_fronts(run)
+    nu = results[NU]
+    target = frontier.matched_target(nu["acc"], results["LoRA(nu+mu)"]["acc"])
+    lines = [f"## Validation pass (medical, validation items, seed {chosen.get('seed', fronts.VALIDATION_SEED)})",
+             "", f"Every candidate, one seed: ν's general PPL {nu['ppl']:.2f}, domain accuracy {nu['acc']:.3f}; "
+             f"matched accuracy {target:.3f}. Test values in the middle column, the selected one in bold.", "",
+             "| method | knob: domain acc / PPL rise / knowledge drop | at matched acc: PPL rise, drop |",
+             "|---|---|---|"]
+    for method, points in front.items():
+        values = chosen["values"].get(method, [])
+        cells = []
+        for p in points:
+            label = "" if math.isnan(p["knob"]) else f"{p['knob']:g}: "
+            text = f"{label}{p['acc']:.3f} / {p['rise']:.1f} / {p['drop']:+.3f}"
+            if p["knob"] == chosen["selected"].get(method):
+                text = f"**{text}**"
+            elif p["knob"] not in values and not math.isnan(p["knob"]):
+                text = f"({text})"
+            cells.append(text)
+        rise, drop = (frontier.at_accuracy(points, target, m) for m in MEASURES)
+        at = "never" if math.isnan(rise) else f"{rise:.1f}, {drop:+.3f}"
+        lines.append(f"| {method} | {'; '.join(cells)} | {at} |")
+    seconds = sum(r["seconds"] + r.get("extra", {}).get("eval_s", 0.0) for r in results.values())
+    lines += ["", "Parenthesized: a candidate the test pass does not run. "
+              f"Compute: {seconds / 3600:.2f} h (training and evaluation, 2 threads).", ""]
+    from hlora.experiments import plots
+
+    one_seed = {method: frontier.mean_front([points]) for method, points in front.items()}  # zero spread
+    plots.fronts(one_seed, os.path.join(out, "validation_fronts.png"), "medical (validation)", target=target)
+    return lines
+
+
 def _mean(values: List[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.mean(finite) if finite else math.nan
@@ -158,6 +197,8 @@ def summarize(out: str) -> str:
             shown = ", ".join(f"**{v:g}**" if v == chosen["selected"].get(method) else f"{v:g}" for v in values)
             lines.append(f"| {method} | {knob} | {shown} |")
         lines.append("")
+        if "results" in chosen:
+            lines += validation_section(chosen, out)
     for domain, kept in runs.items():
         lines += domain_section(domain, kept, out)
     text = "\n".join(lines)
