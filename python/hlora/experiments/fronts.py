@@ -143,7 +143,6 @@ class Run:
 
     def wise(self, label: str, source: str, m: float) -> None:
         cmp = self.cmp
-
         if point(label, m) in cmp.results:
             return
         self._ensure_end(source)

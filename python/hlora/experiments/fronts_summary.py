@@ -150,7 +150,8 @@ def validation_section(chosen: Dict, out: str) -> List[str]:
     target = frontier.matched_target(nu["acc"], results["LoRA(nu+mu)"]["acc"])
     lines = [f"## Validation pass (medical, validation items, seed {chosen.get('seed', fronts.VALIDATION_SEED)})",
              "", f"Every candidate, one seed: ν's general PPL {nu['ppl']:.2f}, domain accuracy {nu['acc']:.3f}; "
-             f"matched accuracy {target:.3f}. Test values in the middle column, the selected one in bold.", "",
+             f"matched accuracy {target:.3f}. Bold: the selected strength; in parentheses: a candidate the test "
+             "pass does not run.", "",
              "| method | knob: domain acc / PPL rise / knowledge drop | at matched acc: PPL rise, drop |",
              "|---|---|---|"]
     for method, points in front.items():
@@ -168,12 +169,12 @@ def validation_section(chosen: Dict, out: str) -> List[str]:
         at = "never" if math.isnan(rise) else f"{rise:.1f}, {drop:+.3f}"
         lines.append(f"| {method} | {'; '.join(cells)} | {at} |")
     seconds = sum(r["seconds"] + r.get("extra", {}).get("eval_s", 0.0) for r in results.values())
-    lines += ["", "Parenthesized: a candidate the test pass does not run. "
-              f"Compute: {seconds / 3600:.2f} h (training and evaluation, 2 threads).", ""]
+    lines += ["", f"Compute: {seconds / 3600:.2f} h (training and evaluation, 2 threads).", ""]
     from hlora.experiments import plots
 
     one_seed = {method: frontier.mean_front([points]) for method, points in front.items()}  # zero spread
-    plots.fronts(one_seed, os.path.join(out, "validation_fronts.png"), "medical (validation)", target=target)
+    plots.fronts(one_seed, os.path.join(out, "validation_fronts.png"), "medical", target=target,
+                 split="validation")
     return lines
 
 

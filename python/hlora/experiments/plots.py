@@ -105,7 +105,8 @@ def violins(per_method: Dict[str, List[float]], path: str, ylabel: str, tests: D
     return _save(fig, path)
 
 
-def fronts(means: Dict[str, List[Dict[str, float]]], path: str, title: str, target: float = None) -> str:
+def fronts(means: Dict[str, List[Dict[str, float]]], path: str, title: str, target: float = None,
+           split: str = "test") -> str:
     """Every method's front (seed means, bars: sd over seeds): forgetting against domain accuracy,
     general perplexity rise on the left, general-knowledge accuracy drop on the right; single-point
     methods as large markers, HLoRA bold; the dotted line is the matched accuracy."""
@@ -121,7 +122,7 @@ def fronts(means: Dict[str, List[Dict[str, float]]], path: str, title: str, targ
                         label=method, capsize=2, elinewidth=0.6, **style)
         if target is not None:
             ax.axvline(target, color="grey", linestyle=":", linewidth=1)
-        ax.set(xlabel="domain accuracy (test) ↑", ylabel=label)
+        ax.set(xlabel=f"domain accuracy ({split}) ↑", ylabel=label)
     axes[0].set_title(f"{title}: forgetting vs domain accuracy")
     axes[1].legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
