@@ -93,12 +93,20 @@ def _paired_p(x: List[float], y: List[float]) -> Optional[float]:
     return stats.paired([a for a, _ in pairs], [b for _, b in pairs])[1]
 
 
-def domain_section(domain: str, runs: List[Dict], out: str) -> List[str]:
+def domain_fronts(runs: List[Dict]) -> Tuple[Dict[str, List[Dict[str, float]]], float]:
+    """One domain's fronts, seed means with their sd (the methods every seed ran), and the matched
+    accuracy (mean over seeds)."""
     per_seed = [seed_fronts(run) for run in runs]
     methods = [m for m in per_seed[0] if all(m in f for f in per_seed)]
-    means = {m: frontier.mean_front([f[m] for f in per_seed]) for m in methods}
-    swept = [m for m in methods if len(means[m]) > 1]
-    singles = [m for m in methods if len(means[m]) == 1]
+    target = statistics.mean(frontier.matched_target(r["results"][NU]["acc"], r["results"]["LoRA(nu+mu)"]["acc"])
+                             for r in runs)
+    return {m: frontier.mean_front([f[m] for f in per_seed]) for m in methods}, target
+
+
+def domain_section(domain: str, runs: List[Dict], out: str) -> List[str]:
+    means, target = domain_fronts(runs)
+    swept = [m for m in means if len(means[m]) > 1]
+    singles = [m for m in means if len(means[m]) == 1]
     lines = [f"### {domain} — {len(runs)} seed(s)", "", "Single-point methods (means ± sd over seeds):", "",
              "| method | domain acc | general PPL rise | general-knowledge drop |", "|---|---:|---:|---:|"]
     for method in singles:
@@ -132,22 +140,25 @@ def domain_section(domain: str, runs: List[Dict], out: str) -> List[str]:
     lines += [f"Compute: {seconds / 3600:.2f} h over {len(runs)} run(s) (training and evaluation, 2 threads).", ""]
     from hlora.experiments import plots
 
-    plots.fronts(means, os.path.join(out, f"{domain}_fronts.png"), domain,
-                 target=statistics.mean(frontier.matched_target(r["results"][NU]["acc"],
-                                                                r["results"]["LoRA(nu+mu)"]["acc"]) for r in runs))
+    plots.fronts(means, os.path.join(out, f"{domain}_fronts.png"), domain, target=target)
     return lines
+
+
+def validation_fronts(chosen: Dict) -> Tuple[Dict[str, List[Dict[str, float]]], float]:
+    """The validation pass's fronts (each method over every candidate it trained) and its matched
+    accuracy."""
+    results = chosen["results"]
+    run = {**chosen, "values": {m: [v for v in knob.candidates if fronts.point(m, v) in results]
+                                for m, knob in fronts.KNOBS.items()}}
+    return seed_fronts(run), frontier.matched_target(results[NU]["acc"], results["LoRA(nu+mu)"]["acc"])
 
 
 def validation_section(chosen: Dict, out: str) -> List[str]:
     """Every point the validation pass trained (medical, validation items, one seed): each method
     over all its candidate values — the fronts the test values were chosen from — with one seed's
     forgetting at matched accuracy, and their PNG."""
-    results = chosen["results"]
-    run = {**chosen, "values": {m: [v for v in knob.candidates if fronts.point(m, v) in results]
-                                for m, knob in fronts.KNOBS.items()}}
-    front = seed_fronts(run)
-    nu = results[NU]
-    target = frontier.matched_target(nu["acc"], results["LoRA(nu+mu)"]["acc"])
+    results, nu = chosen["results"], chosen["results"][NU]
+    front, target = validation_fronts(chosen)
     lines = [f"## Validation pass (medical, validation items, seed {chosen.get('seed', fronts.VALIDATION_SEED)})",
              "", f"Every candidate, one seed: ν's general PPL {nu['ppl']:.2f}, domain accuracy {nu['acc']:.3f}; "
              f"matched accuracy {target:.3f}. Bold: the selected strength; in parentheses: a candidate the test "
