@@ -28,7 +28,8 @@ hlora's three objects on the real model that works offline here, **SmolLM2-135M-
 `ImportanceRecorder` records Ω while a LoRA adapter trains on general text, `Importance` holds it,
 `Regularizer` turns it into the penalty for domain fine-tuning. This notebook records Ω, looks at it —
 per layer, per entry, as a matrix, through the layer weights — compares Ω from two different texts, and
-ends with a short fine-tune with and without the penalty. About 7 minutes on 2 CPU cores
+ends with a short fine-tune with and without the penalty and the committed study of HLoRA against
+the practitioners' baselines. About 7 minutes on 2 CPU cores
 (`HLORA_NOTEBOOK_SCALE=ci` runs it in seconds, as the test suite does: then the numbers are noise)."""),
     new_code_cell("""import warnings
 
@@ -229,6 +230,42 @@ plt.show()
 start = results[0]["ppl"]
 for r in results[1:]:
     print(f"{r['run']}: perplexity rise {r['ppl'] - start:+.2f} ({(r['ppl'] - start) / start:+.1%})")"""),
+    new_markdown_cell("""## 7. Against what practitioners already do: the fronts study
+
+Is element-wise importance better than the cheap alternatives — replaying general text, KL to the general
+model, a uniform L2 pull, EWC, interpolating the adapter back (WiSE)? At one strength that cannot be told
+("less forgetting" can be "learned less"), so `hlora fronts` sweeps each method's knob and compares whole
+fronts: forgetting against domain accuracy, each method read at the same domain accuracy (90 % of LoRA(ν+μ)'s
+gain, the dotted line). This cell reads the committed study (`results/fronts/`: the validation pass, then
+each domain's finished test seeds); [docs/experiments.md](../docs/experiments.md) has the tables and verdicts."""),
+    new_code_cell("""import math
+
+from hlora.experiments import frontier, fronts_summary
+
+FRONTS = os.environ.get("HLORA_FRONTS", os.path.join("..", "results", "fronts"))
+chosen, runs = fronts_summary.load(FRONTS)
+panels = [("medical, validation items, 1 seed", *fronts_summary.validation_fronts(chosen))]
+panels += [(f"{domain}, test items, {len(kept)} seed(s)", *fronts_summary.domain_fronts(kept))
+           for domain, kept in runs.items()]
+fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+for (title, front, target), row in zip(panels, axes):
+    for i, (method, points) in enumerate(front.items()):
+        swept = len(points) > 1
+        for ax, key in zip(row, ("rise", "drop")):
+            ax.plot([p["acc"] for p in points], [p[key] for p in points], marker="o" if swept else "*",
+                    markersize=4 if swept else 10, linewidth=2.5 if method == "HLoRA" else 1,
+                    linestyle="--" if method.startswith("WiSE") else "-", color=plt.cm.tab20(i % 20), label=method)
+    for ax, label in zip(row, ("general PPL rise over ν ↓", "general-knowledge drop ↓")):
+        ax.axvline(target, color="grey", linestyle=":")
+        ax.set(xlabel="domain accuracy ↑", ylabel=label, title=title)
+axes[0][1].legend(fontsize=6, ncol=2)
+fig.tight_layout()
+plt.show()
+title, front, target = panels[0]
+reading = {m: frontier.at_accuracy(points, target) for m, points in front.items() if len(points) > 1}
+print(f"{title}: PPL rise at matched accuracy {target:.3f}, least first")
+for method, rise in sorted(reading.items(), key=lambda item: (math.isnan(item[1]), item[1])):
+    print(f"  {method:>12}: " + ("never reaches it" if math.isnan(rise) else f"{rise:.1f}"))"""),
     new_markdown_cell("""## Where to go from here
 
 - φ trades forgetting against learning; choose it on validation data (`hlora demo` sweeps it, and

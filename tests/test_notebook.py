@@ -13,7 +13,7 @@ import hlora
 
 from conftest import REPO
 
-PLOTS = 6  # per-layer norms, histogram, heatmap, coefficients, text A vs B, loss and penalty curves (one figure)
+PLOTS = 7  # per-layer norms, histogram, heatmap, coefficients, text A vs B, loss and penalty curves, fronts
 
 
 def _maker():
@@ -50,6 +50,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch) -> None:
     maker = _maker()
     nb = maker.build()
     monkeypatch.setenv("HLORA_NOTEBOOK_SCALE", "ci")
+    monkeypatch.setenv("HLORA_FRONTS", str(REPO / "results" / "fronts"))  # it runs in tmp_path
     maker.execute(nb, str(tmp_path), timeout=900)
     outputs = _outputs(nb)
     assert not [o for o in outputs if o.get("output_type") == "error"]
@@ -57,3 +58,4 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch) -> None:
     text = "".join(o.get("text", "") for o in outputs)
     assert "steps recorded" in text and "median over matrices" in text and "perplexity rise" in text
     assert "top 1.0% of entries hold" in text
+    assert "PPL rise at matched accuracy" in text and "HLoRA-layer: " in text

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Dict, List, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend, once chosen, is kept
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hlora._io import atomic_path  # noqa: E402
