@@ -88,8 +88,8 @@ def main(argv=None) -> None:
         total = regularizer.total(penalty)  # a collective: every rank calls it
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step}: task loss {task.item():.4f}, penalty {total.item():.4g}")
-    # Every rank done with its messages before any tears down (gloo aborted a rank whose
-    # peer closed first: "terminate called without an active exception").
+    # Every rank done with its collectives before any tears the group down (CI once saw a rank
+    # abort at the end: "terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
 

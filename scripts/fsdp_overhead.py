@@ -93,8 +93,8 @@ def main() -> None:
             value = statistics.median(times[key])
             print(f"; {key} {value * 1e3:.2f} ms ({100 * value / step:.2f} %)", end="")
         print(f"; Ω bytes per rank {[int(b) for b in everyone]}")
-    # Every rank done with its messages before any tears down (gloo aborted a rank whose
-    # peer closed first: "terminate called without an active exception").
+    # Every rank done with its collectives before any tears the group down (CI once saw a rank
+    # abort at the end: "terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
 

@@ -232,8 +232,8 @@ def main() -> None:
             hlora._io.save_atomic = dies_after_writing
         importance.save(sys.argv[3])
     torch.save(result, os.path.join(out, f"{scenario}-rank{rank}.pt"))
-    # Every rank done with its messages before any tears down (gloo aborted a rank whose
-    # peer closed first: "terminate called without an active exception").
+    # Every rank done with its collectives before any tears the group down (CI once saw a rank
+    # abort at the end: "terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
     # Results are on disk: leave without the interpreter's teardown, where gloo's threads and
