@@ -143,11 +143,9 @@ class Run:
 
     def wise(self, label: str, source: str, m: float) -> None:
         cmp = self.cmp
-        if point(label, m) in cmp.results:
-            return
-        self._ensure_end(source)
 
         def work() -> experiment.Result:
+            self._ensure_end(source)
             end = self._load_end(source)
             start = None if source == "LoRA(mu)" else cmp.nu_state  # LoRA(μ) started from the base model
             with interpolated(cmp.model, start, end, m):
