@@ -212,6 +212,9 @@ def test_mean_front_and_verdicts():
         frontier.mean_front([[{"acc": 1, "rise": 1}], []])
     assert frontier.verdict(1.0, 2.0, 0.01) == "ahead" and frontier.verdict(3.0, 2.0, 0.01) == "behind"
     assert frontier.verdict(1.0, 2.0, 0.2) == "tied" and frontier.verdict(1.0, math.nan, None).startswith("ahead")
+    # One seed has no test: the reading is reported, no side is called.
+    assert frontier.verdict(1.0, 2.0, None).startswith("HLoRA forgets less, untested")
+    assert frontier.verdict(3.0, 2.0, None).startswith("HLoRA forgets more, untested")
 
 
 def _synthetic_run(seed: int, hlora_shift: float) -> dict:

@@ -111,14 +111,16 @@ def mean_front(per_seed: Sequence[Sequence[Dict[str, float]]], keys: Sequence[st
 
 def verdict(hlora_value: float, baseline_value: float, p_value: Optional[float], alpha: float = 0.05) -> str:
     """"ahead", "behind" or "tied": HLoRA's forgetting at matched accuracy against one baseline's,
-    significant where a paired p-value below ``alpha`` says so (with no p-value, "tied" unless one
-    front never reaches the matched accuracy)."""
+    significant where a paired p-value below ``alpha`` says so. With no p-value (under two seeds) no side is
+    called: "HLoRA forgets less/more, untested" says only where its single reading fell."""
     if math.isnan(hlora_value) and math.isnan(baseline_value):
         return "neither reaches it"
     if math.isnan(baseline_value):
         return "ahead (the baseline never reaches it)"
     if math.isnan(hlora_value):
         return "behind (HLoRA never reaches it)"
-    if p_value is None or p_value >= alpha:
+    if p_value is None:
+        return f"HLoRA forgets {'less' if hlora_value < baseline_value else 'more'}, untested (under two paired seeds)"
+    if p_value >= alpha:
         return "tied"
     return "ahead" if hlora_value < baseline_value else "behind"
