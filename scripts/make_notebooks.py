@@ -236,36 +236,51 @@ Is element-wise importance better than the cheap alternatives — replaying gene
 model, a uniform L2 pull, EWC, interpolating the adapter back (WiSE)? At one strength that cannot be told
 ("less forgetting" can be "learned less"), so `hlora fronts` sweeps each method's knob and compares whole
 fronts: forgetting against domain accuracy, each method read at the same domain accuracy (90 % of LoRA(ν+μ)'s
-gain, the dotted line). This cell reads the committed study (`results/fronts/`: the validation pass, then
-each domain's finished test seeds); [docs/experiments.md](../docs/experiments.md) has the tables and verdicts."""),
+gain, the dotted line). This cell reads the committed study (`results/fronts/`: each domain's finished test
+seeds, or the validation pass until the first is in) and draws the general-perplexity side;
+[docs/experiments.md](../docs/experiments.md) has the tables, the general-knowledge side and the verdicts."""),
     new_code_cell("""import math
+import statistics
+import textwrap
 
 from hlora.experiments import frontier, fronts_summary
 
 FRONTS = os.environ.get("HLORA_FRONTS", os.path.join("..", "results", "fronts"))
 chosen, runs = fronts_summary.load(FRONTS)
-panels = [("medical, validation items, 1 seed", *fronts_summary.validation_fronts(chosen))]
-panels += [(f"{domain}, test items, {len(kept)} seed(s)", *fronts_summary.domain_fronts(kept))
-           for domain, kept in runs.items()]
-fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
-for (title, front, target), row in zip(panels, axes):
-    for i, (method, points) in enumerate(front.items()):
+# Each domain's test seeds once they are in (the validation pass, medical, one seed, until then);
+# (title, fronts, matched accuracy, PPL rise there per swept method): a domain's reading is its seeds' mean.
+panels = []
+for domain, kept in runs.items():
+    front, target = fronts_summary.domain_fronts(kept)
+    per_seed = fronts_summary.matched(kept, "rise")
+    panels.append((f"{domain}, test, {len(kept)} seed(s)", front, target,
+                   {m: statistics.mean(per_seed[m]) for m, points in front.items() if len(points) > 1}))
+if not panels:
+    front, target = fronts_summary.validation_fronts(chosen)
+    panels.append(("medical, validation, 1 seed", front, target,
+                   {m: frontier.at_accuracy(points, target) for m, points in front.items() if len(points) > 1}))
+# PPL rise only, one row, low dpi: keeps the PNG small (docs/figures/ has the knowledge drop too).
+methods = list(dict.fromkeys(m for _, front, _, _ in panels for m in front))
+fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels) + 1, 3.2), dpi=60, squeeze=False)
+for ax, (title, front, target, _) in zip(axes.flat, panels):
+    for method, points in front.items():
         swept = len(points) > 1
-        for ax, key in zip(row, ("rise", "drop")):
-            ax.plot([p["acc"] for p in points], [p[key] for p in points], marker="o" if swept else "*",
-                    markersize=4 if swept else 10, linewidth=2.5 if method == "HLoRA" else 1,
-                    linestyle="--" if method.startswith("WiSE") else "-", color=plt.cm.tab20(i % 20), label=method)
-    for ax, label in zip(row, ("general PPL rise over ν ↓", "general-knowledge drop ↓")):
-        ax.axvline(target, color="grey", linestyle=":")
-        ax.set(xlabel="domain accuracy ↑", ylabel=label, title=title)
-axes[0][1].legend(fontsize=6, ncol=2)
+        ax.plot([p["acc"] for p in points], [p["rise"] for p in points], marker="o" if swept else "*",
+                markersize=3 if swept else 8, linewidth=2 if method == "HLoRA" else 0.9,
+                linestyle="--" if method.startswith("WiSE") else "-",
+                color=plt.cm.tab20(methods.index(method) % 20), label=method)
+    ax.axvline(target, color="grey", linestyle=":")
+    ax.set(title=title, xlabel="domain accuracy ↑")
+axes[0][0].set_ylabel("general PPL rise over ν ↓")
+handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+fig.legend(handles.values(), handles.keys(), fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, 0))
 fig.tight_layout()
 plt.show()
-title, front, target = panels[0]
-reading = {m: frontier.at_accuracy(points, target) for m, points in front.items() if len(points) > 1}
-print(f"{title}: PPL rise at matched accuracy {target:.3f}, least first")
-for method, rise in sorted(reading.items(), key=lambda item: (math.isnan(item[1]), item[1])):
-    print(f"  {method:>12}: " + ("never reaches it" if math.isnan(rise) else f"{rise:.1f}"))"""),
+for title, _, target, reading in panels:
+    ranked = sorted(reading.items(), key=lambda item: (math.isnan(item[1]), item[1]))
+    text = ", ".join(f"{m}: " + ("not reached" if math.isnan(v) else f"{v:.1f}") for m, v in ranked)
+    print(textwrap.fill(f"{title} — PPL rise at matched accuracy {target:.3f}, least first: {text}",
+                        width=110, subsequent_indent="    "))"""),
     new_markdown_cell("""## Where to go from here
 
 - φ trades forgetting against learning; choose it on validation data (`hlora demo` sweeps it, and
