@@ -215,22 +215,29 @@ def test_a_diverged_model_has_infinite_perplexity_not_an_overflow():
 def test_mcq_scores_match_unpadded_scoring():
     model = tiny_lora_model(seed=71)
     tok = CharTokenizer()
-    items = [{"question": "Which?", "options": ["a", "bbb", "cc", "dddd"], "answer": 1},
+    # Prompts of different lengths; options of one token (" ") to many; an option count other than 4.
+    items = [{"question": "Which?", "options": ["a", "bbb", "", "dddd"], "answer": 1},
              {"question": "A much longer question here?", "options": ["x", "yy"], "answer": 0},
              {"question": "Not what is scored?", "prompt": "Scored after this prose", "options": ["p", "qq"],
-              "answer": 1}]
-    scores = metrics.option_logprobs(model, tok, items, batch_size=3)
-    for item, s in zip(items, scores):
+              "answer": 1},
+             {"question": "Odd?", "options": ["a long option, many tokens", "b", "c"], "answer": 2}]
+    want = []
+    for item in items:
         # An item's own "prompt" replaces the Question/Answer frame.
         ctx = tok(item.get("prompt", f"Question: {item['question']}\nAnswer:")).input_ids
-        for option, value in zip(item["options"], s):
+        want.append([])
+        for option in item["options"]:
             cont = tok(" " + option).input_ids
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
-            want = sum(float(logp[len(ctx) - 1 + k, c]) for k, c in enumerate(cont))
-            assert value == pytest.approx(want, abs=1e-4)
+            want[-1].append(sum(float(logp[len(ctx) - 1 + k, c]) for k, c in enumerate(cont)))
+    for batch_size in (1, 2, 3, 32):  # prompts (and continuations) per pass: chunk borders everywhere
+        scores = metrics.option_logprobs(model, tok, items, batch_size=batch_size)
+        assert [len(s) for s in scores] == [4, 2, 2, 3]
+        for got, expected in zip(scores, want):
+            assert got == pytest.approx(expected, abs=1e-4)
     acc = metrics.mcq_accuracy(model, tok, items)
-    assert acc["n"] == 3 and 0 <= acc["acc"] <= 1 and 0 <= acc["acc_norm"] <= 1
+    assert acc["n"] == 4 and 0 <= acc["acc"] <= 1 and 0 <= acc["acc_norm"] <= 1
 
 
 def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -63,43 +64,76 @@ def option_logprobs(model, tokenizer, items: Sequence[MCQItem], batch_size: int 
     """Σ log p(option tokens | prompt) for every option of every item (lm-eval-harness style:
     the context and the continuation " option" are tokenized apart and concatenated).
 
-    Sequences are left-padded (with matching position ids) so every continuation ends at the last
-    position: only the last few positions go through the vocabulary projection."""
+    Each prompt goes through the model once, ``batch_size`` prompts a pass, left-padded (with
+    matching position ids) so they all end at the last position, which predicts every option's
+    first token. The options' further tokens are then run on that pass's key/value cache, a copy
+    per option: a question's four options cost one prompt, not four (2.4–3.8× faster on the
+    study's sets). Scores match whole-sequence scoring to < 1e-4 nats (SmolLM2, four adapters,
+    four sets: no prediction of 5 188 changed; see docs/experiments.md)."""
     if len(items) == 0:
         raise ValueError("items is empty: no multiple-choice questions to score")
     batch_size = check.count(batch_size, "batch_size")
     model.eval()
     device = next(model.parameters()).device
-    pairs = []
-    for qi, item in enumerate(items):
-        ctx = tokenizer(prompt(item), add_special_tokens=False).input_ids
-        for option in item["options"]:
-            cont = tokenizer(" " + option, add_special_tokens=False).input_ids
-            pairs.append((qi, ctx, cont))
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]) + len(pairs[i][2]))
-    scores: Dict[int, float] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in tqdm(range(0, len(order), batch_size), desc="multiple choice", disable=not progress, leave=False):
-        chunk = [pairs[k] for k in order[i:i + batch_size]]
-        seqs = [ctx + cont for _, ctx, cont in chunk]
-        width = max(len(s) for s in seqs)
-        keep = max(len(cont) for _, _, cont in chunk) + 1
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s):] = torch.tensor(s)
-            mask[j, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        for j, (_, _, cont) in enumerate(chunk):
-            rows = torch.arange(keep - len(cont) - 1, keep - 1)
-            scores[order[i + j]] = float(logp[j, rows, torch.tensor(cont)].sum())
-    per_item: List[List[float]] = [[] for _ in items]
-    for k, (qi, _, _) in enumerate(pairs):
-        per_item[qi].append(scores[k])
-    return per_item
+    contexts = [tokenizer(prompt(item), add_special_tokens=False).input_ids for item in items]
+    options = [[tokenizer(" " + option, add_special_tokens=False).input_ids for option in item["options"]]
+               for item in items]
+    scores: List[List[float]] = [[0.0] * len(item["options"]) for item in items]
+    order = sorted(range(len(items)), key=lambda i: len(contexts[i]))  # little padding within a pass
+    for start in tqdm(range(0, len(order), batch_size), desc="multiple choice", disable=not progress, leave=False):
+        chunk = order[start:start + batch_size]
+        ids, mask = _left_padded([contexts[i] for i in chunk], pad)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    position_ids=(mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)
+        rows = []  # (row of the chunk, item, option) for options longer than one token
+        for j, i in enumerate(chunk):
+            for k, cont in enumerate(options[i]):
+                scores[i][k] = float(first[j, cont[0]])
+                if len(cont) > 1:
+                    rows.append((j, i, k))
+        rows.sort(key=lambda r: len(options[r[1]][r[2]]))
+        cache_name = "cache" if "cache" in out else "past_key_values"  # the newer transformers' name, the older
+        for s in range(0, len(rows), batch_size):
+            _score_rest(model, cache_name, out[cache_name], mask, rows[s:s + batch_size], options, scores, pad,
+                        device)
+    return scores
+
+
+def _left_padded(seqs: Sequence[List[int]], pad: int):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, width - len(s):] = torch.tensor(s)
+        mask[j, width - len(s):] = 1
+    return ids, mask
+
+
+def _score_rest(model, cache_name: str, prompt_cache, prompt_mask: torch.Tensor, rows: List[tuple],
+                options: List[List[List[int]]], scores: List[List[float]], pad: int, device) -> None:
+    """Adds log p(option tokens 2…n | prompt, earlier option tokens) for these (row, item,
+    option)s: the option's tokens but its last, right-padded, on a copy of the prompts' cache
+    (right padding: a padded position is never attended by a real one)."""
+    conts = [options[i][k] for _, i, k in rows]
+    width = max(len(c) for c in conts) - 1
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, c in enumerate(conts):
+        ids[n, :len(c) - 1] = torch.tensor(c[:-1])
+        cont_mask[n, :len(c) - 1] = 1
+    select = torch.tensor([j for j, _, _ in rows])
+    cache = copy.deepcopy(prompt_cache)
+    cache.reorder_cache(select.to(device))  # one cache row per option (index_select: repeats allowed)
+    mask = torch.cat([prompt_mask[select], cont_mask], dim=1)
+    positions = prompt_mask[select].sum(-1, keepdim=True) + torch.arange(width)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   use_cache=True, **{cache_name: cache}).logits.float()
+    logp = torch.log_softmax(logits, -1)
+    for n, ((_, i, k), c) in enumerate(zip(rows, conts)):
+        steps = torch.arange(len(c) - 1)
+        scores[i][k] += float(logp[n, steps, torch.tensor(c[1:])].sum())
 
 
 def mcq_accuracy(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32,
