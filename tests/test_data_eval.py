@@ -240,6 +240,22 @@ def test_mcq_scores_match_unpadded_scoring():
     assert acc["n"] == 4 and 0 <= acc["acc"] <= 1 and 0 <= acc["acc_norm"] <= 1
 
 
+def test_the_scoring_check_scripts_whole_sequence_scorer_agrees():
+    """scripts/mcq_scoring_check.py times the cached scorer against the former one, kept there."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "mcq_scoring_check.py")
+    spec = importlib.util.spec_from_file_location("mcq_scoring_check", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, tok = tiny_lora_model(seed=75), CharTokenizer()
+    items = [{"question": "Q" * n, "options": ["a" * n, "b", "cc" * n], "answer": 0} for n in range(1, 6)]
+    whole = script.whole_sequence_logprobs(model, tok, items, batch_size=4)
+    cached = metrics.option_logprobs(model, tok, items, batch_size=2)
+    for w, c in zip(whole, cached):
+        assert c == pytest.approx(w, abs=1e-4)
+    assert script.predictions(whole, items) == script.predictions(cached, items)
+
+
 def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():
     model = tiny_lora_model(seed=72)
     seqs = torch.randint(2, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
