@@ -60,10 +60,16 @@ def _record_with_trainer(tmp_path, save_path=None, **kw):
     return model, cb, spy, trainer
 
 
+# The Trainer's torch_compile compiles the model (dynamo + AOT autograd; "aot_eager" leaves out only
+# inductor's code generation); recording runs in the callbacks around it, in eager mode.
+COMPILED = dict(torch_compile=True, torch_compile_backend="aot_eager")
+
+
 @pytest.mark.parametrize("setup", [{}, dict(bf16=True, gradient_accumulation_steps=2, gradient_checkpointing=True,
                                              # transformers 4.x's default (reentrant) leaves LoRA without grads
-                                             gradient_checkpointing_kwargs={"use_reentrant": False})],
-                         ids=["plain", "bf16-autocast+checkpointing+accumulation"])
+                                             gradient_checkpointing_kwargs={"use_reentrant": False}),
+                                   COMPILED],
+                         ids=["plain", "bf16-autocast+checkpointing+accumulation", "torch.compile"])
 def test_importance_callback_equals_recomputation_from_what_the_optimizer_saw(tmp_path, setup):
     model, cb, spy, _ = _record_with_trainer(tmp_path, save_path=str(tmp_path / "imp.safetensors"), **setup)
     mats = find_adapted(model)
@@ -188,6 +194,20 @@ def test_gradient_accumulation_applies_the_penalty_once_per_step(tmp_path, recor
     assert p1[-1] > 0
     for x, y in zip(p1[1:], p4[1:]):
         assert abs(x - y) <= 1e-3 * max(abs(x), 1e-12)
+
+
+def test_penalty_under_a_compiled_model_trains_as_without(tmp_path, recorded):
+    """HLoRATrainer with the Trainer's torch_compile: the penalty (computed beside the compiled
+    forward, its gradient through the same backward) gives the uncompiled run's steps."""
+    eager_model, eager = _finetune(tmp_path / "eager", recorded, phi=1e4, steps=4, mixin=True)
+    compiled_model, compiled = _finetune(tmp_path / "compiled", recorded, phi=1e4, steps=4, mixin=True, **COMPILED)
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"  # the model did run compiled
+    want = [e["hlora/penalty"] for e in eager.state.log_history if "hlora/penalty" in e]
+    got = [e["hlora/penalty"] for e in compiled.state.log_history if "hlora/penalty" in e]
+    assert len(got) == 4 and got[-1] > 0
+    assert got == pytest.approx(want, rel=1e-5)
+    for m, e in zip(find_adapted(compiled_model), find_adapted(eager_model)):
+        assert rel_err(m.b.detach(), e.b.detach()) <= 1e-5 and rel_err(m.a.detach(), e.a.detach()) <= 1e-5
 
 
 class LogSpy(TrainerCallback):

@@ -69,6 +69,31 @@ def test_penalty_and_gradients_match_reference_autograd():
         assert rel_err(got[name][1], b.grad) <= 1e-5
 
 
+def test_a_compiled_training_step_calling_the_penalty_gives_the_eager_step():
+    """torch.compile of a whole step that calls reg.penalty(): dynamo cannot trace the native call,
+    so the graph breaks there (docs/training.md), and loss and gradients are the eager step's."""
+    model = tiny_lora_model(seed=36)
+    reg = hlora.Regularizer(model, _record(model), phi=1e3)
+    _drift(model)
+    batch = next(iter(batches(TokenData(8, seed=37), 4)))
+
+    def step():
+        loss = model(**batch).loss + reg.penalty()
+        loss.backward()
+        return loss.detach()
+
+    results = []
+    for run in (step, torch.compile(step, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        loss = run()
+        results.append((loss, [g.clone() for m in find_adapted(model) for g in (m.a.grad, m.b.grad)]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert reg.last_value > 0
+    assert rel_err(compiled_loss, eager_loss) <= 1e-6
+    for got, want in zip(compiled_grads, eager_grads):
+        assert float(want.abs().sum()) > 0 and rel_err(got, want) <= 1e-5
+
+
 def test_layer_coefficients_and_temperature():
     model = tiny_lora_model(seed=32)
     imp = _record(model)
