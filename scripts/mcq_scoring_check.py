@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import List, Sequence
 
 import torch
-from safetensors import safe_open
 
+from hlora import _io
 from hlora.adapters import find_adapted
-from hlora.experiments import data, experiment, models
+from hlora.experiments import data, experiment, fronts, models
 from hlora.experiments import eval as metrics
 from hlora.experiments.data import MCQItem, prompt
 
@@ -40,12 +41,8 @@ def whole_sequence_logprobs(model, tokenizer, items: Sequence[MCQItem], batch_si
     for i in range(0, len(order), batch_size):
         chunk = [pairs[k] for k in order[i:i + batch_size]]
         seqs = [ctx + cont for _, ctx, cont in chunk]
-        width, keep = max(len(s) for s in seqs), max(len(cont) for _, _, cont in chunk) + 1
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s):] = torch.tensor(s)
-            mask[j, width - len(s):] = 1
+        keep = max(len(cont) for _, _, cont in chunk) + 1
+        ids, mask = metrics.left_padded(seqs, pad)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                        logits_to_keep=keep).logits.float()
         logp = torch.log_softmax(logits, -1)
@@ -58,20 +55,11 @@ def whole_sequence_logprobs(model, tokenizer, items: Sequence[MCQItem], batch_si
     return per_item
 
 
-def predictions(scores: List[List[float]], items: Sequence[MCQItem]) -> List[int]:
-    """acc's and acc_norm's argmax per item, side by side."""
-    out = []
-    for s, item in zip(scores, items):
-        out.append(max(range(len(s)), key=s.__getitem__))
-        out.append(max(range(len(s)), key=lambda k: s[k] / max(1, len(item["options"][k]))))
-    return out
-
-
 def load_adapter(model, path: str) -> None:
-    with safe_open(path, "pt") as f:
-        names = json.loads(f.metadata()["names"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    experiment.load_lora_state(model, experiment.tensors_state(tensors, names))
+    """A run's ν adapter or end adapter, checked as the study checks it (format, checksum)."""
+    kind = experiment.Progress.NU_FORMAT if os.path.basename(path) == "nu_adapter.safetensors" else fronts.END_FORMAT
+    tensors, meta = _io.load_checked(path, kind)
+    experiment.load_lora_state(model, experiment.tensors_state(tensors, json.loads(meta["names"])))
 
 
 def main() -> None:
@@ -102,7 +90,8 @@ def main() -> None:
             cached = metrics.option_logprobs(model, tokenizer, items)
             t2 = time.perf_counter()
             diff = max(abs(x - y) for a, b in zip(whole, cached) for x, y in zip(a, b))
-            flips = sum(x != y for x, y in zip(predictions(whole, items), predictions(cached, items)))
+            flips = sum(x != y for w, c in zip(metrics.choices(whole, items), metrics.choices(cached, items))
+                        for x, y in zip(w, c))
             worst, changed, total = max(worst, diff), changed + flips, total + 2 * len(items)
             ratios.append((t1 - t0) / (t2 - t1))
             print(f"{adapter[-40:]:>40s}  {name:9s} n={len(items):3d}  max|Δ| {diff:.1e}  changed {flips}  "

@@ -253,7 +253,7 @@ def test_the_scoring_check_scripts_whole_sequence_scorer_agrees():
     cached = metrics.option_logprobs(model, tok, items, batch_size=2)
     for w, c in zip(whole, cached):
         assert c == pytest.approx(w, abs=1e-4)
-    assert script.predictions(whole, items) == script.predictions(cached, items)
+    assert metrics.choices(whole, items) == metrics.choices(cached, items)
 
 
 def test_ewc_fisher_is_the_mean_of_per_sequence_squared_gradients():

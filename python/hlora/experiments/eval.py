@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -83,7 +83,7 @@ def option_logprobs(model, tokenizer, items: Sequence[MCQItem], batch_size: int 
     order = sorted(range(len(items)), key=lambda i: len(contexts[i]))  # little padding within a pass
     for start in tqdm(range(0, len(order), batch_size), desc="multiple choice", disable=not progress, leave=False):
         chunk = order[start:start + batch_size]
-        ids, mask = _left_padded([contexts[i] for i in chunk], pad)
+        ids, mask = left_padded([contexts[i] for i in chunk], pad)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=(mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)
@@ -101,7 +101,9 @@ def option_logprobs(model, tokenizer, items: Sequence[MCQItem], batch_size: int 
     return scores
 
 
-def _left_padded(seqs: Sequence[List[int]], pad: int):
+def left_padded(seqs: Sequence[List[int]], pad: int):
+    """Token sequences as one batch, padded on the left (ids, attention mask): each ends at the last
+    position."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -136,13 +138,20 @@ def _score_rest(model, cache_name: str, prompt_cache, prompt_mask: torch.Tensor,
         scores[i][k] += float(logp[n, steps, torch.tensor(c[1:])].sum())
 
 
+def choices(scores: Sequence[Sequence[float]], items: Sequence[MCQItem]) -> List[Tuple[int, int]]:
+    """Per item, the option acc picks (argmax of Σ log p) and the one acc_norm picks (argmax of
+    Σ log p / characters of the option)."""
+    picked = []
+    for item, s in zip(items, scores):
+        norm = [v / max(1, len(o)) for v, o in zip(s, item["options"])]
+        picked.append((max(range(len(s)), key=lambda k: s[k]), max(range(len(norm)), key=lambda k: norm[k])))
+    return picked
+
+
 def mcq_accuracy(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32,
                  progress: bool = False) -> Dict[str, float]:
-    """acc (argmax of Σ log p) and acc_norm (argmax of Σ log p / characters of the option)."""
-    scores = option_logprobs(model, tokenizer, items, batch_size, progress)
-    acc = acc_norm = 0
-    for item, s in zip(items, scores):
-        acc += int(max(range(len(s)), key=lambda k: s[k]) == item["answer"])
-        norm = [v / max(1, len(o)) for v, o in zip(s, item["options"])]
-        acc_norm += int(max(range(len(norm)), key=lambda k: norm[k]) == item["answer"])
+    """acc and acc_norm (see :func:`choices`)."""
+    picked = choices(option_logprobs(model, tokenizer, items, batch_size, progress), items)
+    acc = sum(plain == item["answer"] for (plain, _), item in zip(picked, items))
+    acc_norm = sum(norm == item["answer"] for (_, norm), item in zip(picked, items))
     return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
