@@ -65,6 +65,16 @@ def _record_with_trainer(tmp_path, save_path=None, **kw):
 COMPILED = dict(torch_compile=True, torch_compile_backend="aot_eager")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """TrainingArguments(torch_compile=True) exports ACCELERATE_DYNAMO_BACKEND (and _MODE) to
+    os.environ: without this, every later Trainer in the process would compile its model too."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("setup", [{}, dict(bf16=True, gradient_accumulation_steps=2, gradient_checkpointing=True,
                                              # transformers 4.x's default (reentrant) leaves LoRA without grads
                                              gradient_checkpointing_kwargs={"use_reentrant": False}),
