@@ -183,7 +183,7 @@ def test_window_runs_from_no_effect_to_no_learning_with_at_least_five_values():
     assert frontier.window(rows, 100, -1.0)[-1] == 7  # no reference gain: to the strongest
 
 
-def test_front_at_matched_accuracy_interpolates_and_takes_the_best_crossing():
+def test_front_at_matched_accuracy_is_its_least_forgetting_at_or_above_the_target():
     front = [{"acc": 0.60, "rise": 50.0}, {"acc": 0.50, "rise": 10.0}, {"acc": 0.40, "rise": 2.0}]
     assert frontier.at_accuracy(front, 0.55) == pytest.approx(30.0)
     assert frontier.at_accuracy(front, 0.50) == pytest.approx(10.0)
@@ -191,6 +191,10 @@ def test_front_at_matched_accuracy_interpolates_and_takes_the_best_crossing():
     assert math.isnan(frontier.at_accuracy(front, 0.65))  # never reached
     zigzag = [{"acc": 0.4, "rise": 1.0}, {"acc": 0.6, "rise": 3.0}, {"acc": 0.4, "rise": 9.0}]
     assert frontier.at_accuracy(zigzag, 0.5) == pytest.approx(2.0)  # the lower of two crossings
+    above = [{"acc": 0.70, "rise": 20.0}, {"acc": 0.65, "rise": 3.0}, {"acc": 0.62, "rise": 5.0}]
+    assert frontier.at_accuracy(above, 0.6) == pytest.approx(3.0)  # every point above: its least forgetting
+    overshoot = [{"acc": 0.5, "rise": 30.0}, {"acc": 0.7, "rise": 4.0}]
+    assert frontier.at_accuracy(overshoot, 0.6) == pytest.approx(4.0)  # a point above beats the crossing (17)
     assert frontier.matched_target(0.40, 0.60) == pytest.approx(0.58)
 
 
@@ -268,7 +272,7 @@ def test_summary_shows_every_validation_point_and_its_matched_reading(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| HLoRA | (10: "))
     # Matched accuracy 0.58: 0.4 of the way from (0.60, 50, drop 0.10) to (0.55, 20, drop 0.05).
     assert "**100: 0.550 / 20.0 / +0.050**" in row and row.endswith("| 38.0, +0.080 |")
-    assert "| LoRA(mu) | 0.620 / 80.0 / +0.300 | never |" in text  # one point, above the target: no crossing
+    assert "| LoRA(mu) | 0.620 / 80.0 / +0.300 | 80.0, +0.300 |" in text  # one point, above the target: its own
     assert (tmp_path / "validation_fronts.png").stat().st_size > 10_000
 
 

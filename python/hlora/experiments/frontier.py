@@ -47,13 +47,16 @@ def window(rows: Sequence[Dict[str, float]], reference_rise: float, reference_ga
 
 
 def at_accuracy(front: Sequence[Dict[str, float]], target: float, measure: str = "rise") -> float:
-    """The front's forgetting (``measure``) where it reaches domain accuracy ``target``: linear between
-    consecutive points (knob order) whose accuracies bracket it, the lowest over such crossings (a
-    point exactly at it counts); NaN when no point of the front reaches it."""
+    """The least forgetting (``measure``) at which the front reaches at least domain accuracy ``target``:
+    the lowest over its points at or above ``target`` and the crossings of ``target`` linear between
+    consecutive points (knob order); NaN when no point of the front reaches it.
+
+    A front whose every point is above ``target`` (regularizing can raise domain accuracy: science)
+    reaches it at its least forgetting, not "never"."""
     best = math.nan
     points = [p for p in front if math.isfinite(p["acc"]) and math.isfinite(p[measure])]
     for p in points:
-        if p["acc"] == target:
+        if p["acc"] >= target:
             best = _lower(best, p[measure])
     for p, q in zip(points, points[1:]):
         low, high = sorted((p, q), key=lambda x: x["acc"])
